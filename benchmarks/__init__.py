@@ -1,0 +1,1 @@
+"""Benchmarks for dotresize (run with ``python -m benchmarks.<name>``)."""

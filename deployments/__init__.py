@@ -1,0 +1,1 @@
+"""Prefect deployments (prefect.yaml) and schedules."""

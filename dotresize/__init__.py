@@ -1,0 +1,30 @@
+"""dotresize: make LLMs narrower by merging residual-stream neurons with discrete optimal transport.
+
+Usable alone in a notebook::
+
+    from dotresize import compress, CompressionConfig, save_compressed
+    small, report = compress(model, calibration_ids, CompressionConfig(method="dot", ratio=0.2))
+
+Importing the package registers the compressed model classes with transformers' Auto classes, so
+``AutoModelForCausalLM.from_pretrained(exported_dir)`` works without ``trust_remote_code``.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .config import CompressionConfig, DotOptions
+from .errors import DotResizeError
+from .modeling import register_auto_classes
+
+try:
+    __version__ = version("dotresize")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+register_auto_classes()
+
+from .api import CompressionReport, compress, count_parameters  # noqa: E402
+from .export import load_compressed, save_compressed  # noqa: E402
+
+
+__all__ = ["CompressionConfig", "DotOptions", "DotResizeError", "compress", "save_compressed", "load_compressed",
+           "CompressionReport", "count_parameters", "__version__"]

@@ -1,0 +1,26 @@
+"""Configurations of width-compressed (DOTResize / SliceGPT-layout) models.
+
+This file ships inside every exported ``per-point`` model directory, so it imports only transformers.
+A compressed config is the source architecture's config plus one extra field, ``dotresize``::
+
+    {"format_version": 1, "hidden_size": D, "widths": [d_0, ..., d_2L]}
+
+``hidden_size`` stays the *original* width D (the normalisation divides by it); ``widths[p]`` is the
+width of residual-stream point p (0 = embeddings, 2l+1 = after attention of layer l, 2l+2 = after its MLP).
+"""
+
+from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+FORMAT_VERSION = 1
+
+
+class DotResizeLlamaConfig(LlamaConfig):
+    model_type = "dotresize_llama"
+
+
+class DotResizeMistralConfig(MistralConfig):
+    model_type = "dotresize_mistral"
+
+
+class DotResizeQwen2Config(Qwen2Config):
+    model_type = "dotresize_qwen2"

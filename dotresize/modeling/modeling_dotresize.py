@@ -1,0 +1,163 @@
+"""Modeling code of width-compressed models with a basis at every residual-stream point.
+
+This file ships inside every exported ``per-point`` model directory (loaded with ``trust_remote_code=True``)
+and is registered with the Auto classes by ``import dotresize``. It depends on torch and transformers only.
+
+Structure (SliceGPT's layout): norms are weight-free and divide by the original width D; each decoder layer
+carries two residual shortcut matrices, ``attn_shortcut`` (d_in x d_attn) and ``mlp_shortcut``
+(d_attn x d_mlp), that move the residual stream between the bases of consecutive points.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+
+from .configuration_dotresize import DotResizeLlamaConfig, DotResizeMistralConfig, DotResizeQwen2Config
+
+
+class RMSN(nn.Module):
+    """Weight-free RMS normalisation that divides by ``mean_dim`` (the original width), not the input width."""
+
+    def __init__(self, mean_dim: int, eps: float):
+        super().__init__()
+        self.mean_dim = int(mean_dim)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        variance = x32.pow(2).sum(-1, keepdim=True) / self.mean_dim
+        return (x32 * torch.rsqrt(variance + self.eps)).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"mean_dim={self.mean_dim}, eps={self.eps}"
+
+
+def _apply_shortcut(x: torch.Tensor, shortcut: torch.Tensor | None) -> torch.Tensor:
+    return x if shortcut is None else x @ shortcut
+
+
+class CompressedDecoderLayer(nn.Module):
+    """A pre-norm decoder layer whose residual stream changes basis through shortcut matrices.
+
+    ``self_attn`` and ``mlp`` are the architecture's own modules (with resized linears), so rotary
+    embeddings, GQA, KV caching and attention backends behave exactly as in the source model.
+    A shortcut of ``None`` is the identity.
+    """
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, input_layernorm: nn.Module,
+                 post_attention_layernorm: nn.Module, attn_shortcut: torch.Tensor | None,
+                 mlp_shortcut: torch.Tensor | None):
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = input_layernorm
+        self.post_attention_layernorm = post_attention_layernorm
+        self.attn_shortcut = None if attn_shortcut is None else nn.Parameter(attn_shortcut, requires_grad=False)
+        self.mlp_shortcut = None if mlp_shortcut is None else nn.Parameter(mlp_shortcut, requires_grad=False)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, position_embeddings=None, **kwargs):
+        residual = hidden_states
+        attn_out, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = _apply_shortcut(residual, self.attn_shortcut) + attn_out
+        mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
+        return _apply_shortcut(hidden_states, self.mlp_shortcut) + mlp_out
+
+
+def _resized_linear(linear: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> nn.Linear:
+    """A fresh linear of the new shape, same bias-ness, dtype and device as ``linear``."""
+    return nn.Linear(
+        in_features or linear.in_features,
+        out_features or linear.out_features,
+        bias=linear.bias is not None,
+        dtype=linear.weight.dtype,
+        device=linear.weight.device,
+    )
+
+
+def compress_structure(model: nn.Module, widths: list[int], hidden_size: int, eps: float,
+                       with_shortcuts: bool = True) -> None:
+    """Reshape a freshly built Llama-like causal LM in place to the compressed layout for ``widths``."""
+    inner = model.model
+    num_layers = len(inner.layers)
+    if len(widths) != 2 * num_layers + 1:
+        raise ValueError(f"expected {2 * num_layers + 1} widths for {num_layers} layers, got {len(widths)}")
+    emb = inner.embed_tokens
+    inner.embed_tokens = nn.Embedding(emb.num_embeddings, widths[0], emb.padding_idx,
+                                      dtype=emb.weight.dtype, device=emb.weight.device)
+    new_layers = []
+    for index, layer in enumerate(inner.layers):
+        d_in, d_attn, d_mlp = widths[2 * index], widths[2 * index + 1], widths[2 * index + 2]
+        attn, mlp = layer.self_attn, layer.mlp
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(attn, name, _resized_linear(getattr(attn, name), in_features=d_in))
+        attn.o_proj = _resized_linear(attn.o_proj, out_features=d_attn)
+        mlp.gate_proj = _resized_linear(mlp.gate_proj, in_features=d_attn)
+        mlp.up_proj = _resized_linear(mlp.up_proj, in_features=d_attn)
+        mlp.down_proj = _resized_linear(mlp.down_proj, out_features=d_mlp)
+        dtype, device = attn.o_proj.weight.dtype, attn.o_proj.weight.device
+        attn_shortcut = torch.zeros(d_in, d_attn, dtype=dtype, device=device) if with_shortcuts else None
+        mlp_shortcut = torch.zeros(d_attn, d_mlp, dtype=dtype, device=device) if with_shortcuts else None
+        new_layers.append(CompressedDecoderLayer(attn, mlp, RMSN(hidden_size, eps), RMSN(hidden_size, eps),
+                                                 attn_shortcut, mlp_shortcut))
+    inner.layers = nn.ModuleList(new_layers)
+    inner.norm = RMSN(hidden_size, eps)
+    head = model.lm_head
+    model.lm_head = _resized_linear(head, in_features=widths[-1])
+
+
+class _DotResizeMixin:
+    """Builds the source architecture, then reshapes it to the widths recorded in ``config.dotresize``."""
+
+    _tied_weights_keys: dict = {}
+    _no_split_modules = ["CompressedDecoderLayer"]
+
+    def _compress(self, config) -> None:
+        spec = getattr(config, "dotresize", None) or {}
+        if "widths" not in spec:
+            raise ValueError("this config has no 'dotresize.widths': it does not describe a compressed model")
+        compress_structure(self, list(spec["widths"]), int(spec["hidden_size"]), float(config.rms_norm_eps))
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+class DotResizeLlamaForCausalLM(_DotResizeMixin, LlamaForCausalLM):
+    config_class = DotResizeLlamaConfig
+    config: DotResizeLlamaConfig
+    _can_record_outputs = {"hidden_states": CompressedDecoderLayer}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._compress(config)
+
+
+class DotResizeMistralForCausalLM(_DotResizeMixin, MistralForCausalLM):
+    config_class = DotResizeMistralConfig
+    config: DotResizeMistralConfig
+    _can_record_outputs = {"hidden_states": CompressedDecoderLayer}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._compress(config)
+
+
+class DotResizeQwen2ForCausalLM(_DotResizeMixin, Qwen2ForCausalLM):
+    config_class = DotResizeQwen2Config
+    config: DotResizeQwen2Config
+    _can_record_outputs = {"hidden_states": CompressedDecoderLayer}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._compress(config)

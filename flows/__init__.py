@@ -1,0 +1,1 @@
+"""Composition: Prefect flows, the command-line interface and MLflow logging."""

@@ -1,0 +1,1 @@
+"""Thin Prefect tasks: each calls dotresize/ and storage/ and returns a small manifest."""
