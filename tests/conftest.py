@@ -46,3 +46,55 @@ def tiny_calibration(vocab: int = 96, samples: int = 16, seqlen: int = 32, seed:
 @pytest.fixture(params=sorted(FAMILY_CONFIGS))
 def family(request) -> str:
     return request.param
+
+
+def make_tiny_tokenizer(vocab_size: int = 96):
+    """A word-level tokenizer over the words w1..w{vocab_size-1}, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[UNK]",
+                                   pad_token="[UNK]")
+
+
+def tiny_text(words: int = 6000, vocab_size: int = 96, seed: int = 0) -> str:
+    """Text with some structure (a random Markov chain over the tiny vocabulary)."""
+    generator = torch.Generator().manual_seed(seed)
+    transitions = torch.softmax(3 * torch.randn(vocab_size - 1, vocab_size - 1, generator=generator), dim=1)
+    state, out = 0, []
+    for _ in range(words):
+        state = int(torch.multinomial(transitions[state], 1, generator=generator))
+        out.append(f"w{state + 1}")
+    lines = [" ".join(out[i:i + 60]) for i in range(0, len(out), 60)]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_dir(path, family: str = "llama-untied", seed: int = 0, mutate=None):
+    """Save a tiny model (safetensors) and its tokenizer as a local HF directory."""
+    model = make_tiny_model(family, seed)
+    if mutate is not None:
+        mutate(model)
+    model.save_pretrained(path, safe_serialization=True)
+    make_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    """A data directory laid out like ../shared/data with tiny WikiText-2 stand-ins."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "wikitext-2").mkdir()
+    (root / "wikitext-2" / "wiki.valid.tokens").write_text(tiny_text(seed=1))
+    (root / "wikitext-2" / "wiki.test.raw").write_text(tiny_text(words=3000, seed=2).replace("\n", "\r\n"))
+    return root
+
+
+@pytest.fixture
+def tiny_env(tiny_data_dir, monkeypatch, tmp_path):
+    """Point every named data set at the tiny data directory; run in a scratch directory."""
+    monkeypatch.setenv("DOTRESIZE_DATA_DIR", str(tiny_data_dir))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -6,6 +6,7 @@ with the ``plan`` decompression the consumers decode with R·P, P the row-normal
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -15,6 +16,8 @@ from ..errors import BasisError
 from ..statistics import PointStats
 from .common import Basis, target_scores, top_indices
 from .sinkhorn import sinkhorn_log, sinkhorn_pot
+
+log = logging.getLogger(__name__)
 
 
 def l2_cost(stats: PointStats, targets: torch.Tensor) -> torch.Tensor:
@@ -89,6 +92,9 @@ def dot_basis(stats: PointStats, width: int, *, options: DotOptions, keep: torch
         result = sinkhorn_log(a.to(dev), b.to(dev), cost.to(dev), options.epsilon, tol=options.tol,
                               max_iter=options.max_iter)
     plan = result.plan.to(torch.float64).cpu()
+    if not result.converged:
+        log.warning("Sinkhorn at point %d stopped after %d iterations with marginal error %.2e (tolerance %.0e): "
+                    "raise dot max_iter or epsilon", point, result.iterations, result.marginal_error, options.tol)
     if not torch.isfinite(plan).all():
         raise BasisError(f"Sinkhorn produced a non-finite plan at point {point}: raise dot epsilon")
     compress = plan / b[None, :]                      # targets as weighted averages of the sources

@@ -37,15 +37,15 @@ __all__ = [
 SOLVERS = ("torch", "pot-numpy", "pot-torch")
 
 # Scaling factors accumulated between two log-domain "absorptions" are kept in
-# [1/_SCALE_LIMIT, _SCALE_LIMIT]; kernel entries are floored at exp(_LOG_K_FLOOR)
-# before use in products.  Together this keeps every product in the kernel
-# matrix-vector updates a normal float64 (>= ~1e-300: no underflow to
-# subnormals, which are both imprecise and very slow on x86).  The floor changes
-# plan entries by at most exp(-600) * _SCALE_LIMIT**2 ~ 1e-181 -- far below any
-# usable tolerance.  The returned plan is always exp(-C/eps + f + g) from the
-# exact log potentials, without the floor.
+# [1/_SCALE_LIMIT, _SCALE_LIMIT], and kernel entries are floored at
+# exp(log(min mass) - _LOG_K_MARGIN) (but never below exp(-700)).  This keeps the
+# products in the kernel matrix-vector updates normal float64 numbers (no
+# subnormals: imprecise and very slow on x86) while the floor changes any row or
+# column sum by a relative ~m * exp(-460) * 1e80 < 1e-100.  The returned plan is
+# always exp(-C/eps + f + g) from the log potentials, without the floor.
 _SCALE_LIMIT = 1e40
-_LOG_K_FLOOR = -600.0
+_LOG_K_MARGIN = 460.0
+_LOG_K_MIN = -700.0
 
 
 @dataclass(frozen=True)
@@ -149,11 +149,11 @@ def _lse_step(Mr, pot, axis, logmass, buf):
     return logmass - lse
 
 
-def _build_kernel(Mr, f, g, K):
-    """K <- exp(max(Mr + f_i + g_j, floor)) in place."""
+def _build_kernel(Mr, f, g, K, log_floor):
+    """K <- exp(max(Mr + f_i + g_j, log_floor)) in place."""
     torch.add(Mr, f[:, None], out=K)
     K.add_(g[None, :])
-    K.clamp_(min=_LOG_K_FLOOR)
+    K.clamp_(min=log_floor)
     K.exp_()
 
 
@@ -203,9 +203,10 @@ def _solve_positive(a, b, Mr, tol, max_iter, check_every, method):
 
     # --- absorb / kernel-scaling path -----------------------------------------
     K = buf  # K = exp(Mr + f + g) (floored), valid once built
+    log_floor = max(min(float(loga.min()), float(logb.min())) - _LOG_K_MARGIN, _LOG_K_MIN)
     # First half step exactly in log domain (f = 0 -> never exp(-C/eps) directly).
     g = _lse_step(Mr, f, 0, logb, buf)
-    _build_kernel(Mr, f, g, K)
+    _build_kernel(Mr, f, g, K, log_floor)
     u = torch.ones(n, dtype=Mr.dtype, device=Mr.device)
     v = torch.ones(m, dtype=Mr.dtype, device=Mr.device)
     ktu = None  # cached K^T u for the current u (from the marginal check)
@@ -220,7 +221,7 @@ def _solve_positive(a, b, Mr, tol, max_iter, check_every, method):
             if not bool(_in_range(v_new)):
                 f = f + u.log()
                 g = _lse_step(Mr, f, 0, logb, buf)
-                _build_kernel(Mr, f, g, K)
+                _build_kernel(Mr, f, g, K, log_floor)
                 u = torch.ones_like(u)
                 v_new = torch.ones_like(v)
             v = v_new
@@ -230,7 +231,7 @@ def _solve_positive(a, b, Mr, tol, max_iter, check_every, method):
         if not bool(_in_range(u_new)):
             g = g + v.log()
             f = _lse_step(Mr, g, 1, loga, buf)
-            _build_kernel(Mr, f, g, K)
+            _build_kernel(Mr, f, g, K, log_floor)
             v = torch.ones_like(v)
             u_new = torch.ones_like(u)
         u = u_new

@@ -1,0 +1,1 @@
+"""lm-eval task definitions (YAML + utils.py) for the offline zero-shot tasks."""

@@ -1,0 +1,231 @@
+"""The ``dotresize`` command line.
+
+Every user-facing failure prints one line (``dotresize: error: ...``) and exits non-zero, leaving no output
+directory behind. Heavy libraries are imported only once the arguments are known to be valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+OFFLINE_DEFAULTS = {
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+log = logging.getLogger("dotresize")
+
+
+class UsageError(Exception):
+    """A bad command-line value, reported like an argparse error."""
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1) (the fraction of width removed), got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_compress(sub) -> None:
+    p = sub.add_parser("compress", help="compress a model's width and export it",
+                       description="Compress the residual-stream width of a decoder LM and export a loadable model.")
+    p.add_argument("--model", default=None,
+                   help="HF model directory, .gguf file, hub id, or smollm2-135m-instruct (default, packaged)")
+    p.add_argument("--ratio", type=_ratio, required=True, help="fraction of the hidden width removed, in (0, 1)")
+    p.add_argument("--method", choices=("dot", "pca", "prune"), default="dot")
+    p.add_argument("--mode", choices=("parallel", "sequential"), default="parallel")
+    p.add_argument("--layout", choices=("per-point", "global"), default="per-point")
+    p.add_argument("--calib-data", default="wikitext2", help="wikitext2 (default) or a .txt/.jsonl file")
+    p.add_argument("--calib-samples", type=_positive_int, default=64)
+    p.add_argument("--calib-seqlen", type=_positive_int, default=256)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--slice-head", action="store_true", help="also slice the last point and the head")
+    p.add_argument("--round-to", type=_positive_int, default=8, help="widths are rounded down to a multiple")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--epsilon", type=float, default=None, help="DOT entropic regularisation (normalised cost)")
+    p.add_argument("--cost", choices=("l2", "l1"), default=None)
+    p.add_argument("--cost-normalization", choices=("max", "median", "mean", "q90"), default=None)
+    p.add_argument("--marginals", choices=("uniform", "mass"), default=None)
+    p.add_argument("--targets", choices=("mean_abs", "rms"), default=None, help="DOT target / prune keep rule")
+    p.add_argument("--decompression", choices=("pinv", "plan"), default=None)
+    p.add_argument("--solver", choices=("torch", "pot"), default=None)
+    p.add_argument("--keep-set", default=None, help="JSON file: a list of 2L+1 index lists (targets/kept neurons)")
+    p.add_argument("--outlier-tokens", type=float, default=None,
+                   help="drop tokens whose norm exceeds this multiple of the batch median from the statistics")
+    p.add_argument("--ppl", action="store_true", help="print WikiText-2 perplexity before and after")
+    p.add_argument("--ctx", type=_positive_int, default=256)
+    p.add_argument("--max-windows", type=int, default=100)
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the source model's own code")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_compress)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a compressed (or original) model",
+                       description="WikiText-2 test perplexity over non-overlapping windows.")
+    p.add_argument("model", help="a compressed model directory, or any --model source of compress")
+    p.add_argument("--ppl", action="store_true", help="WikiText-2 test perplexity (the default when no metric)")
+    p.add_argument("--ctx", type=_positive_int, default=256, help="window length in tokens (default 256)")
+    p.add_argument("--max-windows", type=int, default=100, help="first N windows (0 = all; default 100)")
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dotresize", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_compress(sub)
+    _add_evaluate(sub)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _compression_config(args):
+    from dotresize import CompressionConfig, DotOptions
+
+    dot_changes = {k: v for k, v in {
+        "epsilon": args.epsilon, "cost": args.cost, "cost_normalization": args.cost_normalization,
+        "marginals": args.marginals, "targets": args.targets, "decompression": args.decompression,
+        "solver": args.solver}.items() if v is not None}
+    keep_sets = None
+    if args.keep_set:
+        path = Path(args.keep_set)
+        if not path.is_file():
+            raise UsageError(f"--keep-set {path} does not exist: pass a JSON file with one index list per point")
+        keep_sets = tuple(tuple(int(i) for i in s) for s in json.loads(path.read_text()))
+    return CompressionConfig(
+        method=args.method, ratio=args.ratio, mode=args.mode, layout=args.layout, round_to=args.round_to,
+        slice_head=args.slice_head, seed=args.seed, batch_size=args.batch_size, keep_sets=keep_sets,
+        outlier_tokens=args.outlier_tokens, dot=DotOptions(**dot_changes),
+    ).validate()
+
+
+def _eval_ppl(model, tokenizer, args, progress: bool) -> dict:
+    from dotresize.data import load_text, tokenize
+    from dotresize.evaluation.perplexity import perplexity
+
+    text = load_text("wikitext2-test")
+    result = perplexity(model, tokenize(tokenizer, text.text), ctx=args.ctx,
+                        max_windows=args.max_windows or None, progress=progress)
+    return {**result, "dataset": text.meta()}
+
+
+def cmd_compress(args) -> dict:
+    from dotresize.export import check_output_dir
+
+    config = _compression_config(args)
+    out = check_output_dir(args.out, args.overwrite)
+    progress = not args.quiet
+
+    import torch
+
+    from dotresize import compress, save_compressed
+    from dotresize.adapters import adapter_class_for_config
+    from dotresize.data import calibration_set
+    from dotresize.sources import load_config, load_model, resolve_source
+
+    started = time.perf_counter()
+    source = resolve_source(args.model)
+    adapter_class_for_config(load_config(source, args.trust_remote_code))
+    log.info("loading %s (%s)", source.spec, source.kind)
+    model, tokenizer = load_model(source, trust_remote_code=args.trust_remote_code, check_architecture=False)
+    calibration = calibration_set(tokenizer, args.calib_data, samples=args.calib_samples, seqlen=args.calib_seqlen,
+                                  seed=args.seed)
+    log.info("calibration: %d x %d tokens of %s", *calibration.input_ids.shape, calibration.source["id"])
+    result: dict = {"source": source.meta(), "calibration": calibration.meta()}
+    if args.ppl:
+        log.info("perplexity of the original model")
+        result["ppl_before"] = _eval_ppl(model, tokenizer, args, progress)
+    torch.manual_seed(args.seed)
+    compressed, report = compress(model, calibration.input_ids, config, progress=progress)
+    del model
+    path = save_compressed(compressed, out, tokenizer=tokenizer, compression=config.to_dict(), overwrite=args.overwrite,
+                           extra_json={"compression_report.json": report.to_dict(),
+                                       "source.json": source.meta(), "calibration.json": calibration.meta()})
+    result.update(out=str(path), widths=report.widths, parameters_before=report.parameters_before,
+                  parameters_after=report.parameters_after, stage_seconds=report.seconds)
+    if args.ppl:
+        log.info("perplexity of the compressed model")
+        result["ppl_after"] = _eval_ppl(compressed, tokenizer, args, progress)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    if not args.json:
+        print(f"compressed {source.spec} with {config.method} ({config.mode}, {config.layout}) at ratio {config.ratio}")
+        print(f"  width {report.hidden_size} -> {min(report.widths)}; parameters {report.parameters_before:,} -> "
+              f"{report.parameters_after:,} ({report.parameter_ratio:.3f}x)")
+        if args.ppl:
+            print(f"  WikiText-2 perplexity (ctx {args.ctx}, {result['ppl_after']['windows']} windows): "
+                  f"{result['ppl_before']['ppl']:.2f} -> {result['ppl_after']['ppl']:.2f}")
+        print(f"  model written to {path}  ({result['seconds']} s)")
+    return result
+
+
+def cmd_evaluate(args) -> dict:
+    from dotresize.sources import load_model, resolve_source
+
+    source = resolve_source(args.model)
+    model, tokenizer = load_model(source, check_architecture=False)
+    result = {"model": args.model, "ppl": _eval_ppl(model, tokenizer, args, not args.quiet)}
+    if not args.json:
+        r = result["ppl"]
+        print(f"{args.model}: WikiText-2 perplexity {r['ppl']:.3f} (ctx {r['ctx']}, {r['windows']} windows, "
+              f"{r['tokens']} tokens)")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="dotresize: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from dotresize.errors import DotResizeError
+
+        result = args.func(args)
+    except UsageError as error:
+        parser.exit(2, f"dotresize: error: {error}\n")
+    except DotResizeError as error:
+        print(f"dotresize: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dotresize: interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
