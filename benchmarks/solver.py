@@ -118,6 +118,7 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     return info
 
@@ -132,6 +133,13 @@ def bench_size(n, m, args) -> dict:
     t, ours = _timed(lambda: sk.sinkhorn_log(a, b, cost, args.epsilon, **kw), args.repeats, "torch cpu")
     row.update(torch_cpu_s=t, torch_iters=ours.iterations, torch_converged=ours.converged,
                torch_marginal_error=ours.marginal_error)
+
+    row["torch_lse_s"] = None
+    if args.lse:
+        t, res_l = _timed(lambda: sk.sinkhorn_log(a, b, cost, args.epsilon, method="logsumexp", **kw),
+                          args.repeats, "torch cpu (method=logsumexp)")
+        row["torch_lse_s"] = t
+        row["torch_lse_iters"] = res_l.iterations
 
     row["torch_cuda_s"] = None
     if torch.cuda.is_available():
@@ -175,12 +183,13 @@ def _fmt(x, spec=".3f"):
 
 
 def markdown(rows, info) -> str:
-    head = ("| size | iters ours/POT | ours CPU (s) | ours CUDA (s) | POT numpy (s) | POT torch (s) "
-            "| POT-numpy / ours | max abs diff / max T | <= 1e-6? | QR (s) | cond(R) |")
-    lines = [head, "|" + "---|" * 11]
+    head = ("| size | iters ours/POT | ours CPU (s) | ours CPU logsumexp (s) | ours CUDA (s) | POT numpy (s) "
+            "| POT torch (s) | POT-numpy / ours | max abs diff / max T | <= 1e-6? | QR (s) | cond(R) |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(
             f"| {r['n']}x{r['m']} | {r['torch_iters']}/{r['pot_iters']} | {_fmt(r['torch_cpu_s'])} "
+            f"| {_fmt(r['torch_lse_s'])} "
             f"| {_fmt(r['torch_cuda_s'])} | {_fmt(r['pot_numpy_s'])} | {_fmt(r['pot_torch_s'])} "
             f"| {r['ratio_pot_numpy_over_torch']:.1f}x | {r['rel_diff']:.1e} | {'yes' if r['agree'] else 'NO'} "
             f"| {_fmt(r['qr_s'])} | {r['cond_R']:.2e} |"
@@ -190,6 +199,7 @@ def markdown(rows, info) -> str:
     lines.append(
         f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
         f"POT {info['pot']}, Python {info['python']}" + (f", CUDA: {info['cuda']}" if info["cuda"] else ", no CUDA")
+        + f"; 1-min load average {info['loadavg_start']} at start, {info.get('loadavg_end')} at end"
     )
     if a:
         lines.append(f"epsilon={a['epsilon']}, tol={a['tol']}, max_iter={a['max_iter']}, float64, uniform marginals")
@@ -218,6 +228,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=2048, help="activation rows N")
     p.add_argument("--normalize", choices=("median", "max"), default="median", help="divide the cost by this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lse", action="store_true", help="also time sinkhorn_log(method='logsumexp')")
     p.add_argument("--no-pot-torch", action="store_true", help="skip POT's torch backend")
     p.add_argument("--json", type=Path, default=None, help="write results to this JSON file")
     args = p.parse_args(argv)
@@ -225,6 +236,7 @@ def main(argv=None) -> int:
     info = machine_info()
     log(f"machine: {info}")
     rows = [bench_size(n, m, args) for n, m in parse_sizes(args.sizes)]
+    info["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(markdown(rows, info))
     if args.json is not None:
         args.json.write_text(json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(args).items()},

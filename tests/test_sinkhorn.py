@@ -184,3 +184,13 @@ def test_cuda_matches_cpu():
     gpu = sk.sinkhorn_log(a.cuda(), b.cuda(), cost.cuda(), 0.01)
     assert gpu.plan.device.type == "cuda"
     assert float((gpu.plan.cpu() - cpu.plan).abs().max()) <= 1e-10 * float(cpu.plan.max())
+
+
+def test_frequent_absorption_matches_logsumexp(monkeypatch):
+    # A tiny scaling limit forces the absorb-and-redo-in-log-domain fallback on most half steps.
+    a, b, cost = _problem(70, 50, seed=11)
+    ref = sk.sinkhorn_log(a, b, cost, 0.01, method="logsumexp")
+    monkeypatch.setattr(sk, "_SCALE_LIMIT", 1.5)
+    res = sk.sinkhorn_log(a, b, cost, 0.01)
+    assert res.converged and res.iterations == ref.iterations
+    assert float((res.plan - ref.plan).abs().max()) <= 1e-12 * float(ref.plan.max())
