@@ -87,14 +87,34 @@ def _add_compress(sub) -> None:
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a compressed (or original) model",
-                       description="WikiText-2 test perplexity over non-overlapping windows.")
+                       description="WikiText-2 test perplexity and zero-shot accuracy (lm-eval, offline tasks).")
     p.add_argument("model", help="a compressed model directory, or any --model source of compress")
     p.add_argument("--ppl", action="store_true", help="WikiText-2 test perplexity (the default when no metric)")
     p.add_argument("--ctx", type=_positive_int, default=256, help="window length in tokens (default 256)")
     p.add_argument("--max-windows", type=int, default=100, help="first N windows (0 = all; default 100)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated zero-shot tasks: piqa,arc_easy,arc_challenge,winogrande,boolq,lambada,"
+                        "copa,openbookqa,siqa (local data) or any lm-eval task name where the network is reachable")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N examples of every task")
     p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="measure speed of a compressed model against its source",
+                       description="Parameters, file size, batched-forward tokens/s and per-token generation "
+                                   "latency (KV cache), compressed vs original in one process, as ratios.")
+    p.add_argument("model", help="a compressed model directory")
+    p.add_argument("--baseline", default=None, help="source model (default: the one recorded in source.json)")
+    p.add_argument("--batch", type=_positive_int, default=8)
+    p.add_argument("--ctx", type=_positive_int, default=256)
+    p.add_argument("--prompt", type=_positive_int, default=64)
+    p.add_argument("--new-tokens", type=_positive_int, default=32)
+    p.add_argument("--repeats", type=_positive_int, default=5)
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compress(sub)
     _add_evaluate(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -190,13 +211,86 @@ def cmd_compress(args) -> dict:
 def cmd_evaluate(args) -> dict:
     from dotresize.sources import load_model, resolve_source
 
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     source = resolve_source(args.model)
     model, tokenizer = load_model(source, check_architecture=False)
-    result = {"model": args.model, "ppl": _eval_ppl(model, tokenizer, args, not args.quiet)}
+    result: dict = {"model": args.model, "weights_sha256": source.digests()}
+    if args.ppl or not tasks:
+        result["ppl"] = _eval_ppl(model, tokenizer, args, not args.quiet)
+    if tasks:
+        from dotresize.evaluation.zeroshot import evaluate_zero_shot
+
+        try:
+            result["zero_shot"] = evaluate_zero_shot(model, tokenizer, tasks, limit=args.limit,
+                                                     batch_size=args.batch_size)
+        except (ValueError, FileNotFoundError) as error:
+            raise UsageError(str(error).splitlines()[0]) from None
     if not args.json:
-        r = result["ppl"]
-        print(f"{args.model}: WikiText-2 perplexity {r['ppl']:.3f} (ctx {r['ctx']}, {r['windows']} windows, "
-              f"{r['tokens']} tokens)")
+        if "ppl" in result:
+            r = result["ppl"]
+            print(f"{args.model}: WikiText-2 perplexity {r['ppl']:.3f} (ctx {r['ctx']}, {r['windows']} windows, "
+                  f"{r['tokens']} tokens)")
+        for name, metrics in result.get("zero_shot", {}).get("tasks", {}).items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                              if k in ("acc", "acc_norm", "perplexity") and v is not None)
+            print(f"  {name}: {shown} (n={metrics.get('n')})")
+    return result
+
+
+def cmd_bench(args) -> dict:
+    import json as _json
+
+    import torch
+
+    from dotresize import count_parameters
+    from dotresize.evaluation.speed import directory_size, forward_throughput, generation_latency
+    from dotresize.sources import load_model, resolve_source
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    compressed_source = resolve_source(args.model)
+    baseline_spec = args.baseline
+    recorded = Path(args.model) / "source.json"
+    if baseline_spec is None:
+        if not recorded.is_file():
+            raise UsageError(f"{args.model} has no source.json: pass --baseline SRC")
+        baseline_spec = _json.loads(recorded.read_text())["spec"]
+    baseline_source = resolve_source(baseline_spec)
+    rows = {}
+    for label, source in (("original", baseline_source), ("compressed", compressed_source)):
+        model, _ = load_model(source, check_architecture=False)
+        log.info("timing %s", label)
+        rows[label] = {
+            "model": source.spec,
+            "parameters": count_parameters(model),
+            "memory_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "file_bytes": sum(p.stat().st_size for p in source.weight_files) if source.weight_files
+            else directory_size(source.directory),
+            "forward": forward_throughput(model, batch=args.batch, ctx=args.ctx, repeats=args.repeats),
+            "generation": generation_latency(model, prompt=args.prompt, new_tokens=args.new_tokens,
+                                             repeats=max(1, args.repeats // 2)),
+        }
+        del model
+    o, c = rows["original"], rows["compressed"]
+    ratios = {
+        "parameters": c["parameters"] / o["parameters"],
+        "memory_bytes": c["memory_bytes"] / o["memory_bytes"],
+        "file_bytes": c["file_bytes"] / o["file_bytes"],
+        "tokens_per_second": c["forward"]["tokens_per_second"] / o["forward"]["tokens_per_second"],
+        "seconds_per_token": c["generation"]["seconds_per_token"] / o["generation"]["seconds_per_token"],
+    }
+    result = {"rows": rows, "ratios": ratios, "threads": torch.get_num_threads(), "device": "cpu"}
+    if not args.json:
+        print(f"| | parameters | weights in memory MB | file MB | forward tokens/s (b{args.batch}x{args.ctx}) | "
+              "ms/token (generation) |")
+        print("|---|---|---|---|---|---|")
+        for label, r in rows.items():
+            print(f"| {label} | {r['parameters']:,} | {r['memory_bytes'] / 1e6:.1f} | {r['file_bytes'] / 1e6:.1f} | "
+                  f"{r['forward']['tokens_per_second']:.0f} | {1000 * r['generation']['seconds_per_token']:.2f} |")
+        print(f"| ratio | {ratios['parameters']:.3f} | {ratios['memory_bytes']:.3f} | {ratios['file_bytes']:.3f} | "
+              f"{ratios['tokens_per_second']:.3f} | {ratios['seconds_per_token']:.3f} |")
+        print(f"(medians of {args.repeats} repeats, {torch.get_num_threads()} CPU threads, in one process; a GGUF "
+              "baseline's file is quantized, so compare weights in memory rather than files)")
     return result
 
 
