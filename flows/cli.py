@@ -117,6 +117,26 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="compress and evaluate methods x ratios, write a report with plots",
+                       description="Compress and evaluate a grid of methods x ratios; completed cells are reused.")
+    p.add_argument("--model", default=None)
+    p.add_argument("--ratios", default="0.1,0.2,0.3")
+    p.add_argument("--methods", default="dot,pca,prune")
+    p.add_argument("--tasks", default="", help="zero-shot tasks to evaluate per cell (comma-separated)")
+    p.add_argument("--limit", type=_positive_int, default=None)
+    p.add_argument("--calib-data", default="wikitext2")
+    p.add_argument("--calib-samples", type=_positive_int, default=64)
+    p.add_argument("--calib-seqlen", type=_positive_int, default=256)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--ctx", type=_positive_int, default=256)
+    p.add_argument("--max-windows", type=int, default=100)
+    p.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
+    p.add_argument("--out", default=None, help="sweep directory (default runs/sweep-<model>)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dotresize", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -125,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress(sub)
     _add_evaluate(sub)
     _add_bench(sub)
+    _add_sweep(sub)
     return parser
 
 
@@ -291,6 +312,30 @@ def cmd_bench(args) -> dict:
               f"{ratios['tokens_per_second']:.3f} | {ratios['seconds_per_token']:.3f} |")
         print(f"(medians of {args.repeats} repeats, {torch.get_num_threads()} CPU threads, in one process; a GGUF "
               "baseline's file is quantized, so compare weights in memory rather than files)")
+    return result
+
+
+def cmd_sweep(args) -> dict:
+    from .sweep import SweepSpec, run_sweep
+
+    try:
+        ratios = tuple(_ratio(r) for r in args.ratios.split(",") if r.strip())
+    except argparse.ArgumentTypeError as error:
+        raise UsageError(str(error)) from None
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = set(methods) - {"dot", "pca", "prune"}
+    if unknown or not methods or not ratios:
+        raise UsageError(f"--methods takes dot, pca, prune and --ratios values in (0, 1); got {args.methods!r}")
+    spec = SweepSpec(model=args.model, ratios=ratios, methods=methods,
+                     tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), limit=args.limit,
+                     calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                     seed=args.seed, ctx=args.ctx, max_windows=args.max_windows, speed=not args.no_speed)
+    name = Path(args.model or "smollm2-135m-instruct").name.replace(".gguf", "")
+    out = Path(args.out or f"runs/sweep-{name}")
+    result = run_sweep(spec, out, progress=not args.quiet)
+    if not args.json:
+        print((out / "report.md").read_text().split("![")[0])
+        print(f"report and plots in {out}")
     return result
 
 
