@@ -19,7 +19,7 @@ COSTS = ("l2", "l1")
 COST_NORMALIZATIONS = ("max", "median", "mean", "q90")
 MARGINALS = ("uniform", "mass")
 TARGET_RULES = ("mean_abs", "rms")
-DECOMPRESSIONS = ("pinv", "plan")
+DECOMPRESSIONS = ("pinv", "plan", "lsq")
 SOLVERS = ("torch", "pot")
 GLOBAL_POOLING = ("trace", "sum")
 

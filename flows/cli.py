@@ -72,7 +72,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--cost-normalization", choices=("max", "median", "mean", "q90"), default=None)
     p.add_argument("--marginals", choices=("uniform", "mass"), default=None)
     p.add_argument("--targets", choices=("mean_abs", "rms"), default=None, help="DOT target / prune keep rule")
-    p.add_argument("--decompression", choices=("pinv", "plan"), default=None)
+    p.add_argument("--decompression", choices=("pinv", "plan", "lsq"), default=None)
     p.add_argument("--solver", choices=("torch", "pot"), default=None)
     p.add_argument("--keep-set", default=None, help="JSON file: a list of 2L+1 index lists (targets/kept neurons)")
     p.add_argument("--outlier-tokens", type=float, default=None,

@@ -113,3 +113,12 @@ def test_pooling_by_trace_weighs_points_equally():
     ratio = torch.trace(big.gram) / torch.trace(small.gram)
     assert ratio > 1e5
     assert torch.allclose(torch.trace(pooled.gram), torch.tensor(2.0 * 512, dtype=torch.float64), rtol=1e-9)
+
+
+def test_least_squares_decoder_never_reconstructs_worse_than_pinv():
+    stats = _redundant_stats()
+    pinv = compute_basis(stats, 8, CompressionConfig(method="dot", dot=DotOptions(epsilon=0.2)))
+    lsq = compute_basis(stats, 8, CompressionConfig(method="dot", dot=DotOptions(epsilon=0.2, decompression="lsq")))
+    assert torch.allclose(lsq.Q, pinv.Q)
+    assert lsq.U.shape == (8, 16)
+    assert lsq.info["reconstruction_error"] < pinv.info["reconstruction_error"] - 1e-4

@@ -71,6 +71,15 @@ def marginals(stats: PointStats, targets: torch.Tensor, kind: str) -> tuple[torc
     return mass / mass.sum(), mass[targets.cpu()] / mass[targets.cpu()].sum()
 
 
+def least_squares_decoder(stats: PointStats, Q: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
+    """The decoder U minimising ‖X − X·Q·U‖² on the calibration data: (QᵀHQ)⁻¹ QᵀH (= Qᵀ for eigenvectors of H)."""
+    gram = stats.gram.to(Q.device)
+    projected = Q.T @ gram @ Q
+    projected = projected + damping * torch.mean(torch.diagonal(projected)) * torch.eye(
+        projected.shape[0], dtype=projected.dtype, device=projected.device)
+    return torch.linalg.solve(projected, Q.T @ gram)
+
+
 def effective_rank(matrix: torch.Tensor) -> float:
     """exp(entropy of the normalised singular values): ~1 for a rank-1 plan, ~d for a well-spread one."""
     s = torch.linalg.svdvals(matrix)
@@ -112,6 +121,8 @@ def dot_basis(stats: PointStats, width: int, *, options: DotOptions, keep: torch
     if options.decompression == "plan":
         row_normalised = plan / plan.sum(dim=1, keepdim=True)  # each source's mass over the targets, sums to 1
         U = R @ row_normalised.T
+    elif options.decompression == "lsq":
+        U = least_squares_decoder(stats, Q)
     info = {
         "targets": targets.tolist(),
         "epsilon": options.epsilon,
