@@ -1,1 +1,16 @@
-"""Thin Prefect tasks: each calls dotresize/ and storage/ and returns a small manifest."""
+"""Thin Prefect tasks: each calls dotresize/ and storage/ and returns a small manifest (never tensors).
+
+Every task computes its stage's content key, reuses a complete and verified output with that key (logging
+``reused <stage> <key[:12]>``) or computes it (logging ``computing <stage> <key[:12]> (why)``), writes its
+outputs atomically with their digests and its manifest last.
+"""
+
+from .assemble import absorb_task, evaluate_task, export_task
+from .capture import capture_task, sequential_capture_task
+from .common import CODE_VERSIONS
+from .prepare import calibration_task, fuse_task, plan_task, resolve_source_task
+from .solve import cost_task, pool_task, solve_task
+
+__all__ = ["resolve_source_task", "calibration_task", "fuse_task", "plan_task", "capture_task",
+           "sequential_capture_task", "pool_task", "cost_task", "solve_task", "absorb_task", "export_task",
+           "evaluate_task", "CODE_VERSIONS"]

@@ -1,0 +1,302 @@
+"""The orchestrated compression: a Prefect flow over the stage tasks, resumable stage by stage.
+
+``compress_flow`` resolves the source, samples the calibration set, fuses the model, captures activations into
+Zarr and then fans out, with Prefect's ``DaskTaskRunner``:
+
+* ``parallel`` mode: capture (one forward pass) -> per point, in parallel, cost (Dask over Zarr) -> solve
+  (Sinkhorn + QR) -> per layer, as soon as its three bases exist, absorb -> export;
+* ``sequential`` mode: per point, capture through the already compressed layers -> cost -> solve, with the
+  absorption of layer l running while layer l+1 is calibrated;
+* ``global`` layout: pooled statistics -> one basis -> per-layer absorption -> a stock model.
+
+Every stage has a content key and reuses a complete, verified output with that key: rerunning the same
+command resumes a killed run and recomputes only what is missing, stale or corrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+
+from storage import RunDir, content_key
+from storage import rundir as paths
+from tasks import (
+    absorb_task,
+    calibration_task,
+    capture_task,
+    cost_task,
+    evaluate_task,
+    export_task,
+    fuse_task,
+    plan_task,
+    pool_task,
+    resolve_source_task,
+    sequential_capture_task,
+    solve_task,
+)
+
+OFFLINE_DEFAULTS = {
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+RECIPE_VERSION = 1
+RUN_KEY_VERSION = "1"
+
+
+# --- configuration ----------------------------------------------------------------------------------------------
+def build_config(*, ratio: float, method: str, mode: str, layout_name: str, seed: int,
+                 overrides: dict | None = None):
+    """The CompressionConfig of a run: the named arguments plus ``overrides`` (nested ``dot`` allowed)."""
+    from dotresize import CompressionConfig
+
+    data = CompressionConfig(method=method, ratio=ratio, mode=mode, layout=layout_name, seed=seed).to_dict()
+    for key, value in (overrides or {}).items():
+        if key == "dot" and isinstance(value, dict):
+            data["dot"] = {**data["dot"], **value}
+        elif key.startswith("dot."):
+            data["dot"][key[4:]] = value
+        else:
+            data[key] = value
+    return CompressionConfig.from_dict(data).validate()
+
+
+def make_recipe(config, source: dict, calib: dict) -> dict:
+    return {"recipe_version": RECIPE_VERSION, "config": config.to_dict(),
+            "source": {"spec": source["spec"], "digest": source["digest"]}, "calibration": calib}
+
+
+def run_key_of(recipe: dict) -> str:
+    return content_key("run", RUN_KEY_VERSION, source=recipe["source"]["digest"], calibration=recipe["calibration"],
+                       config=recipe["config"])
+
+
+def slug(spec: str) -> str:
+    name = Path(str(spec).rstrip("/")).name
+    name = re.sub(r"\.gguf$", "", name, flags=re.I)
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "model"
+
+
+def default_run_dir(recipe: dict, run_key: str) -> str:
+    config = recipe["config"]
+    name = f"{slug(recipe['source']['spec'])}-{config['method']}-{run_key[:12]}"
+    return str(Path.cwd() / "runs" / name)
+
+
+def make_task_runner(dask_address: str | None = None, n_workers: int | None = None):
+    """Prefect's DaskTaskRunner: an existing scheduler, or an in-process LocalCluster of threads."""
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    threads = n_workers or max(2, min(4, os.cpu_count() or 1))
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                          cluster_kwargs={"processes": False, "n_workers": 1, "threads_per_worker": threads,
+                                          "dashboard_address": None, "silence_logs": logging.WARNING})
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
+
+
+def _progress(futures: list, desc: str, enabled: bool) -> None:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(futures), desc=desc, unit="point", disable=not enabled) as bar:
+        for _ in as_completed(futures):
+            bar.update(1)
+
+
+# --- the flow ---------------------------------------------------------------------------------------------------
+@flow(name="dotresize-compress", persist_result=False, log_prints=False)
+def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "dot", mode: str = "parallel",
+                  layout: str = "per-point", calib_data: str = "wikitext2", calib_samples: int = 64,
+                  calib_seqlen: int = 256, seed: int = 42, run_dir: str | None = None,
+                  config_overrides: dict | None = None, dask_address: str | None = None,
+                  n_workers: int | None = None, mlflow: bool = True, register_name: str | None = None,
+                  progress: bool = True, ppl: bool = False, ppl_ctx: int = 256, ppl_max_windows: int = 100,
+                  device: str | None = None, verify: bool = True) -> dict:
+    """Compress ``model`` into ``run_dir`` (default ``./runs/<model>-<method>-<key>``); returns a small manifest:
+    run_dir, model_dir, model_sha256, widths, parameter counts, which stages were reused, MLflow run and version.
+
+    ``config_overrides`` sets any other CompressionConfig field (``{"dot": {"epsilon": 0.2}, "batch_size": 4}``);
+    ``dask_address`` (``tcp://host:port``) runs the tasks on an existing Dask scheduler; ``n_workers`` threads
+    otherwise. ``device`` is where Sinkhorn runs (default CUDA when present). ``verify=False`` trusts markers
+    without re-reading digests.
+    """
+    started = time.time()
+    logger = get_run_logger()
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    config = build_config(ratio=ratio, method=method, mode=mode, layout_name=layout, seed=seed,
+                          overrides=config_overrides)
+    resolved = resolve_source_task(model, calib_data)
+    source = resolved["source"]
+    calib = {"data": calib_data, "text_sha256": resolved["calibration_text"]["sha256"], "samples": calib_samples,
+             "seqlen": calib_seqlen, "seed": seed}
+    recipe = make_recipe(config, source, calib)
+    run_key = run_key_of(recipe)
+    run = RunDir(run_dir or default_run_dir(recipe, run_key))
+    logger.info("run %s (key %s): %s, %s, %s layout, ratio %s", run.uri(), run_key[:12], config.method, config.mode,
+                config.layout, config.ratio)
+    run.makedirs()
+    run.write_text(paths.RECIPE, _yaml(recipe))
+    run.write_json(paths.SOURCE, source)
+    run_url = run.url
+    common = {"run_url": run_url}
+    with make_task_runner(dask_address, n_workers) as runner:
+        calibration_f = runner.submit(calibration_task, {**common, "source": source, "calib": calib})
+        fuse_f = runner.submit(fuse_task, {**common, "source": source})
+        fuse, calibration = fuse_f.result(), calibration_f.result()
+        widths = plan_task(fuse, recipe)
+        num_points, num_layers = fuse["num_points"], fuse["num_layers"]
+        stage_args = {**common, "recipe": recipe, "verify": verify}
+        captures: list[Any]
+        if config.mode == "parallel":
+            capture_f = runner.submit(capture_task, {**common, "fuse": fuse, "calibration": calibration,
+                                                     "recipe": recipe, "progress": progress, "verify": verify})
+            captures = [capture_f]
+            if config.layout == "global":
+                pool_f = runner.submit(pool_task, {**common, "captures": [capture_f], "recipe": recipe,
+                                                   "num_points": num_points, "verify": verify})
+                cost_f = runner.submit(cost_task, {**stage_args, "point": "global", "capture": pool_f,
+                                                   "width": widths[0]})
+                solves = [runner.submit(solve_task, {**stage_args, "point": "global", "capture": pool_f,
+                                                     "width": widths[0], "cost": cost_f, "device": device})]
+                costs = [cost_f]
+            else:
+                costs, solves = [], []
+                for p in range(num_points):
+                    cost_f = runner.submit(cost_task, {**stage_args, "point": p, "capture": capture_f,
+                                                       "width": widths[p]})
+                    costs.append(cost_f)
+                    solves.append(runner.submit(solve_task, {**stage_args, "point": p, "capture": capture_f,
+                                                             "width": widths[p], "cost": cost_f, "device": device}))
+        else:
+            captures, costs, solves = [], [], []
+            for p in range(num_points):
+                if p == 0:
+                    previous, bases = None, []
+                else:
+                    index = (p - 1) // 2
+                    previous = captures[2 * index]
+                    bases = [solves[2 * index]] + ([solves[2 * index + 1]] if p % 2 == 0 else [])
+                capture_f = runner.submit(sequential_capture_task, {
+                    **common, "point": p, "fuse": fuse, "calibration": calibration, "recipe": recipe,
+                    "previous": previous, "bases": bases, "verify": verify})
+                captures.append(capture_f)
+                cost_f = runner.submit(cost_task, {**stage_args, "point": p, "capture": capture_f,
+                                                   "width": widths[p]})
+                costs.append(cost_f)
+                solves.append(runner.submit(solve_task, {**stage_args, "point": p, "capture": capture_f,
+                                                         "width": widths[p], "cost": cost_f, "device": device}))
+        absorbs = []
+        for layer in range(num_layers):
+            bases = solves if config.layout == "global" else solves[2 * layer:2 * layer + 3]
+            absorbs.append(runner.submit(absorb_task, {**common, "layer": layer, "fuse": fuse, "bases": bases,
+                                                       "layout_name": config.layout}))
+        _progress(solves, "bases" if config.mode == "parallel" else "sequential", progress)
+        captures_m = [c.result() for c in captures]
+        if config.layout == "global":
+            captures_m.append(pool_f.result())
+        costs_m = [c.result() for c in costs]
+        solves_m = [s.result() for s in solves]
+        absorbs_m = [a.result() for a in absorbs]
+        export = runner.submit(export_task, {
+            **common, "run_key": run_key, "recipe": recipe, "source": source, "calibration": calibration,
+            "fuse": fuse, "widths": widths, "captures": captures_m, "bases": solves_m, "absorbs": absorbs_m}).result()
+        evaluation = None
+        if ppl:
+            evaluation = runner.submit(evaluate_task, {**common, "export": export, "ctx": ppl_ctx,
+                                                       "max_windows": ppl_max_windows,
+                                                       "progress": progress}).result()
+    manifests = [calibration, fuse, *captures_m, *costs_m, *solves_m, *absorbs_m, export]
+    if evaluation is not None:
+        manifests.append(evaluation)
+    stages = _stage_summary(manifests)
+    stage_seconds = {stage: round(info["seconds"], 6) for stage, info in stages.items()}
+    for stage, info in stages.items():
+        logger.info("%s: computed %d, reused %d", stage, len(info["computed"]), len(info["reused"]))
+    run.write_json(paths.TIMINGS, {"stages": stage_seconds,
+                                    "intervals": {_label(m): [m.get("started"), m.get("finished")]
+                                                  for m in manifests if m.get("started")}})
+    result = {
+        "run_dir": run.uri(), "run_key": run_key, "model_dir": export["model_dir"],
+        "model_sha256": export["model_sha256"], "widths": widths, "parameters_before": export["parameters_before"],
+        "parameters_after": export["parameters_after"], "parameter_ratio": export["parameter_ratio"],
+        "stages": {s: {"computed": i["computed"], "reused": i["reused"]} for s, i in stages.items()},
+        "stage_seconds": stage_seconds, "mlflow_run_id": None, "model_version": None, "registered_model": None,
+    }
+    if evaluation is not None:
+        result["ppl"] = evaluation["ppl"]
+    try:
+        from prefect.runtime import flow_run
+
+        result["flow_run_id"] = str(flow_run.id)
+    except Exception:
+        pass
+    if mlflow:
+        from .mlflow_logging import register_task
+
+        bundle = {"recipe": recipe, "source": source, "calibration": calibration, "run_key": run_key,
+                  "solves": solves_m, "export": export, "evaluate": evaluation, "stage_seconds": stage_seconds,
+                  "default_register_name": f"dotresize-{slug(source['spec'])}",
+                  "run_name": Path(run.path()).name}
+        registered = register_task(run_url, bundle, register_name)
+        result.update(mlflow_run_id=registered["run_id"], model_version=registered["version"],
+                      registered_model=registered["registered_model"], mlflow_tracking_uri=registered["tracking_uri"])
+    result["seconds"] = round(time.time() - started, 3)
+    logger.info("model %s (sha256 %s) in %.1f s", result["model_dir"], result["model_sha256"][:12], result["seconds"])
+    return result
+
+
+def _label(manifest: dict) -> str:
+    name = manifest.get("name")
+    return manifest["stage"] if name is None else f"{manifest['stage']}[{name}]"
+
+
+def _stage_summary(manifests: list[dict]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for manifest in manifests:
+        if manifest.get("skipped"):
+            continue
+        info = out.setdefault(manifest["stage"], {"computed": [], "reused": [], "seconds": 0.0})
+        name = manifest.get("name") if manifest.get("name") is not None else manifest["stage"]
+        (info["reused"] if manifest.get("reused") else info["computed"]).append(name)
+        info["seconds"] += float(manifest.get("seconds") or 0.0)  # compute time, also of reused outputs
+    return out
+
+
+# --- plain entry point for the CLI --------------------------------------------------------------------------------
+def run_compress(**kwargs: Any) -> dict:
+    """Run :func:`compress_flow` with offline defaults; the CLI calls this.
+
+    With ``dask_address`` and no ``PREFECT_API_URL``, a local Prefect server is started first so that remote
+    Dask workers can report their task runs to it (an ephemeral in-process API is not reachable from them).
+    """
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if kwargs.get("dask_address") and not PREFECT_API_URL.value():
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        server.start()
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            return compress_flow(**kwargs)
+    return compress_flow(**kwargs)
+
+
+__all__ = ["compress_flow", "run_compress", "build_config", "make_task_runner", "default_run_dir"]

@@ -1,0 +1,234 @@
+"""MLflow logging of one compression: params, per-point metrics, artifacts, inputs, a registered model version.
+
+Tracking URI: ``$MLFLOW_TRACKING_URI`` when set (any server), else ``sqlite:///<home>/mlflow.db`` with the
+artifacts under ``<home>/mlartifacts``; ``<home>`` is ``$DOTRESIZE_HOME`` or the directory holding the run
+directory (``./runs`` by default). One MLflow run per compression; ``mlflow.json`` in the run directory
+remembers it, so a rerun of a finished compression reuses it instead of logging a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage import RunDir
+from storage import rundir as layout
+
+EXPERIMENT = "dotresize"
+ALIAS = "current"
+
+
+def mlflow_home(run: RunDir) -> Path:
+    if os.environ.get("DOTRESIZE_HOME"):
+        return Path(os.environ["DOTRESIZE_HOME"]).expanduser().resolve()
+    if run.is_local:
+        return run.local_path().parent
+    return Path.home() / ".dotresize"
+
+
+def tracking_uri(run: RunDir) -> str:
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
+    if configured:
+        return configured
+    home = mlflow_home(run)
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def _experiment_id(client, uri: str, run: RunDir) -> str:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        artifact_location = (mlflow_home(run) / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(EXPERIMENT, artifact_location=artifact_location)
+    except Exception:  # created concurrently
+        return client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """{"dot": {"epsilon": 0.05}} -> {"dot.epsilon": "0.05"}; long values are replaced by their sha256."""
+    import hashlib
+
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    text = json.dumps(data, sort_keys=True) if isinstance(data, (list, tuple)) else str(data)
+    if len(text) > 250:
+        text = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    out[prefix.rstrip(".")] = text
+    return out
+
+
+def _metrics(bundle: dict) -> list[tuple[str, float, int]]:
+    """(key, value, step): per-point metrics twice (``<name>`` at step p, and ``point_<p>/<name>``)."""
+    out: list[tuple[str, float, int]] = []
+    for solve in bundle["solves"]:
+        point = solve["point"]
+        step = -1 if point == "global" else int(point)
+        tag = "global" if point == "global" else f"point_{int(point):03d}"
+        for name, value in solve.get("metrics", {}).items():
+            out.append((name, float(value), max(step, 0)))
+            out.append((f"{tag}/{name}", float(value), 0))
+    export = bundle["export"]
+    for name in ("parameters_before", "parameters_after", "parameter_ratio"):
+        out.append((name, float(export[name]), 0))
+    for stage, seconds in bundle.get("stage_seconds", {}).items():
+        out.append((f"seconds/{stage}", float(seconds), 0))
+    evaluation = bundle.get("evaluate")
+    if evaluation and evaluation.get("ppl"):
+        out.append(("ppl", float(evaluation["ppl"]["ppl"]), 0))
+        out.append(("nll", float(evaluation["ppl"]["nll"]), 0))
+    return out
+
+
+def _log_inputs(mlflow, run: RunDir, bundle: dict) -> None:
+    import numpy as np
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = bundle["source"]
+    calibration = bundle["calibration"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        where = source.get("path") or source["spec"]
+        uri = Path(where).resolve().as_uri() if Path(where).exists() else str(where)
+        try:
+            model_source = resolve_dataset_source(uri)
+        except Exception:
+            from mlflow.data.code_dataset_source import CodeDatasetSource
+
+            model_source = CodeDatasetSource(tags={"spec": source["spec"]})
+        mlflow.log_input(MetaDataset(source=model_source, name=f"source-model:{source['spec']}",
+                                     digest=source["digest"][:16]), context="source-model")
+        ids = run.load_tensors(layout.CALIBRATION_IDS)["input_ids"].numpy().astype(np.int64)
+        meta = calibration.get("meta", {})
+        text_path = meta.get("path")
+        calib_source = text_path if text_path and Path(text_path).exists() else run.uri(layout.CALIBRATION_IDS)
+        dataset = mlflow.data.from_numpy(ids, source=calib_source, name=f"calibration:{meta.get('id', 'text')}",
+                                         digest=calibration["digest"][:16])
+        mlflow.log_input(dataset, context="calibration")
+
+
+def _log_artifacts(mlflow, run: RunDir, bundle: dict) -> None:
+    bases_summary = {str(s["point"]): {"key": s["key"], "sha256": s["sha256"], "width": s.get("width"),
+                                      **s.get("metrics", {})} for s in bundle["solves"]}
+    with tempfile.TemporaryDirectory(prefix="dotresize-mlflow-") as tmp:
+        summary = Path(tmp) / "bases_summary.json"
+        summary.write_text(json.dumps(bases_summary, indent=2, sort_keys=True))
+        mlflow.log_artifact(str(summary))
+    for rel in (layout.RECIPE, layout.LINEAGE, layout.SOURCE, layout.CALIBRATION, layout.TIMINGS):
+        if run.exists(rel):
+            with run.local_copy(rel) as path:
+                mlflow.log_artifact(str(path))
+    for rel, target in ((layout.BASES, "bases"), (layout.EVAL, "eval"), (layout.STAGES, "stages")):
+        if run.exists(rel):
+            with run.local_copy(rel) as path:
+                for file in sorted(path.rglob("*.json")):
+                    sub = file.parent.relative_to(path).as_posix()
+                    mlflow.log_artifact(str(file), artifact_path=target if sub == "." else f"{target}/{sub}")
+
+
+def _mlmodel(run_id: str, bundle: dict) -> str:
+    export = bundle["export"]
+    recipe = bundle["recipe"]["config"]
+    lines = [
+        "artifact_path: model",
+        "flavors:",
+        "  dotresize:",
+        "    loader: dotresize.load_compressed",
+        f"    layout: {recipe['layout']}",
+        f"    model_sha256: {export['model_sha256']}",
+        f"run_id: {run_id}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def log_compression(run_url: str, bundle: dict, register_name: str | None = None) -> dict:
+    """Log one compression to MLflow and register its model; reuses the run of an identical earlier call."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tasks.common import logger
+
+    run = RunDir(run_url)
+    uri = tracking_uri(run)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    export = bundle["export"]
+    name = register_name or bundle["default_register_name"]
+    previous = run.read_json(layout.MLFLOW) or {}
+    if (previous.get("tracking_uri") == uri and previous.get("model_sha256") == export["model_sha256"]
+            and previous.get("registered_model") == name and previous.get("complete")):
+        try:
+            if client.get_run(previous["run_id"]).info.status == "FINISHED" and \
+                    client.get_model_version(name, str(previous["version"])).run_id == previous["run_id"]:
+                logger().info("reused register %s (MLflow run %s, %s v%s)", export["model_sha256"][:12],
+                              previous["run_id"], name, previous["version"])
+                return {**previous, "reused": True}
+        except Exception:
+            pass
+    resume = previous.get("run_id") if (previous.get("tracking_uri") == uri and
+                                        previous.get("model_sha256") == export["model_sha256"]) else None
+    if resume:
+        try:
+            client.get_run(resume)
+        except Exception:
+            resume = None
+    logger().info("computing register %s (MLflow %s)", export["model_sha256"][:12], uri)
+    experiment_id = _experiment_id(client, uri, run)
+    with mlflow.start_run(run_id=resume, experiment_id=None if resume else experiment_id,
+                          run_name=bundle.get("run_name")) as active:
+        run_id = active.info.run_id
+        run.write_json(layout.MLFLOW, {"tracking_uri": uri, "run_id": run_id, "model_sha256": export["model_sha256"],
+                                       "registered_model": name, "complete": False})
+        from mlflow.entities import Metric, Param, RunTag
+
+        params = {**flatten(bundle["recipe"]["config"]), **flatten(bundle["recipe"]["calibration"], "calibration."),
+                  "source.spec": str(bundle["source"]["spec"]), "source.digest": bundle["source"]["digest"],
+                  "run_key": bundle["run_key"]}
+        existing = client.get_run(run_id).data.params
+        params = {k: v for k, v in params.items() if k not in existing}
+        items = [Param(k, v) for k, v in sorted(params.items())]
+        for start in range(0, len(items), 100):
+            client.log_batch(run_id, params=items[start:start + 100])
+        import time as _time
+
+        now = int(_time.time() * 1000)
+        metrics = [Metric(k, v, now, s) for k, v, s in _metrics(bundle)]
+        for start in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        tags = {"dotresize.run_dir": run.uri(), "dotresize.run_key": bundle["run_key"],
+                "dotresize.model_sha256": export["model_sha256"], "dotresize.mode": bundle["recipe"]["config"]["mode"],
+                "dotresize.layout": bundle["recipe"]["config"]["layout"]}
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        _log_inputs(mlflow, run, bundle)
+        _log_artifacts(mlflow, run, bundle)
+        with run.local_copy(layout.MODEL) as model_dir:
+            mlflow.log_artifacts(str(model_dir), artifact_path="model")
+        mlflow.log_text(_mlmodel(run_id, bundle), "model/MLmodel")
+        version = mlflow.register_model(f"runs:/{run_id}/model", name,
+                                        tags={"model_sha256": export["model_sha256"],
+                                              "run_key": bundle["run_key"]})
+        try:
+            client.set_registered_model_alias(name, ALIAS, version.version)
+        except Exception:
+            pass
+    record = {"tracking_uri": uri, "run_id": run_id, "model_sha256": export["model_sha256"],
+              "registered_model": name, "version": int(version.version), "source": version.source, "complete": True}
+    run.write_json(layout.MLFLOW, record)
+    return {**record, "reused": False}
+
+
+register_task = task(name="register", cache_policy=NO_CACHE, persist_result=False)(log_compression)

@@ -1,0 +1,96 @@
+"""Basis files, tensor artifacts and stage manifests, each with its digest and a completion marker.
+
+A basis is ``bases/point_<p>.safetensors`` (Q and, for the ``plan`` decompression, U, float64) plus
+``bases/point_<p>.json`` (key, sha256 of the tensors, shapes, the per-point statistics). The JSON is written
+after the tensors: it is the basis's completion marker.
+
+A stage manifest (``stages/<stage>/<name>.json``) is the completion marker of any other stage output:
+``{stage, name, key, uri, files: {relative path: sha256}, shapes, seconds, started, finished, ...}``; it is
+written after every file it names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import CorruptArtifactError, MissingArtifactError
+from .rundir import RunDir, basis_file, basis_meta_file, manifest_file
+
+
+# --- bases ----------------------------------------------------------------------------------------------------
+def save_basis(run: RunDir, point: int | str, tensors: dict, *, key: str, info: dict[str, Any],
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a basis (tensors, then its JSON marker); returns the JSON record (``extra`` is added to it)."""
+    sha = run.save_tensors(basis_file(point), tensors, metadata={"key": key})
+    record = {
+        "key": key,
+        "point": point,
+        "file": basis_file(point),
+        "sha256": sha,
+        "shapes": {name: list(t.shape) for name, t in tensors.items()},
+        "info": info,
+        **dict(extra or {}),
+        "complete": True,
+    }
+    run.write_json(basis_meta_file(point), record)
+    return record
+
+
+def basis_status(run: RunDir, point: int | str, key: str, verify: bool = True) -> tuple[bool, str, dict | None]:
+    """(ok, why, record): a basis is usable when its JSON marker has ``key`` and the tensors match their sha256."""
+    try:
+        record = run.read_json(basis_meta_file(point))
+    except CorruptArtifactError as error:
+        return False, str(error), None
+    if record is None:
+        return False, f"{basis_meta_file(point)} is missing", None
+    if record.get("complete") is not True or record.get("key") != key:
+        return False, f"{basis_meta_file(point)} was computed for another key", record
+    if verify:
+        ok, why = run.check_file(record["file"], record["sha256"])
+        if not ok:
+            return False, why, record
+    return True, "ok", record
+
+
+def load_basis(run: RunDir, point: int | str) -> tuple[dict, dict[str, Any]]:
+    """(tensors, record) of a stored basis, verified against its digest."""
+    record = run.read_json(basis_meta_file(point))
+    if record is None:
+        raise MissingArtifactError(f"{run.uri(basis_meta_file(point))} is missing")
+    return run.load_tensors(record["file"], record["sha256"]), record
+
+
+# --- manifests ------------------------------------------------------------------------------------------------
+def write_manifest(run: RunDir, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write a stage manifest (after its outputs): it marks the stage complete."""
+    manifest = {**manifest, "complete": True}
+    manifest.pop("reused", None)
+    run.write_json(manifest_file(manifest["stage"], manifest.get("name")), manifest)
+    return manifest
+
+
+def read_manifest(run: RunDir, stage: str, name: str | None = None) -> dict[str, Any] | None:
+    try:
+        return run.read_json(manifest_file(stage, name))
+    except CorruptArtifactError:
+        return None
+
+
+def manifest_status(run: RunDir, stage: str, name: str | None, key: str,
+                    verify: bool = True) -> tuple[bool, str, dict | None]:
+    """(ok, why, manifest): reusable when complete, with ``key``, and every file it names matches its sha256."""
+    label = stage if name is None else f"{stage}/{name}"
+    manifest = read_manifest(run, stage, name)
+    if manifest is None:
+        return False, f"no manifest for {label}", None
+    if manifest.get("complete") is not True:
+        return False, f"{label} is incomplete", manifest
+    if manifest.get("key") != key:
+        return False, f"{label} was computed for another key", manifest
+    if verify:
+        for rel, sha in (manifest.get("files") or {}).items():
+            ok, why = run.check_file(rel, sha)
+            if not ok:
+                return False, why, manifest
+    return True, "ok", manifest

@@ -1,0 +1,355 @@
+"""The run directory: a local path or any fsspec URL, written atomically (temporary name, then rename).
+
+This module is the only place that knows the layout of a run (see ``architecture.md``)::
+
+    <run>/recipe.yaml  source.json  calibration.json  calibration/input_ids.safetensors
+         fused/               the norm-fused source model (model.safetensors, config, tokenizer)
+         activations.zarr/    point_<p>/{acts, gram, abs_sum, sum, mean, [sample]}  (+ pooled/ for global)
+         costs.zarr/          point_<p>/cost (the cost matrix of a dot basis)
+         bases/               point_<p>.safetensors + point_<p>.json  (global.* for the global layout)
+         layers/              layer_<l>.safetensors (absorbed weights of one layer)
+         model/               the compressed HF directory (+ lineage.json)
+         lineage.json  timings.json  eval/  stages/<stage>/<name>.json (manifests)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .digests import sha256_bytes
+from .errors import CorruptArtifactError, MissingArtifactError
+
+# --- layout -------------------------------------------------------------------------------------------------
+RECIPE = "recipe.yaml"
+SOURCE = "source.json"
+CALIBRATION = "calibration.json"
+CALIBRATION_IDS = "calibration/input_ids.safetensors"
+FUSED = "fused"
+ACTIVATIONS = "activations.zarr"
+COSTS = "costs.zarr"
+BASES = "bases"
+LAYERS = "layers"
+MODEL = "model"
+LINEAGE = "lineage.json"
+TIMINGS = "timings.json"
+EVAL = "eval"
+STAGES = "stages"
+MLFLOW = "mlflow.json"
+
+
+def point_name(point: int | str) -> str:
+    """``point_<p>`` for a slice point, or the name itself (``pooled``) for pseudo-points."""
+    return f"point_{point}" if isinstance(point, int) else str(point)
+
+
+def basis_name(point: int | str) -> str:
+    return f"point_{point}" if isinstance(point, int) else "global"
+
+
+def basis_file(point: int | str) -> str:
+    return f"{BASES}/{basis_name(point)}.safetensors"
+
+
+def basis_meta_file(point: int | str) -> str:
+    return f"{BASES}/{basis_name(point)}.json"
+
+
+def layer_file(layer: int) -> str:
+    return f"{LAYERS}/layer_{layer}.safetensors"
+
+
+def manifest_file(stage: str, name: str | None = None) -> str:
+    return f"{STAGES}/{stage}.json" if name is None else f"{STAGES}/{stage}/{name}.json"
+
+
+# --- the run directory ----------------------------------------------------------------------------------------
+class RunDir:
+    """A run directory on any fsspec filesystem; relative paths use ``/``."""
+
+    def __init__(self, url: str | os.PathLike):
+        self.url = str(url)
+        fs, root = fsspec.core.url_to_fs(self.url)
+        self.fs = fs
+        self.is_local = isinstance(fs, LocalFileSystem)
+        self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
+        if self.is_local:
+            self.url = self.root
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.url!r})"
+
+    def __reduce__(self):
+        return (RunDir, (self.url,))
+
+    # paths ----------------------------------------------------------------------------------------------------
+    def path(self, rel: str = "") -> str:
+        """The filesystem path of ``rel`` (a local absolute path for local runs)."""
+        if not rel:
+            return self.root
+        return os.path.join(self.root, *rel.split("/")) if self.is_local else posixpath.join(self.root, rel)
+
+    def uri(self, rel: str = "") -> str:
+        """A URL naming ``rel`` (what manifests record)."""
+        if self.is_local:
+            return self.path(rel)
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return f"{protocol}://{self.path(rel)}"
+
+    def local_path(self, rel: str = "") -> Path:
+        if not self.is_local:
+            raise ValueError(f"{self.url} is not a local run directory")
+        return Path(self.path(rel))
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def makedirs(self, rel: str = "") -> None:
+        self.fs.makedirs(self.path(rel), exist_ok=True)
+
+    def listdir(self, rel: str = "") -> list[str]:
+        if not self.exists(rel):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path(rel), detail=False))
+
+    def remove(self, rel: str) -> None:
+        path = self.path(rel)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=self.fs.isdir(path))
+
+    # atomic bytes ----------------------------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Write ``data`` under a temporary name in the same directory, then rename it into place.
+
+        A reader never sees a partial file: either the old content, or nothing, or the complete new one.
+        Returns the sha256 of ``data``.
+        """
+        final = self.path(rel)
+        parent = posixpath.dirname(final) if not self.is_local else os.path.dirname(final)
+        if self.is_local:
+            os.makedirs(parent, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, final)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+        else:
+            self.fs.makedirs(parent, exist_ok=True)
+            tmp = posixpath.join(parent, f".{posixpath.basename(final)}.tmp-{uuid.uuid4().hex}")
+            try:
+                self.fs.pipe_file(tmp, data)
+                if self.fs.exists(final):
+                    self.fs.rm(final)
+                self.fs.mv(tmp, final)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.fs.rm(tmp)
+                raise
+        return sha256_bytes(data)
+
+    def read_bytes(self, rel: str, sha256: str | None = None) -> bytes:
+        """Read a file; with ``sha256`` the content is checked and a mismatch raises :class:`CorruptArtifactError`."""
+        path = self.path(rel)
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise MissingArtifactError(f"{self.uri(rel)} is missing") from None
+        if sha256 is not None and sha256_bytes(data) != sha256:
+            raise CorruptArtifactError(f"{self.uri(rel)} does not match its recorded sha256")
+        return data
+
+    def sha256(self, rel: str) -> str:
+        """sha256 of a stored file (streamed for local files)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        try:
+            with self.fs.open(self.path(rel), "rb") as handle:
+                while block := handle.read(1 << 22):
+                    digest.update(block)
+        except FileNotFoundError:
+            raise MissingArtifactError(f"{self.uri(rel)} is missing") from None
+        return digest.hexdigest()
+
+    def check_file(self, rel: str, sha256: str) -> tuple[bool, str]:
+        """(True, "ok") when ``rel`` exists with the recorded digest, else (False, why)."""
+        try:
+            actual = self.sha256(rel)
+        except MissingArtifactError:
+            return False, f"{rel} is missing"
+        if actual != sha256:
+            return False, f"{rel} does not match its sha256 (corrupted)"
+        return True, "ok"
+
+    # JSON / text ------------------------------------------------------------------------------------------------
+    def write_json(self, rel: str, data: Any) -> str:
+        text = json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
+        return self.write_bytes(rel, text.encode())
+
+    def read_json(self, rel: str) -> Any | None:
+        """The JSON at ``rel``, or None when missing; undecodable JSON raises :class:`CorruptArtifactError`."""
+        try:
+            data = self.read_bytes(rel)
+        except MissingArtifactError:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise CorruptArtifactError(f"{self.uri(rel)} is not valid JSON") from None
+
+    def write_text(self, rel: str, text: str) -> str:
+        return self.write_bytes(rel, text.encode())
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
+
+    # tensors ----------------------------------------------------------------------------------------------------
+    def save_tensors(self, rel: str, tensors: dict, metadata: dict[str, str] | None = None) -> str:
+        """safetensors file, written atomically; returns its sha256 (the same tensors give the same bytes)."""
+        from safetensors.torch import save, save_file
+
+        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+        if self.is_local:
+            final = self.path(rel)
+            parent = os.path.dirname(final)
+            os.makedirs(parent, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+            os.close(fd)
+            try:
+                save_file(tensors, tmp, metadata=metadata)
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(tmp, final)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            return self.sha256(rel)
+        return self.write_bytes(rel, save(tensors, metadata=metadata))
+
+    def load_tensors(self, rel: str, sha256: str | None = None) -> dict:
+        """Tensors of a safetensors file; with ``sha256`` the file is verified first."""
+        from safetensors.torch import load, load_file
+
+        if self.is_local:
+            if sha256 is not None:
+                ok, why = self.check_file(rel, sha256)
+                if not ok:
+                    raise (MissingArtifactError if "missing" in why else CorruptArtifactError)(
+                        f"{self.uri(rel)}: {why}")
+            elif not self.exists(rel):
+                raise MissingArtifactError(f"{self.uri(rel)} is missing")
+            try:
+                return load_file(self.path(rel))
+            except Exception as error:
+                raise CorruptArtifactError(f"{self.uri(rel)} cannot be read: {error}") from None
+        data = self.read_bytes(rel, sha256)
+        try:
+            return load(data)
+        except Exception as error:
+            raise CorruptArtifactError(f"{self.uri(rel)} cannot be read: {error}") from None
+
+    # zarr -------------------------------------------------------------------------------------------------------
+    def zarr_store(self, rel: str):
+        from zarr.storage import FsspecStore, LocalStore
+
+        if self.is_local:
+            os.makedirs(self.path(rel), exist_ok=True)
+            return LocalStore(self.path(rel))
+        return FsspecStore.from_url(self.uri(rel))
+
+    # directories (exports) ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def staged_dir(self, rel: str) -> Iterator[Path]:
+        """A local directory to fill; on success it replaces ``rel`` as a whole.
+
+        Local runs: the caller's directory is renamed into place (atomic). Remote runs: it is uploaded under a
+        temporary name and moved into place.
+        """
+        if self.is_local:
+            final = self.local_path(rel)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+            try:
+                yield tmp
+                old = None
+                if final.exists():
+                    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"
+                    os.replace(final, old)
+                os.replace(tmp, final)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return
+        tmp = Path(tempfile.mkdtemp(prefix="dotresize-stage-"))
+        try:
+            yield tmp
+            remote_tmp = self.path(f"{rel}.tmp-{uuid.uuid4().hex}")
+            self.fs.put(str(tmp) + "/", remote_tmp, recursive=True)
+            self.remove(rel)
+            self.fs.mv(remote_tmp, self.path(rel), recursive=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def local_copy(self, rel: str) -> Iterator[Path]:
+        """A local path holding ``rel`` (the directory itself for local runs, a temporary download otherwise)."""
+        if self.is_local:
+            yield self.local_path(rel)
+            return
+        tmp = Path(tempfile.mkdtemp(prefix="dotresize-get-"))
+        try:
+            target = tmp / posixpath.basename(rel.rstrip("/"))
+            if self.fs.isdir(self.path(rel)):
+                self.fs.get(self.path(rel) + "/", str(target) + "/", recursive=True)
+            else:
+                self.fs.get(self.path(rel), str(target))
+            yield target
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def file_digests(self, rel: str) -> dict[str, str]:
+        """sha256 of every file under a directory, keyed by path relative to it (hidden files skipped)."""
+        out: dict[str, str] = {}
+        base = self.path(rel)
+        for path in sorted(self.fs.find(base)):
+            name = path[len(base):].lstrip("/\\").replace(os.sep, "/")
+            if any(part.startswith(".") for part in name.split("/")):
+                continue
+            out[name] = self.sha256(f"{rel}/{name}")
+        return out
+
+
+def _json_default(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, io.IOBase):
+        raise TypeError("file objects are not JSON")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
