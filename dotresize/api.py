@@ -158,15 +158,16 @@ def compressed_config(adapter: ModelAdapter, widths: list[int], layout: str):
 
 def build_compressed_model(adapter: ModelAdapter, bases: list[Basis], layout: str) -> PreTrainedModel:
     """Instantiate the compressed model (per-point class or stock class) and load the absorbed weights."""
-    widths = [b.width for b in bases]
+    state = global_state_dict(adapter, bases[0]) if layout == "global" else per_point_state_dict(adapter, bases)
+    return assemble_model(adapter, [b.width for b in bases], layout, state)
+
+
+def assemble_model(adapter: ModelAdapter, widths: list[int], layout: str,
+                   state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """The compressed model of ``widths`` holding ``state`` (absorbed weights, e.g. assembled layer by layer)."""
     config = compressed_config(adapter, widths, layout)
     config._attn_implementation = adapter.config._attn_implementation
-    if layout == "global":
-        state = global_state_dict(adapter, bases[0])
-        model_cls = type(adapter.model)
-    else:
-        state = per_point_state_dict(adapter, bases)
-        model_cls = adapter.compressed_model_class
+    model_cls = type(adapter.model) if layout == "global" else adapter.compressed_model_class
     with init_empty_weights(include_buffers=False):
         model = model_cls(config)
     model.load_state_dict(state, strict=True, assign=True)

@@ -118,6 +118,35 @@ def _rebase(x: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     return (x.to(torch.float64) @ Q).to(x.dtype)
 
 
+def rebase(x: torch.Tensor, basis: Basis) -> torch.Tensor:
+    """A signal of the full width expressed in a point's compressed basis (float64 product, model dtype)."""
+    return _rebase(x, basis.Q)
+
+
+def sequential_layer(adapter: ModelAdapter, index: int, b_in: Basis, b_attn: Basis | None = None) -> torch.nn.Module:
+    """Layer ``index`` with its input compressed by ``b_in`` and, once ``b_attn`` is known, its attention output
+    and MLP input compressed by ``b_attn`` (its MLP output stays full width)."""
+    mods = adapter.layer_modules(index)
+    if b_attn is None:
+        tensors = absorb_layer(mods, b_in.decoder, None, None, None)
+    else:
+        tensors = absorb_layer(mods, b_in.decoder, b_attn.Q, b_attn.decoder, None)
+    return build_layer(mods, tensors, adapter.hidden_size, adapter.rms_norm_eps)
+
+
+@torch.no_grad()
+def post_attention_signal(layer: torch.nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The residual after attention (the input of the layer's second norm) for one batch."""
+    captured: list[torch.Tensor] = []
+    handle = layer.post_attention_layernorm.register_forward_pre_hook(
+        lambda m, args, kw: captured.append(_hidden_from(args, kw).detach()), with_kwargs=True)
+    try:
+        layer(x, **kwargs)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 @torch.no_grad()
 def sequential_bases(adapter: ModelAdapter, batches: Sequence[torch.Tensor], widths: Sequence[int],
                      basis_fn: Callable[[PointStats, int, int], Basis], *, sample_tokens: int = 0,
@@ -128,29 +157,20 @@ def sequential_bases(adapter: ModelAdapter, batches: Sequence[torch.Tensor], wid
     attention input compressed (to get the post-attention signal), once with attention fully compressed and the
     MLP input compressed (to get the layer output).
     """
-    full, eps = adapter.hidden_size, adapter.rms_norm_eps
     acc_kwargs = dict(sample_tokens=sample_tokens, outlier_tokens=outlier_tokens, seed=seed)
     inputs, kwargs_list = capture_layer_inputs(adapter, batches)
     bases = [basis_fn(_accumulate(inputs, 0, **acc_kwargs), widths[0], 0)]
-    xs = [_rebase(x, bases[0].Q) for x in inputs]
+    xs = [rebase(x, bases[0]) for x in inputs]
     del inputs
     for index in tqdm(range(adapter.num_layers), desc="sequential", unit="layer", disable=not progress):
-        mods = adapter.layer_modules(index)
         b_in = bases[-1]
-        layer = build_layer(mods, absorb_layer(mods, b_in.decoder, None, None, None), full, eps)
-        captured: list[torch.Tensor] = []
-        handle = layer.post_attention_layernorm.register_forward_pre_hook(
-            lambda m, args, kwargs: captured.append(_hidden_from(args, kwargs).detach()), with_kwargs=True)
-        try:
-            for x, kw in zip(xs, kwargs_list):
-                layer(x, **kw)
-        finally:
-            handle.remove()
+        layer = sequential_layer(adapter, index, b_in)
+        captured = [post_attention_signal(layer, x, kw) for x, kw in zip(xs, kwargs_list)]
         b_attn = basis_fn(_accumulate(captured, 2 * index + 1, **acc_kwargs), widths[2 * index + 1], 2 * index + 1)
         del captured
-        layer = build_layer(mods, absorb_layer(mods, b_in.decoder, b_attn.Q, b_attn.decoder, None), full, eps)
+        layer = sequential_layer(adapter, index, b_in, b_attn)
         outputs = [layer(x, **kw) for x, kw in zip(xs, kwargs_list)]
         b_mlp = basis_fn(_accumulate(outputs, 2 * index + 2, **acc_kwargs), widths[2 * index + 2], 2 * index + 2)
-        xs = [_rebase(o, b_mlp.Q) for o in outputs]
+        xs = [rebase(o, b_mlp) for o in outputs]
         bases.extend([b_attn, b_mlp])
     return bases

@@ -109,54 +109,89 @@ def point_index(layer: int, where: str) -> int:
     return 2 * layer + (1 if where == "attn" else 2)
 
 
+def _encoder(basis: Basis, full: int) -> torch.Tensor | None:
+    return None if _is_identity(basis, full) else basis.Q
+
+
+def _decoder(basis: Basis, full: int) -> torch.Tensor | None:
+    return None if _is_identity(basis, full) else basis.decoder
+
+
+def _prefixed(index: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"model.layers.{index}.{key}": value.contiguous() for key, value in tensors.items()}
+
+
+@torch.no_grad()
+def per_point_layer_state(adapter: ModelAdapter, index: int, b_in: Basis, b_attn: Basis,
+                          b_mlp: Basis) -> dict[str, torch.Tensor]:
+    """``model.layers.<index>.*`` of the per-point model: layer ``index`` between points 2l, 2l+1 and 2l+2."""
+    full = adapter.hidden_size
+    tensors = absorb_layer(adapter.layer_modules(index), _decoder(b_in, full), _encoder(b_attn, full),
+                           _decoder(b_attn, full), _encoder(b_mlp, full))
+    # per-point layers always carry both shortcuts (identity written out when a point is unsliced)
+    dtype = adapter.embeddings().weight.dtype
+    tensors.setdefault("attn_shortcut", torch.eye(full, dtype=dtype))
+    tensors.setdefault("mlp_shortcut", torch.eye(full, dtype=dtype))
+    return _prefixed(index, tensors)
+
+
+@torch.no_grad()
+def per_point_ends_state(adapter: ModelAdapter, first: Basis, last: Basis) -> dict[str, torch.Tensor]:
+    """Embeddings (rotated by the first point's basis) and head (decoding the last point) of the per-point model."""
+    full = adapter.hidden_size
+    emb = adapter.embeddings().weight
+    return {
+        "model.embed_tokens.weight": _produce(emb.T, _encoder(first, full)).T.contiguous(),
+        "lm_head.weight": _consume(adapter.lm_head().weight, _decoder(last, full)).contiguous(),
+    }
+
+
 @torch.no_grad()
 def per_point_state_dict(adapter: ModelAdapter, bases: list[Basis]) -> dict[str, torch.Tensor]:
     """The state dict of the compressed per-point model, in the compressed classes' key layout."""
-    full = adapter.hidden_size
-
-    def Q(b: Basis):
-        return None if _is_identity(b, full) else b.Q
-
-    def U(b: Basis):
-        return None if _is_identity(b, full) else b.decoder
-
-    emb = adapter.embeddings().weight
-    state = {"model.embed_tokens.weight": _produce(emb.T, Q(bases[0])).T.contiguous()}
+    state = per_point_ends_state(adapter, bases[0], bases[-1])
     for index in range(adapter.num_layers):
-        b_in, b_attn, b_mlp = bases[2 * index], bases[2 * index + 1], bases[2 * index + 2]
-        tensors = absorb_layer(adapter.layer_modules(index), U(b_in), Q(b_attn), U(b_attn), Q(b_mlp))
-        # per-point layers always carry both shortcuts (identity written out when a point is unsliced)
-        dtype = emb.dtype
-        tensors.setdefault("attn_shortcut", torch.eye(full, dtype=dtype))
-        tensors.setdefault("mlp_shortcut", torch.eye(full, dtype=dtype))
-        for key, value in tensors.items():
-            state[f"model.layers.{index}.{key}"] = value.contiguous()
-    state["lm_head.weight"] = _consume(adapter.lm_head().weight, U(bases[-1])).contiguous()
+        state.update(per_point_layer_state(adapter, index, *bases[2 * index:2 * index + 3]))
     return state
+
+
+def _global_norm_weight(adapter: ModelAdapter, width: int) -> torch.Tensor:
+    """A stock RMSNorm over d dims with eps·D/d equals RMSN over D times √(d/D): its weight is √(D/d)."""
+    return torch.full((width,), math.sqrt(adapter.hidden_size / width), dtype=adapter.embeddings().weight.dtype)
+
+
+@torch.no_grad()
+def global_layer_state(adapter: ModelAdapter, index: int, basis: Basis) -> dict[str, torch.Tensor]:
+    """``model.layers.<index>.*`` of the global-layout model (no shortcuts: QᵀQ = I)."""
+    Qm, Um = basis.Q, basis.decoder
+    tensors = absorb_layer(adapter.layer_modules(index), Um, Qm, Um, Qm)
+    tensors.pop("attn_shortcut", None)
+    tensors.pop("mlp_shortcut", None)
+    norm = _global_norm_weight(adapter, basis.width)
+    tensors["input_layernorm.weight"] = norm.clone()
+    tensors["post_attention_layernorm.weight"] = norm.clone()
+    return _prefixed(index, tensors)
+
+
+@torch.no_grad()
+def global_ends_state(adapter: ModelAdapter, basis: Basis) -> dict[str, torch.Tensor]:
+    """Embeddings, final norm and head of the global-layout model."""
+    return {
+        "model.embed_tokens.weight": _produce(adapter.embeddings().weight.T, basis.Q).T.contiguous(),
+        "model.norm.weight": _global_norm_weight(adapter, basis.width),
+        "lm_head.weight": _consume(adapter.lm_head().weight, basis.decoder).contiguous(),
+    }
 
 
 @torch.no_grad()
 def global_state_dict(adapter: ModelAdapter, basis: Basis) -> dict[str, torch.Tensor]:
     """State dict of a stock model of the source architecture with hidden_size = d (one basis everywhere).
 
-    Shortcuts vanish (QᵀQ = I). A stock RMSNorm over d dims with eps·D/d equals RMSN over D times √(d/D),
-    so every norm weight is the constant √(D/d).
+    Shortcuts vanish (QᵀQ = I); every norm weight is the constant √(D/d) (see :func:`_global_norm_weight`).
     """
-    full, width = adapter.hidden_size, basis.width
-    Qm, Um = basis.Q, basis.decoder
-    dtype = adapter.embeddings().weight.dtype
-    norm_weight = torch.full((width,), math.sqrt(full / width), dtype=dtype)
-    state = {"model.embed_tokens.weight": _produce(adapter.embeddings().weight.T, Qm).T.contiguous()}
+    state = global_ends_state(adapter, basis)
     for index in range(adapter.num_layers):
-        tensors = absorb_layer(adapter.layer_modules(index), Um, Qm, Um, Qm)
-        tensors.pop("attn_shortcut", None)
-        tensors.pop("mlp_shortcut", None)
-        tensors["input_layernorm.weight"] = norm_weight.clone()
-        tensors["post_attention_layernorm.weight"] = norm_weight.clone()
-        for key, value in tensors.items():
-            state[f"model.layers.{index}.{key}"] = value.contiguous()
-    state["model.norm.weight"] = norm_weight.clone()
-    state["lm_head.weight"] = _consume(adapter.lm_head().weight, Um).contiguous()
+        state.update(global_layer_state(adapter, index, basis))
     return state
 
 

@@ -62,8 +62,22 @@ def _add_compress(sub) -> None:
     p.add_argument("--calib-samples", type=_positive_int, default=64)
     p.add_argument("--calib-seqlen", type=_positive_int, default=256)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--run-dir", default=None,
+                   help="run directory (local path or fsspec URL; default ./runs/<model>-<method>-<key>): every "
+                        "stage is checkpointed there and the same command resumes it")
+    p.add_argument("--out", default=None,
+                   help="also copy the compressed model directory here (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    p.add_argument("--in-memory", action="store_true",
+                   help="compress in this process with the in-memory API (no Prefect, run directory or MLflow); "
+                        "needs --out")
+    p.add_argument("--dask-address", default=None,
+                   help="run the tasks on an existing Dask scheduler (tcp://host:port) instead of a local cluster")
+    p.add_argument("--workers", type=_positive_int, default=None, help="threads of the local Dask cluster")
+    p.add_argument("--device", default=None, help="where Sinkhorn runs (cpu, cuda, cuda:1; default cuda if present)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow nor register the model")
+    p.add_argument("--register-name", default=None,
+                   help="registered model name in MLflow (default dotresize-<model>)")
     p.add_argument("--slice-head", action="store_true", help="also slice the last point and the head")
     p.add_argument("--round-to", type=_positive_int, default=8, help="widths are rounded down to a multiple")
     p.add_argument("--batch-size", type=_positive_int, default=8)
@@ -184,7 +198,83 @@ def cmd_compress(args) -> dict:
     from dotresize.export import check_output_dir
 
     config = _compression_config(args)
-    out = check_output_dir(args.out, args.overwrite)
+    if args.in_memory and not args.out:
+        raise UsageError("--in-memory writes only --out: pass --out DIR")
+    out = check_output_dir(args.out, args.overwrite) if args.out else None
+    if args.in_memory:
+        return _compress_in_memory(args, config, out)
+    return _compress_pipeline(args, config, out)
+
+
+def _compress_pipeline(args, config, out: Path | None) -> dict:
+    """The orchestrated run (Prefect flow, checkpointed stages, MLflow); --out gets a copy of the model."""
+    from dotresize.sources import resolve_source
+
+    from dotresize.adapters import adapter_class_for_config
+    from dotresize.sources import load_config
+
+    # a missing path, an offline hub id or an unsupported architecture fails here, before Prefect starts
+    adapter_class_for_config(load_config(resolve_source(args.model), args.trust_remote_code))
+    from .compress import run_compress
+    from .logs import install_user_error_filter
+
+    install_user_error_filter()
+
+    overrides = {k: v for k, v in config.to_dict().items()
+                 if k not in ("method", "ratio", "mode", "layout", "seed", "version")}
+    result = run_compress(
+        model=args.model, ratio=config.ratio, method=config.method, mode=config.mode, layout=config.layout,
+        calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+        seed=config.seed, run_dir=args.run_dir, config_overrides=overrides, dask_address=args.dask_address,
+        n_workers=args.workers, mlflow=not args.no_mlflow, register_name=args.register_name,
+        progress=not args.quiet, ppl=args.ppl, ppl_source=args.ppl, ppl_ctx=args.ctx,
+        ppl_max_windows=args.max_windows, device=args.device, trust_remote_code=args.trust_remote_code)
+    if out is not None:
+        result["out"] = str(_copy_model(Path(result["model_dir"]), out, args.overwrite))
+    if not args.json:
+        stages = result["stages"]
+        reused = sum(len(v["reused"]) for v in stages.values())
+        computed = sum(len(v["computed"]) for v in stages.values())
+        print(f"compressed {args.model or 'smollm2-135m-instruct'} with {config.method} ({config.mode}, "
+              f"{config.layout}) at ratio {config.ratio}")
+        print(f"  width {max(result['widths'])} -> {min(result['widths'])}; parameters "
+              f"{result['parameters_before']:,} -> {result['parameters_after']:,} ({result['parameter_ratio']:.3f}x)")
+        if args.ppl:
+            after = result["ppl"]
+            print(f"  WikiText-2 perplexity (ctx {after['ctx']}, {after['windows']} windows): "
+                  f"{result['ppl_source']['ppl']:.2f} -> {after['ppl']:.2f}")
+        print(f"  stages: {computed} computed, {reused} reused; run directory {result['run_dir']}")
+        if result.get("mlflow_run_id"):
+            print(f"  MLflow run {result['mlflow_run_id']}, model {result['registered_model']} "
+                  f"v{result['model_version']} ({result['mlflow_tracking_uri']})")
+        print(f"  model written to {result.get('out') or result['model_dir']}  (sha256 "
+              f"{result['model_sha256'][:16]}, {result['seconds']:.1f} s)")
+    return result
+
+
+def _copy_model(model_dir: Path, out: Path, overwrite: bool) -> Path:
+    """Copy the run's model directory to ``out`` under a temporary name, then rename it into place."""
+    import shutil
+    import tempfile
+
+    from dotresize.export import check_output_dir
+
+    out = check_output_dir(out, overwrite).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _compress_in_memory(args, config, out: Path) -> dict:
+    """``dotresize.compress`` in this process: the reference the pipeline is checked against."""
     progress = not args.quiet
 
     import torch
@@ -205,26 +295,28 @@ def cmd_compress(args) -> dict:
     result: dict = {"source": source.meta(), "calibration": calibration.meta()}
     if args.ppl:
         log.info("perplexity of the original model")
-        result["ppl_before"] = _eval_ppl(model, tokenizer, args, progress)
+        result["ppl_source"] = _eval_ppl(model, tokenizer, args, progress)
     torch.manual_seed(args.seed)
     compressed, report = compress(model, calibration.input_ids, config, progress=progress)
     del model
     path = save_compressed(compressed, out, tokenizer=tokenizer, compression=config.to_dict(), overwrite=args.overwrite,
                            extra_json={"compression_report.json": report.to_dict(),
                                        "source.json": source.meta(), "calibration.json": calibration.meta()})
-    result.update(out=str(path), widths=report.widths, parameters_before=report.parameters_before,
-                  parameters_after=report.parameters_after, stage_seconds=report.seconds)
+    result.update(out=str(path), model_dir=str(path), widths=report.widths,
+                  parameters_before=report.parameters_before, parameters_after=report.parameters_after,
+                  stage_seconds=report.seconds)
     if args.ppl:
         log.info("perplexity of the compressed model")
-        result["ppl_after"] = _eval_ppl(compressed, tokenizer, args, progress)
+        result["ppl"] = _eval_ppl(compressed, tokenizer, args, progress)
     result["seconds"] = round(time.perf_counter() - started, 1)
     if not args.json:
-        print(f"compressed {source.spec} with {config.method} ({config.mode}, {config.layout}) at ratio {config.ratio}")
+        print(f"compressed {source.spec} with {config.method} ({config.mode}, {config.layout}) at ratio {config.ratio}"
+              " (in memory)")
         print(f"  width {report.hidden_size} -> {min(report.widths)}; parameters {report.parameters_before:,} -> "
               f"{report.parameters_after:,} ({report.parameter_ratio:.3f}x)")
         if args.ppl:
-            print(f"  WikiText-2 perplexity (ctx {args.ctx}, {result['ppl_after']['windows']} windows): "
-                  f"{result['ppl_before']['ppl']:.2f} -> {result['ppl_after']['ppl']:.2f}")
+            print(f"  WikiText-2 perplexity (ctx {args.ctx}, {result['ppl']['windows']} windows): "
+                  f"{result['ppl_source']['ppl']:.2f} -> {result['ppl']['ppl']:.2f}")
         print(f"  model written to {path}  ({result['seconds']} s)")
     return result
 

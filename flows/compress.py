@@ -25,6 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
+from dotresize.errors import DotResizeError
 from storage import RunDir, content_key
 from storage import rundir as paths
 from tasks import (
@@ -99,9 +100,21 @@ def make_task_runner(dask_address: str | None = None, n_workers: int | None = No
     if dask_address:
         return DaskTaskRunner(address=dask_address)
     threads = n_workers or max(2, min(4, os.cpu_count() or 1))
+    # the scheduler's and worker's HTTP servers always start: bind them to loopback, on any free port
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                           cluster_kwargs={"processes": False, "n_workers": 1, "threads_per_worker": threads,
-                                          "dashboard_address": None, "silence_logs": logging.WARNING})
+                                          "dashboard_address": "127.0.0.1:0",
+                                          "worker_dashboard_address": "127.0.0.1:0",
+                                          "silence_logs": logging.WARNING})
+
+
+def quiet_dask_logs() -> None:
+    """distributed logs every connection at INFO; keep its warnings only (after its own logging set-up)."""
+    import distributed  # noqa: F401  (configures its loggers on import)
+
+    for name in ("distributed", "distributed.scheduler", "distributed.worker", "distributed.core",
+                 "distributed.nanny", "distributed.http.proxy", "distributed.deploy", "prefect.task_runner.dask"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _yaml(data: dict) -> str:
@@ -126,21 +139,24 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
                   config_overrides: dict | None = None, dask_address: str | None = None,
                   n_workers: int | None = None, mlflow: bool = True, register_name: str | None = None,
                   progress: bool = True, ppl: bool = False, ppl_ctx: int = 256, ppl_max_windows: int = 100,
-                  device: str | None = None, verify: bool = True) -> dict:
+                  ppl_source: bool = False, device: str | None = None, verify: bool = True,
+                  trust_remote_code: bool = False) -> dict:
     """Compress ``model`` into ``run_dir`` (default ``./runs/<model>-<method>-<key>``); returns a small manifest:
     run_dir, model_dir, model_sha256, widths, parameter counts, which stages were reused, MLflow run and version.
 
     ``config_overrides`` sets any other CompressionConfig field (``{"dot": {"epsilon": 0.2}, "batch_size": 4}``);
     ``dask_address`` (``tcp://host:port``) runs the tasks on an existing Dask scheduler; ``n_workers`` threads
     otherwise. ``device`` is where Sinkhorn runs (default CUDA when present). ``verify=False`` trusts markers
-    without re-reading digests.
+    without re-reading digests. ``ppl`` evaluates the compressed model (and ``ppl_source`` the source) on
+    WikiText-2. A user-facing error (:class:`dotresize.DotResizeError`) in a run directory this call created
+    removes it again; an existing run directory is never removed.
     """
     started = time.time()
     logger = get_run_logger()
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    quiet_dask_logs()
     config = build_config(ratio=ratio, method=method, mode=mode, layout_name=layout, seed=seed,
                           overrides=config_overrides)
-    resolved = resolve_source_task(model, calib_data)
+    resolved = resolve_source_task(model, calib_data, trust_remote_code)
     source = resolved["source"]
     calib = {"data": calib_data, "text_sha256": resolved["calibration_text"]["sha256"], "samples": calib_samples,
              "seqlen": calib_seqlen, "seed": seed}
@@ -149,14 +165,33 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
     run = RunDir(run_dir or default_run_dir(recipe, run_key))
     logger.info("run %s (key %s): %s, %s, %s layout, ratio %s", run.uri(), run_key[:12], config.method, config.mode,
                 config.layout, config.ratio)
+    fresh = not run.exists("")
     run.makedirs()
+    try:
+        return _run_stages(run, config, recipe, run_key, source, calib, resolved["architecture"], started,
+                           dask_address=dask_address, n_workers=n_workers, mlflow=mlflow, register_name=register_name,
+                           progress=progress, ppl=ppl, ppl_ctx=ppl_ctx, ppl_max_windows=ppl_max_windows,
+                           ppl_source=ppl_source, device=device, verify=verify, trust_remote_code=trust_remote_code)
+    except DotResizeError:
+        if fresh:
+            logger.info("removing %s: the run failed before producing anything reusable", run.uri())
+            run.remove("")
+        raise
+
+
+def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, calib: dict, architecture: dict,
+                started: float, *, dask_address, n_workers, mlflow, register_name, progress, ppl, ppl_ctx,
+                ppl_max_windows, ppl_source, device, verify, trust_remote_code) -> dict:
+    logger = get_run_logger()
     run.write_text(paths.RECIPE, _yaml(recipe))
     run.write_json(paths.SOURCE, source)
     run_url = run.url
     common = {"run_url": run_url}
     with make_task_runner(dask_address, n_workers) as runner:
-        calibration_f = runner.submit(calibration_task, {**common, "source": source, "calib": calib})
-        fuse_f = runner.submit(fuse_task, {**common, "source": source})
+        quiet_dask_logs()
+        calibration_f = runner.submit(calibration_task, {**common, "source": source, "calib": calib,
+                                                         "hidden_size": architecture["hidden_size"]})
+        fuse_f = runner.submit(fuse_task, {**common, "source": source, "trust_remote_code": trust_remote_code})
         fuse, calibration = fuse_f.result(), calibration_f.result()
         widths = plan_task(fuse, recipe)
         num_points, num_layers = fuse["num_points"], fuse["num_layers"]
@@ -215,14 +250,15 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
         export = runner.submit(export_task, {
             **common, "run_key": run_key, "recipe": recipe, "source": source, "calibration": calibration,
             "fuse": fuse, "widths": widths, "captures": captures_m, "bases": solves_m, "absorbs": absorbs_m}).result()
-        evaluation = None
+        evaluation = evaluation_source = None
+        eval_args = {**common, "ctx": ppl_ctx, "max_windows": ppl_max_windows, "progress": progress}
+        if ppl_source:
+            evaluation_source = runner.submit(evaluate_task, {**eval_args, "source": source,
+                                                              "target": "source"}).result()
         if ppl:
-            evaluation = runner.submit(evaluate_task, {**common, "export": export, "ctx": ppl_ctx,
-                                                       "max_windows": ppl_max_windows,
-                                                       "progress": progress}).result()
+            evaluation = runner.submit(evaluate_task, {**eval_args, "export": export, "target": "model"}).result()
     manifests = [calibration, fuse, *captures_m, *costs_m, *solves_m, *absorbs_m, export]
-    if evaluation is not None:
-        manifests.append(evaluation)
+    manifests += [m for m in (evaluation_source, evaluation) if m is not None]
     stages = _stage_summary(manifests)
     stage_seconds = {stage: round(info["seconds"], 6) for stage, info in stages.items()}
     for stage, info in stages.items():
@@ -231,7 +267,8 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
                                     "intervals": {_label(m): [m.get("started"), m.get("finished")]
                                                   for m in manifests if m.get("started")}})
     result = {
-        "run_dir": run.uri(), "run_key": run_key, "model_dir": export["model_dir"],
+        "run_dir": run.uri(), "run_key": run_key, "source": source, "calibration": calibration.get("meta", {}),
+        "model_dir": export["model_dir"],
         "model_sha256": export["model_sha256"], "widths": widths, "parameters_before": export["parameters_before"],
         "parameters_after": export["parameters_after"], "parameter_ratio": export["parameter_ratio"],
         "stages": {s: {"computed": i["computed"], "reused": i["reused"]} for s, i in stages.items()},
@@ -239,6 +276,8 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
     }
     if evaluation is not None:
         result["ppl"] = evaluation["ppl"]
+    if evaluation_source is not None:
+        result["ppl_source"] = evaluation_source["ppl"]
     try:
         from prefect.runtime import flow_run
 

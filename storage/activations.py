@@ -110,6 +110,21 @@ def point_name_of(group) -> str:
     return getattr(group, "path", "point") or "point"
 
 
+def _open_or_create_root(store):
+    """The store's root group, created if missing; safe when several tasks open the same store at once."""
+    import zarr
+    from zarr.errors import ContainsGroupError, GroupNotFoundError
+
+    try:
+        return zarr.open_group(store, mode="r+", zarr_format=3)
+    except (FileNotFoundError, GroupNotFoundError):
+        pass
+    try:
+        return zarr.open_group(store, mode="w-", zarr_format=3)
+    except (ContainsGroupError, FileExistsError):  # another task created it in between
+        return zarr.open_group(store, mode="r+", zarr_format=3)
+
+
 class ActivationStore:
     """The run's ``activations.zarr`` (or another Zarr store of point groups, e.g. ``costs.zarr``)."""
 
@@ -118,7 +133,7 @@ class ActivationStore:
 
         self.run, self.name = run, name
         self._store = run.zarr_store(name)
-        self.root = zarr.open_group(self._store, mode="a", zarr_format=3)
+        self.root = _open_or_create_root(self._store)
 
     def _group(self, point: int | str):
         import zarr

@@ -8,11 +8,12 @@ from importlib.metadata import PackageNotFoundError, version
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from dotresize import surgery
+from dotresize.api import assemble_model
 from storage import RunDir, load_basis
 from storage import rundir as layout
 from storage.errors import CorruptArtifactError
 
-from . import _method
 from .common import basis_from, config_of, load_fused, load_tokenizer, run_stage, stage_key
 
 #: packages whose versions go into lineage.json
@@ -48,9 +49,9 @@ def absorb_task(run_url: str, layer: int, fuse: dict, bases: list[dict], layout_
         adapter = load_fused(run, fuse)
         loaded = [_load(run, b) for b in bases]
         if layout_name == "global":
-            state = _method.global_layer_state(adapter, layer, loaded[0])
+            state = surgery.global_layer_state(adapter, layer, loaded[0])
         else:
-            state = _method.per_point_layer_state(adapter, layer, *loaded)
+            state = surgery.per_point_layer_state(adapter, layer, *loaded)
         rel = layout.layer_file(layer)
         sha = run.save_tensors(rel, state)
         return {"layer": layer, "files": {rel: sha}, "shapes": {k: list(v.shape) for k, v in state.items()}}
@@ -81,10 +82,10 @@ def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibrat
             rel = layout.layer_file(absorb["layer"])
             state.update(run.load_tensors(rel, absorb["files"][rel]))
         if config.layout == "global":
-            state.update(_method.global_ends_state(adapter, _load(run, bases[0])))
+            state.update(surgery.global_ends_state(adapter, _load(run, bases[0])))
         else:
-            state.update(_method.per_point_ends_state(adapter, _load(run, bases[0]), _load(run, bases[-1])))
-        model = _method.assemble_model(adapter, list(widths), config.layout, state)
+            state.update(surgery.per_point_ends_state(adapter, _load(run, bases[0]), _load(run, bases[-1])))
+        model = assemble_model(adapter, list(widths), config.layout, state)
         points = [_point_info(run, b) for b in bases]
         report = {
             "family": fuse["family"], "hidden_size": fuse["hidden_size"], "widths": list(widths),
@@ -138,32 +139,45 @@ def _point_info(run: RunDir, solve: dict) -> dict:
     return info
 
 
-@task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
-def evaluate_task(run_url: str, export: dict, ctx: int = 256, max_windows: int | None = 100, batch_size: int = 4,
-                  progress: bool = True) -> dict:
-    """WikiText-2 test perplexity of the exported model, stored in eval/ppl.json."""
+@task(name="evaluate", task_run_name="evaluate-{target}", cache_policy=NO_CACHE, persist_result=False)
+def evaluate_task(run_url: str, export: dict | None = None, source: dict | None = None, target: str = "model",
+                  ctx: int = 256, max_windows: int | None = 100, batch_size: int = 4, progress: bool = True) -> dict:
+    """WikiText-2 test perplexity of the exported model (``target="model"``, stored in ``eval/ppl.json``) or of
+    the source model (``target="source"``, ``eval/ppl_source.json``), with the same protocol."""
     from dotresize.data import load_text, tokenize
 
     run = RunDir(run_url)
     text = load_text("wikitext2-test")
-    key = stage_key("evaluate", model=export["model_sha256"], ctx=ctx, max_windows=max_windows, text=text.sha256)
+    digest = export["model_sha256"] if target == "model" else source["digest"]
+    key = stage_key("evaluate", target=target, model=digest, ctx=ctx, max_windows=max_windows, text=text.sha256)
+    rel = f"{layout.EVAL}/ppl.json" if target == "model" else f"{layout.EVAL}/ppl_source.json"
 
     def compute() -> dict:
-        from transformers import AutoTokenizer
-
-        from dotresize import load_compressed
         from dotresize.evaluation.perplexity import perplexity
 
-        with run.local_copy(layout.MODEL) as directory:
-            model = load_compressed(directory)
-            tokenizer = AutoTokenizer.from_pretrained(directory)
+        model, tokenizer = _load_for_eval(run, target, source)
         result = perplexity(model, tokenize(tokenizer, text.text), ctx=ctx, max_windows=max_windows or None,
                             batch_size=batch_size, progress=progress)
         result["dataset"] = text.meta()
-        rel = f"{layout.EVAL}/ppl.json"
+        result["model_digest"] = digest
         return {"files": {rel: run.write_json(rel, result)}, "ppl": result}
 
-    return run_stage(run, "evaluate", None, key, compute)
+    return run_stage(run, "evaluate", target, key, compute)
+
+
+def _load_for_eval(run: RunDir, target: str, source: dict | None):
+    from transformers import AutoTokenizer
+
+    from dotresize import load_compressed
+    from dotresize.sources import load_model
+
+    if target == "source":
+        from .prepare import check_source
+
+        src, _ = check_source(source["spec"], source)
+        return load_model(src, check_architecture=False)
+    with run.local_copy(layout.MODEL) as directory:
+        return load_compressed(directory), AutoTokenizer.from_pretrained(directory)
 
 
 __all__ = ["absorb_task", "export_task", "evaluate_task", "versions"]

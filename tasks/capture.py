@@ -19,9 +19,9 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from dotresize.calibration import post_attention_signal, rebase, sequential_layer
 from storage import ActivationStore, RunDir, load_basis
 
-from . import _method
 from .common import (
     basis_from,
     capture_parts,
@@ -150,7 +150,7 @@ def sequential_capture_task(run_url: str, point: int, fuse: dict, calibration: d
         index = (point - 1) // 2
         b_in = basis_from(*load_basis(run, 2 * index))
         b_attn = basis_from(*load_basis(run, 2 * index + 1)) if point % 2 == 0 else None
-        layer = _method.sequential_layer(adapter, index, b_in, b_attn)
+        layer = sequential_layer(adapter, index, b_in, b_attn)
     writer = store.create_point(point, key=key, tokens=tokens, dim=dim, attrs={"mode": "sequential"})
     acc = _accumulator(config, dim, point)
     row = 0
@@ -161,11 +161,12 @@ def sequential_capture_task(run_url: str, point: int, fuse: dict, calibration: d
         else:
             n = batch.numel()
             x = torch.from_numpy(store.read_rows(2 * index, row, row + n)).to(dtype).reshape(*batch.shape, dim)
-            x = _method.rebase(x, b_in)
+            x = rebase(x, b_in)
             if point % 2 == 1:
-                signal = _method.post_attention_signal(layer, x, kwargs[0])
+                signal = post_attention_signal(layer, x, kwargs[0])
             else:
-                signal = _method.layer_output(layer, x, kwargs[0])
+                with torch.no_grad():
+                    signal = layer(x, **kwargs[0])
         row += batch.numel()
         acc.add(signal)
         writer.append(_rows(signal))

@@ -41,17 +41,25 @@ def _resolve(spec: str | None):
 
 
 @task(name="resolve-source", cache_policy=NO_CACHE, persist_result=False)
-def resolve_source_task(spec: str | None, calib_data: str) -> dict:
-    """Source id, path and sha256 of every weight file; the calibration text's id and sha256 (no writes)."""
+def resolve_source_task(spec: str | None, calib_data: str, trust_remote_code: bool = False) -> dict:
+    """Source id, path and sha256 of every weight file, its architecture (checked against the supported
+    families before any weight is loaded), and the calibration text's id and sha256. Writes nothing."""
+    from dotresize.adapters import adapter_class_for_config
     from dotresize.data import load_text
+    from dotresize.sources import load_config
 
     started = time.time()
-    _, meta = _resolve(spec)
+    source, meta = _resolve(spec)
+    config = load_config(source, trust_remote_code)
+    adapter = adapter_class_for_config(config)
+    architecture = {"family": adapter.family, "model_type": config.model_type,
+                    "hidden_size": int(config.hidden_size), "num_layers": int(config.num_hidden_layers)}
     text = load_text(calib_data).meta()
-    return {"stage": "resolve", "source": meta, "calibration_text": text, "seconds": round(time.time() - started, 6)}
+    return {"stage": "resolve", "source": meta, "architecture": architecture, "calibration_text": text,
+            "seconds": round(time.time() - started, 6)}
 
 
-def _check_source(spec: str | None, expected: dict):
+def check_source(spec: str | None, expected: dict):
     source, meta = _resolve(spec)
     if meta["digest"] != expected["digest"]:
         from dotresize.errors import SourceNotFoundError
@@ -61,8 +69,10 @@ def _check_source(spec: str | None, expected: dict):
 
 
 @task(name="calibration", cache_policy=NO_CACHE, persist_result=False)
-def calibration_task(run_url: str, source: dict, calib: dict) -> dict:
-    """Tokenise and sample the calibration windows; store the ids and calibration.json."""
+def calibration_task(run_url: str, source: dict, calib: dict, hidden_size: int | None = None) -> dict:
+    """Tokenise and sample the calibration windows; store the ids and calibration.json.
+
+    A set of fewer tokens than ``hidden_size`` is refused before anything is written."""
     run = RunDir(run_url)
     key = stage_key("calibration", source=source["digest"], text=calib["text_sha256"], data=calib["data"],
                     samples=calib["samples"], seqlen=calib["seqlen"], seed=calib["seed"])
@@ -72,10 +82,14 @@ def calibration_task(run_url: str, source: dict, calib: dict) -> dict:
 
         from dotresize.data import calibration_set
 
-        src, _ = _check_source(source["spec"], source)
+        src, _ = check_source(source["spec"], source)
         tokenizer = AutoTokenizer.from_pretrained(src.directory, **src.load_kwargs())
         calibration = calibration_set(tokenizer, calib["data"], samples=calib["samples"], seqlen=calib["seqlen"],
                                       seed=calib["seed"])
+        if hidden_size is not None:
+            from dotresize.api import check_calibration
+
+            check_calibration(calibration.input_ids, hidden_size)
         meta = calibration.meta()
         ids_sha = run.save_tensors(layout.CALIBRATION_IDS,
                                    {"input_ids": calibration.input_ids.to(torch.int64).contiguous()})
@@ -99,7 +113,7 @@ def fuse_task(run_url: str, source: dict, trust_remote_code: bool = False) -> di
         from dotresize.fusion import fuse_norms
         from dotresize.sources import load_model
 
-        src, _ = _check_source(source["spec"], source)
+        src, _ = check_source(source["spec"], source)
         model, tokenizer = load_model(src, trust_remote_code=trust_remote_code)
         adapter = get_adapter(model)
         parameters_before = count_parameters(model)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
+
+# Prefect keeps its database and settings under PREFECT_HOME: a scratch one per test session, never ~/.prefect
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="dotresize-test-prefect-"))
 
 for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                      "HF_HUB_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
@@ -98,3 +102,36 @@ def tiny_env(tiny_data_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("DOTRESIZE_DATA_DIR", str(tiny_data_dir))
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One local Prefect server for the whole session (started and stopped inside pytest); yields its API URL.
+
+    Flows in this process use it; subprocesses get it through ``PREFECT_API_URL``.
+    """
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+        _console_to_current_stderr()
+
+
+def _console_to_current_stderr() -> None:
+    """Prefect's console handler keeps the stream it was set up with; pytest's capture closes those."""
+    import logging
+    import sys
+
+    for handler in logging.getLogger().handlers:
+        console = getattr(handler, "console", None)
+        if console is not None:
+            console.file = sys.stderr
+
+
+@pytest.fixture
+def pipeline_env(tiny_env, prefect_api, monkeypatch):
+    """tiny_env plus the session's Prefect server and a scratch MLflow home."""
+    monkeypatch.setenv("DOTRESIZE_HOME", str(tiny_env / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tiny_env

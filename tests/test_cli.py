@@ -31,6 +31,12 @@ def _assert_clean_failure(code, err, out_dir, match):
     assert not out_dir.exists()
 
 
+@pytest.fixture(autouse=True)
+def _pipeline(pipeline_env):
+    """Every compression here goes through the pipeline: share the session's Prefect server."""
+    return pipeline_env
+
+
 @pytest.fixture
 def model_dir(tiny_env):
     return write_model_dir(tiny_env / "src")
@@ -44,13 +50,13 @@ def test_compress_and_evaluate_a_local_directory(capsys, model_dir, tiny_env):
     assert code == 0, err
     result = json.loads(stdout)
     assert result["widths"][0] == 48 and result["widths"][-1] == 64
-    assert result["ppl_before"]["ppl"] > 1 and math.isfinite(result["ppl_after"]["ppl"])
+    assert result["ppl_source"]["ppl"] > 1 and math.isfinite(result["ppl"]["ppl"])
     assert result["source"]["weights_sha256"]["model.safetensors"] == _sha(model_dir / "model.safetensors")
     assert {"config.json", "model.safetensors", "dotresize.json", "compression_report.json", "source.json",
             "calibration.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     code, stdout, err = _run(capsys, "-q", "evaluate", str(out), "--ppl", "--ctx", "32", "--json")
     assert code == 0, err
-    assert json.loads(stdout)["ppl"]["ppl"] == pytest.approx(result["ppl_after"]["ppl"], rel=1e-5)
+    assert json.loads(stdout)["ppl"]["ppl"] == pytest.approx(result["ppl"]["ppl"], rel=1e-5)
 
 
 def _sha(path):

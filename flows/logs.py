@@ -1,0 +1,58 @@
+"""Console logging of the command line: Prefect's stage logs stay, its tracebacks of user errors go.
+
+A :class:`dotresize.DotResizeError` raised inside a task is a bad input, not a crash: the CLI prints it as one
+``dotresize: error: ...`` line, so the console drops Prefect's traceback and "Failed" lines about it (they still
+reach the Prefect API and the task's state).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from dotresize.errors import DotResizeError
+
+
+def _error_names() -> tuple[str, ...]:
+    names, todo = set(), [DotResizeError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return tuple(sorted(names))
+
+
+class UserErrorFilter(logging.Filter):
+    """Drops records about a DotResizeError (by exception, or by name in an error or failed-state message) and,
+    once one was seen, the "upstream did not complete" records of the tasks waiting on it."""
+
+    seen_user_error = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, DotResizeError):
+            return self._drop()
+        if record.levelno >= logging.WARNING or "Failed" in str(record.msg):
+            message = record.getMessage()
+            if any(name in message for name in _error_names()):
+                return self._drop()
+            if UserErrorFilter.seen_user_error and ("did not reach a 'COMPLETED' state" in message
+                                                    or record.name.startswith("distributed.")):
+                return False  # tasks waiting on the failed one, and Dask cancelling them
+        return True
+
+    @staticmethod
+    def _drop() -> bool:
+        UserErrorFilter.seen_user_error = True
+        return False
+
+
+def install_user_error_filter() -> None:
+    """Add :class:`UserErrorFilter` to the root logger's console handlers (Prefect's, after its set-up), and
+    point them at the current ``sys.stderr`` (a handler set up earlier may hold a stream since replaced)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, UserErrorFilter) for f in handler.filters):
+            handler.addFilter(UserErrorFilter())
+        console = getattr(handler, "console", None)  # Prefect's rich console handler
+        if console is not None and hasattr(console, "file"):
+            console.file = sys.stderr
