@@ -121,6 +121,39 @@ def _log_inputs(mlflow, run: RunDir, bundle: dict) -> None:
         mlflow.log_input(dataset, context="calibration")
 
 
+_PLOTTED = (("reconstruction_error", "reconstruction error", False), ("cond_r", "cond(R)", True),
+            ("sinkhorn_iterations", "Sinkhorn iterations", False), ("seconds", "basis seconds", False))
+
+
+def per_point_plot(solves: list[dict], path: Path) -> Path | None:
+    """One panel per diagnostic (reconstruction error, cond(R), Sinkhorn iterations, seconds) against the slice
+    point; None when matplotlib is missing or there is a single (global) basis."""
+    points = sorted((int(s["point"]), s.get("metrics", {})) for s in solves if s["point"] != "global")
+    if len(points) < 2:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = [(key, title, log) for key, title, log in _PLOTTED if any(key in m for _, m in points)]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True, squeeze=False)
+    for ax, (key, title, log) in zip(axes[:, 0], panels):
+        xs = [p for p, m in points if key in m]
+        ax.plot(xs, [m[key] for p, m in points if key in m], marker=".", linewidth=1)
+        ax.set_ylabel(title)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("slice point (0 = embeddings, 2l+1 after attention, 2l+2 after the MLP of layer l)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _log_artifacts(mlflow, run: RunDir, bundle: dict) -> None:
     bases_summary = {str(s["point"]): {"key": s["key"], "sha256": s["sha256"], "width": s.get("width"),
                                       **s.get("metrics", {})} for s in bundle["solves"]}
@@ -128,6 +161,9 @@ def _log_artifacts(mlflow, run: RunDir, bundle: dict) -> None:
         summary = Path(tmp) / "bases_summary.json"
         summary.write_text(json.dumps(bases_summary, indent=2, sort_keys=True))
         mlflow.log_artifact(str(summary))
+        plot = per_point_plot(bundle["solves"], Path(tmp) / "per_point.png")
+        if plot is not None:
+            mlflow.log_artifact(str(plot), artifact_path="plots")
     for rel in (layout.RECIPE, layout.LINEAGE, layout.SOURCE, layout.CALIBRATION, layout.TIMINGS):
         if run.exists(rel):
             with run.local_copy(rel) as path:

@@ -250,7 +250,8 @@ def test_mlflow_run_holds_params_metrics_artifacts_inputs_and_a_model_version(sr
     history = client.get_metric_history(run.info.run_id, "reconstruction_error")
     assert sorted(m.step for m in history) == list(range(7))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"recipe.yaml", "lineage.json", "bases_summary.json", "model"} <= artifacts
+    assert {"recipe.yaml", "lineage.json", "bases_summary.json", "model", "plots"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/per_point.png"]
     contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
     assert contexts == ["calibration", "source-model"]
     version = client.get_model_version("tiny-dot", str(result["model_version"]))
