@@ -92,6 +92,10 @@ def _add_compress(sub) -> None:
     p.add_argument("--outlier-tokens", type=float, default=None,
                    help="drop tokens whose norm exceeds this multiple of the batch median from the statistics")
     p.add_argument("--ppl", action="store_true", help="print WikiText-2 perplexity before and after")
+    p.add_argument("--tasks", default=None,
+                   help="zero-shot tasks to evaluate the compressed model on (comma-separated, see evaluate); "
+                        "stored in <run>/eval/lm_eval.json and logged to MLflow")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N examples of every task")
     p.add_argument("--ctx", type=_positive_int, default=256)
     p.add_argument("--max-windows", type=int, default=100)
     p.add_argument("--trust-remote-code", action="store_true", help="allow the source model's own code")
@@ -111,6 +115,13 @@ def _add_evaluate(sub) -> None:
                         "copa,openbookqa,siqa (local data) or any lm-eval task name where the network is reachable")
     p.add_argument("--limit", type=_positive_int, default=None, help="first N examples of every task")
     p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--data-dir", default=None,
+                   help="data directory holding wikitext-2/ and tasks/ (the calibration data setting, "
+                        "$DOTRESIZE_DATA_DIR; default ../shared/data)")
+    p.add_argument("--mlflow-run", default=None,
+                   help="log the metrics to this MLflow run (default: for a run directory, the run in its "
+                        "mlflow.json)")
+    p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -146,9 +157,73 @@ def _add_sweep(sub) -> None:
     p.add_argument("--ctx", type=_positive_int, default=256)
     p.add_argument("--max-windows", type=int, default=100)
     p.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
-    p.add_argument("--out", default=None, help="sweep directory (default runs/sweep-<model>)")
+    p.add_argument("--speed-batch", type=_positive_int, default=8, help="batch of the timed forward (default 8)")
+    p.add_argument("--speed-ctx", type=_positive_int, default=None, help="context of the timed forward (default --ctx)")
+    p.add_argument("--speed-repeats", type=_positive_int, default=3)
+    p.add_argument("--workers", type=_positive_int, default=None, help="threads of each run's local Dask cluster")
+    p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
+    p.add_argument("--out", default=None, help="sweep directory (default runs/sweep-<model>); each cell is a "
+                                               "pipeline run under <out>/runs/, completed work is reused")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sweep)
+
+
+def _add_watch(sub) -> None:
+    p = sub.add_parser("watch", help="compress every new checkpoint of a training run with a recipe (one tick)",
+                       description="Find the checkpoints of SOURCE not yet compressed with the recipe (identity: "
+                                   "content digest + recipe hash, looked up in MLflow), compress, evaluate and "
+                                   "register each exactly once. Scheduled by `dotresize serve` / prefect deploy.")
+    p.add_argument("source", help="a directory of checkpoint folders / .gguf files, one checkpoint, or hub "
+                                  "revisions (hub:org/name@rev1,rev2)")
+    p.add_argument("--recipe", required=True, help="recipe YAML file (see recipes/dot-20.yaml)")
+    p.add_argument("--runs-dir", default=None,
+                   help="where run directories go (default $DOTRESIZE_HOME/runs or ./runs; MLflow beside it)")
+    p.add_argument("--pattern", default="*", help="only checkpoints whose name matches (default *)")
+    p.add_argument("--settle", type=float, default=5.0,
+                   help="seconds a checkpoint's files must stay unchanged to count as written (default 5)")
+    p.add_argument("--marker", default=None, help="a file a checkpoint must hold to be complete (trainer_state.json)")
+    p.add_argument("--register-name", default=None, help="registered model name (default: recipe's, or source's)")
+    p.add_argument("--wait-for-lock", action="store_true",
+                   help="wait for another watch run compressing the same checkpoint instead of leaving it to it")
+    p.add_argument("--workers", type=_positive_int, default=None, help="threads of the local Dask cluster")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_watch)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve the Prefect deployments of deployments/prefect.yaml from this machine",
+                       description="Serve the deployments (schedules included) with Prefect's serve; they show up "
+                                   "in `prefect deployment ls` and run on `prefect deployment run`.")
+    p.add_argument("--file", default=None, help="prefect.yaml to read (default: the packaged deployments/prefect.yaml)")
+    p.add_argument("--name", action="append", default=None, help="serve only this deployment (repeatable)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter of every deployment that takes it (value parsed as JSON if it can be)")
+    p.add_argument("--no-schedule", action="store_true", help="serve without the schedules (manual runs only)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="at most this many runs at once")
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_lineage(sub) -> None:
+    p = sub.add_parser("lineage", help="show the chain from the source checkpoint to a compressed model",
+                       description="Source digests, calibration digest, recipe and hash, code version, stage "
+                                   "digests, evaluation results and the artifact's files.")
+    p.add_argument("target", help="a compressed model directory (or its run directory) or models:/NAME/VERSION")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the "
+                                                        "run's record, DOTRESIZE_HOME, ./runs)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lineage)
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="recompute every digest of a compressed model and check its records",
+                       description="Exit 0 when every file matches lineage.json and the MLflow record; else name "
+                                   "the file and both digests and exit 1.")
+    p.add_argument("target", help="a compressed model directory (or its run directory) or models:/NAME/VERSION")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--no-mlflow", action="store_true", help="check against lineage.json only")
+    p.add_argument("--no-source", action="store_true", help="do not re-hash the source checkpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_bench(sub)
     _add_sweep(sub)
+    _add_watch(sub)
+    _add_serve(sub)
+    _add_lineage(sub)
+    _add_verify(sub)
     return parser
 
 
@@ -228,7 +307,8 @@ def _compress_pipeline(args, config, out: Path | None) -> dict:
         seed=config.seed, run_dir=args.run_dir, config_overrides=overrides, dask_address=args.dask_address,
         n_workers=args.workers, mlflow=not args.no_mlflow, register_name=args.register_name,
         progress=not args.quiet, ppl=args.ppl, ppl_source=args.ppl, ppl_ctx=args.ctx,
-        ppl_max_windows=args.max_windows, device=args.device, trust_remote_code=args.trust_remote_code)
+        ppl_max_windows=args.max_windows, device=args.device, trust_remote_code=args.trust_remote_code,
+        tasks=[t.strip() for t in (args.tasks or "").split(",") if t.strip()] or None, limit=args.limit)
     if out is not None:
         result["out"] = str(_copy_model(Path(result["model_dir"]), out, args.overwrite))
     if not args.json:
@@ -243,6 +323,10 @@ def _compress_pipeline(args, config, out: Path | None) -> dict:
             after = result["ppl"]
             print(f"  WikiText-2 perplexity (ctx {after['ctx']}, {after['windows']} windows): "
                   f"{result['ppl_source']['ppl']:.2f} -> {after['ppl']:.2f}")
+        for task, metrics in (result.get("zero_shot") or {}).get("tasks", {}).items():
+            shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("acc", "acc_norm", "perplexity")
+                              if metrics.get(k) is not None)
+            print(f"  {task}: {shown} (n={metrics.get('n')})")
         print(f"  stages: {computed} computed, {reused} reused; run directory {result['run_dir']}")
         if result.get("mlflow_run_id"):
             print(f"  MLflow run {result['mlflow_run_id']}, model {result['registered_model']} "
@@ -322,32 +406,9 @@ def _compress_in_memory(args, config, out: Path) -> dict:
 
 
 def cmd_evaluate(args) -> dict:
-    from dotresize.sources import load_model, resolve_source
+    from .evaluate import evaluate_command
 
-    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
-    source = resolve_source(args.model)
-    model, tokenizer = load_model(source, check_architecture=False)
-    result: dict = {"model": args.model, "weights_sha256": source.digests()}
-    if args.ppl or not tasks:
-        result["ppl"] = _eval_ppl(model, tokenizer, args, not args.quiet)
-    if tasks:
-        from dotresize.evaluation.zeroshot import evaluate_zero_shot
-
-        try:
-            result["zero_shot"] = evaluate_zero_shot(model, tokenizer, tasks, limit=args.limit,
-                                                     batch_size=args.batch_size)
-        except (ValueError, FileNotFoundError) as error:
-            raise UsageError(str(error).splitlines()[0]) from None
-    if not args.json:
-        if "ppl" in result:
-            r = result["ppl"]
-            print(f"{args.model}: WikiText-2 perplexity {r['ppl']:.3f} (ctx {r['ctx']}, {r['windows']} windows, "
-                  f"{r['tokens']} tokens)")
-        for name, metrics in result.get("zero_shot", {}).get("tasks", {}).items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                              if k in ("acc", "acc_norm", "perplexity") and v is not None)
-            print(f"  {name}: {shown} (n={metrics.get('n')})")
-    return result
+    return evaluate_command(args, UsageError)
 
 
 def cmd_bench(args) -> dict:
@@ -359,11 +420,15 @@ def cmd_bench(args) -> dict:
     from dotresize.evaluation.speed import directory_size, forward_throughput, generation_latency
     from dotresize.sources import load_model, resolve_source
 
+    from .evaluate import record_bench, run_dir_of
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    compressed_source = resolve_source(args.model)
+    run_dir = run_dir_of(args.model)  # a pipeline run directory: bench its model/, record into its eval/
+    model_path = str(run_dir / "model") if run_dir is not None else args.model
+    compressed_source = resolve_source(model_path)
     baseline_spec = args.baseline
-    recorded = Path(args.model) / "source.json"
+    recorded = Path(model_path) / "source.json"
     if baseline_spec is None:
         if not recorded.is_file():
             raise UsageError(f"{args.model} has no source.json: pass --baseline SRC")
@@ -392,7 +457,10 @@ def cmd_bench(args) -> dict:
         "tokens_per_second": c["forward"]["tokens_per_second"] / o["forward"]["tokens_per_second"],
         "seconds_per_token": c["generation"]["seconds_per_token"] / o["generation"]["seconds_per_token"],
     }
-    result = {"rows": rows, "ratios": ratios, "threads": torch.get_num_threads(), "device": "cpu"}
+    result = {"rows": rows, "ratios": ratios, "threads": torch.get_num_threads(), "device": "cpu",
+              "settings": {"batch": args.batch, "ctx": args.ctx, "prompt": args.prompt,
+                           "new_tokens": args.new_tokens, "repeats": args.repeats}}
+    result["mlflow"] = record_bench(model_path, result)
     if not args.json:
         print(f"| | parameters | weights in memory MB | file MB | forward tokens/s (b{args.batch}x{args.ctx}) | "
               "ms/token (generation) |")
@@ -421,14 +489,93 @@ def cmd_sweep(args) -> dict:
     spec = SweepSpec(model=args.model, ratios=ratios, methods=methods,
                      tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), limit=args.limit,
                      calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                     seed=args.seed, ctx=args.ctx, max_windows=args.max_windows, speed=not args.no_speed)
-    name = Path(args.model or "smollm2-135m-instruct").name.replace(".gguf", "")
-    out = Path(args.out or f"runs/sweep-{name}")
+                     seed=args.seed, ctx=args.ctx, max_windows=args.max_windows, speed=not args.no_speed,
+                     speed_batch=args.speed_batch, speed_ctx=args.speed_ctx, speed_repeats=args.speed_repeats,
+                     mlflow=not args.no_mlflow, workers=args.workers)
+    from .compress import slug
+    from .logs import install_user_error_filter
+
+    out = Path(args.out or f"runs/sweep-{slug(args.model or 'smollm2-135m-instruct')}")
+    install_user_error_filter()
     result = run_sweep(spec, out, progress=not args.quiet)
     if not args.json:
         print((out / "report.md").read_text().split("![")[0])
-        print(f"report and plots in {out}")
+        print(f"report and plots in {out}: {', '.join(Path(f).name for f in result['files'])}")
+        if result.get("mlflow"):
+            print(f"MLflow run {result['mlflow']['run_id']} ({result['mlflow']['tracking_uri']}): "
+                  f"{len(result['mlflow']['metric_keys'])} metrics, the report as artifacts")
     return result
+
+
+def cmd_watch(args) -> dict:
+    from .logs import install_user_error_filter
+    from .watch import run_watch
+
+    install_user_error_filter()
+    report = run_watch(source=args.source, recipe=args.recipe, runs_dir=args.runs_dir, pattern=args.pattern,
+                       settle_seconds=args.settle, marker=args.marker, register_name=args.register_name,
+                       wait_for_lock=args.wait_for_lock, n_workers=args.workers)
+    if not args.json:
+        print(f"watch {args.source} with recipe {report['recipe']}: {len(report['checkpoints'])} checkpoints")
+        for kind, label in (("compressed", "compressed"), ("existing", "already done"), ("busy", "busy"),
+                            ("pending", "not ready")):
+            for item in report[kind]:
+                what = (f"{item['registered_model']} v{item['model_version']}" if "model_version" in item
+                        else item.get("reason") or f"held by {item.get('holder')}")
+                ratio = f" ratio {item['ratio']:g}" if "ratio" in item else ""
+                print(f"  {label:<12} {item['checkpoint']}{ratio}: {what}")
+    return report
+
+
+def _param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--param takes KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def cmd_serve(args) -> dict:
+    from .serve import serve
+
+    params = dict(_param(p) for p in args.param)
+    serve(args.file, names=args.name, parameters=params, schedules=not args.no_schedule, limit=args.limit)
+    return {}
+
+
+def cmd_lineage(args) -> dict:
+    from .lineage import lineage_json, render_lineage, resolve_target
+
+    target = resolve_target(args.target, tracking_uri=args.tracking_uri)
+    try:
+        if not args.json:
+            print(render_lineage(target))
+        return lineage_json(target)
+    finally:
+        target.close()
+
+
+def cmd_verify(args) -> dict:
+    from .lineage import render_report, resolve_target, verify_error, verify_target
+
+    target = resolve_target(args.target, tracking_uri=args.tracking_uri, use_mlflow=not args.no_mlflow)
+    try:
+        report = verify_target(target, require_mlflow=not args.no_mlflow, check_source=not args.no_source)
+        result = {"target": args.target, "ok": report.ok, "lineage_sha256": target.lineage_sha256,
+                  "checks": [{"ok": ok, "check": text} for ok, text in report.checks],
+                  "mismatches": [vars(m) for m in report.mismatches]}
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(render_report(report))
+        if not report.ok:
+            raise verify_error(report)
+        args.json = False  # printed already
+        return result
+    finally:
+        target.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -437,8 +584,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="dotresize: %(message)s",
-                        stream=sys.stderr)
+    from .logs import configure_cli_logging
+
+    configure_cli_logging(logging.DEBUG if args.verbose else logging.INFO)
     for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

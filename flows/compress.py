@@ -41,6 +41,7 @@ from tasks import (
     resolve_source_task,
     sequential_capture_task,
     solve_task,
+    zero_shot_task,
 )
 
 OFFLINE_DEFAULTS = {
@@ -140,7 +141,9 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
                   n_workers: int | None = None, mlflow: bool = True, register_name: str | None = None,
                   progress: bool = True, ppl: bool = False, ppl_ctx: int = 256, ppl_max_windows: int = 100,
                   ppl_source: bool = False, device: str | None = None, verify: bool = True,
-                  trust_remote_code: bool = False) -> dict:
+                  trust_remote_code: bool = False, tags: dict | None = None,
+                  expect_source_digest: str | None = None, tasks: list[str] | None = None, limit: int | None = None,
+                  tasks_source: bool = False) -> dict:
     """Compress ``model`` into ``run_dir`` (default ``./runs/<model>-<method>-<key>``); returns a small manifest:
     run_dir, model_dir, model_sha256, widths, parameter counts, which stages were reused, MLflow run and version.
 
@@ -148,8 +151,10 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
     ``dask_address`` (``tcp://host:port``) runs the tasks on an existing Dask scheduler; ``n_workers`` threads
     otherwise. ``device`` is where Sinkhorn runs (default CUDA when present). ``verify=False`` trusts markers
     without re-reading digests. ``ppl`` evaluates the compressed model (and ``ppl_source`` the source) on
-    WikiText-2. A user-facing error (:class:`dotresize.DotResizeError`) in a run directory this call created
-    removes it again; an existing run directory is never removed.
+    WikiText-2; ``tasks`` (``["piqa", "arc_easy"]``, first ``limit`` examples each) runs the zero-shot tasks on
+    the compressed model (and ``tasks_source`` on the source) into ``eval/lm_eval*.json``; every evaluation is
+    logged as metrics of the compression's MLflow run. A user-facing error (:class:`dotresize.DotResizeError`)
+    in a run directory this call created removes it again; an existing run directory is never removed.
     """
     started = time.time()
     logger = get_run_logger()
@@ -158,6 +163,11 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
                           overrides=config_overrides)
     resolved = resolve_source_task(model, calib_data, trust_remote_code)
     source = resolved["source"]
+    if expect_source_digest and source["digest"] != expect_source_digest:
+        from dotresize.errors import SourceNotFoundError
+
+        raise SourceNotFoundError(f"the model at {model} changed (digest {source['digest'][:12]}, expected "
+                                  f"{expect_source_digest[:12]}): compress it again")
     calib = {"data": calib_data, "text_sha256": resolved["calibration_text"]["sha256"], "samples": calib_samples,
              "seqlen": calib_seqlen, "seed": seed}
     recipe = make_recipe(config, source, calib)
@@ -171,7 +181,9 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
         return _run_stages(run, config, recipe, run_key, source, calib, resolved["architecture"], started,
                            dask_address=dask_address, n_workers=n_workers, mlflow=mlflow, register_name=register_name,
                            progress=progress, ppl=ppl, ppl_ctx=ppl_ctx, ppl_max_windows=ppl_max_windows,
-                           ppl_source=ppl_source, device=device, verify=verify, trust_remote_code=trust_remote_code)
+                           ppl_source=ppl_source, device=device, verify=verify, trust_remote_code=trust_remote_code,
+                           tags=tags,
+                           tasks=list(tasks or []), limit=limit, tasks_source=tasks_source)
     except DotResizeError:
         if fresh:
             logger.info("removing %s: the run failed before producing anything reusable", run.uri())
@@ -181,7 +193,7 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
 
 def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, calib: dict, architecture: dict,
                 started: float, *, dask_address, n_workers, mlflow, register_name, progress, ppl, ppl_ctx,
-                ppl_max_windows, ppl_source, device, verify, trust_remote_code) -> dict:
+                ppl_max_windows, ppl_source, device, verify, trust_remote_code, tags=None, tasks, limit, tasks_source) -> dict:
     logger = get_run_logger()
     run.write_text(paths.RECIPE, _yaml(recipe))
     run.write_json(paths.SOURCE, source)
@@ -257,8 +269,15 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
                                                               "target": "source"}).result()
         if ppl:
             evaluation = runner.submit(evaluate_task, {**eval_args, "export": export, "target": "model"}).result()
+        zero_shot = zero_shot_source = None
+        zs_args = {**common, "tasks": tasks, "limit": limit, "progress": progress}
+        if tasks and tasks_source:
+            zero_shot_source = runner.submit(zero_shot_task, {**zs_args, "source": source,
+                                                              "target": "source"}).result()
+        if tasks:
+            zero_shot = runner.submit(zero_shot_task, {**zs_args, "export": export, "target": "model"}).result()
     manifests = [calibration, fuse, *captures_m, *costs_m, *solves_m, *absorbs_m, export]
-    manifests += [m for m in (evaluation_source, evaluation) if m is not None]
+    manifests += [m for m in (evaluation_source, evaluation, zero_shot_source, zero_shot) if m is not None]
     stages = _stage_summary(manifests)
     stage_seconds = {stage: round(info["seconds"], 6) for stage, info in stages.items()}
     for stage, info in stages.items():
@@ -278,22 +297,36 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
         result["ppl"] = evaluation["ppl"]
     if evaluation_source is not None:
         result["ppl_source"] = evaluation_source["ppl"]
+    if zero_shot is not None:
+        result["zero_shot"] = zero_shot["zero_shot"]
+    if zero_shot_source is not None:
+        result["zero_shot_source"] = zero_shot_source["zero_shot"]
     try:
         from prefect.runtime import flow_run
 
         result["flow_run_id"] = str(flow_run.id)
     except Exception:
         pass
+    from tasks.lineage import lineage_task
+
+    lineage = lineage_task(run_url, export, tags)  # + evaluations, stage digests, code version, tags
+    result["lineage_sha256"] = lineage["sha256"]
     if mlflow:
         from .mlflow_logging import register_task
 
         bundle = {"recipe": recipe, "source": source, "calibration": calibration, "run_key": run_key,
                   "solves": solves_m, "export": export, "evaluate": evaluation, "stage_seconds": stage_seconds,
                   "default_register_name": f"dotresize-{slug(source['spec'])}",
-                  "run_name": Path(run.path()).name}
+                  "run_name": Path(run.path()).name, "tags": dict(tags or {}), "lineage_sha256": lineage["sha256"]}
         registered = register_task(run_url, bundle, register_name)
         result.update(mlflow_run_id=registered["run_id"], model_version=registered["version"],
                       registered_model=registered["registered_model"], mlflow_tracking_uri=registered["tracking_uri"])
+        if any(m is not None for m in (evaluation, evaluation_source, zero_shot, zero_shot_source)):
+            from .eval_logging import log_run_evaluation
+
+            log_run_evaluation(run.path() if run.is_local else None, run_id=registered["run_id"], tracking_uri=registered["tracking_uri"],
+                               ppl=result.get("ppl"), zero_shot=result.get("zero_shot"),
+                               source_ppl=result.get("ppl_source"), source_zero_shot=result.get("zero_shot_source"))
     result["seconds"] = round(time.time() - started, 3)
     logger.info("model %s (sha256 %s) in %.1f s", result["model_dir"], result["model_sha256"][:12], result["seconds"])
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import threading
 from importlib.metadata import PackageNotFoundError, version
 
 from prefect import task
@@ -18,7 +19,7 @@ from .common import basis_from, config_of, load_fused, load_tokenizer, run_stage
 
 #: packages whose versions go into lineage.json
 VERSIONED = ("dotresize", "torch", "transformers", "safetensors", "POT", "numpy", "prefect", "prefect-dask", "dask",
-             "distributed", "zarr", "fsspec", "mlflow", "accelerate", "tokenizers")
+             "distributed", "zarr", "fsspec", "mlflow", "accelerate", "tokenizers", "lm-eval")
 
 
 def versions() -> dict[str, str]:
@@ -121,9 +122,11 @@ def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibrat
             "versions": versions(),
         }
         files = {f"{layout.MODEL}/{name}": sha for name, sha in model_files.items()}
-        files[f"{layout.MODEL}/{layout.LINEAGE}"] = run.write_json(f"{layout.MODEL}/{layout.LINEAGE}", lineage)
-        files[layout.LINEAGE] = run.write_json(layout.LINEAGE, lineage)
-        return {"files": files, "model_dir": run.uri(layout.MODEL), "model_sha256": model_files["model.safetensors"],
+        # lineage.json (both copies) is not a stage output: tasks/lineage.py rewrites it after the evaluations
+        run.write_json(f"{layout.MODEL}/{layout.LINEAGE}", lineage)
+        run.write_json(layout.LINEAGE, lineage)
+        return {"files": files, "lineage": lineage, "model_dir": run.uri(layout.MODEL),
+                "model_sha256": model_files["model.safetensors"],
                 "parameters_before": report["parameters_before"], "parameters_after": report["parameters_after"],
                 "parameter_ratio": report["parameter_ratio"], "widths": list(widths)}
 
@@ -139,6 +142,19 @@ def _point_info(run: RunDir, solve: dict) -> dict:
     return info
 
 
+#: evaluation files of a run, by kind and target (``eval/<kind>.json`` / ``eval/<kind>_source.json``)
+EVAL_KINDS = ("ppl", "lm_eval", "speed")
+
+
+def eval_file(kind: str, target: str = "model") -> str:
+    """``eval/ppl.json``, ``eval/lm_eval_source.json``, ...: where an evaluation of ``target`` is stored."""
+    return f"{layout.EVAL}/{kind}.json" if target == "model" else f"{layout.EVAL}/{kind}_source.json"
+
+
+def _eval_digest(target: str, export: dict | None, source: dict | None) -> str:
+    return export["model_sha256"] if target == "model" else source["digest"]
+
+
 @task(name="evaluate", task_run_name="evaluate-{target}", cache_policy=NO_CACHE, persist_result=False)
 def evaluate_task(run_url: str, export: dict | None = None, source: dict | None = None, target: str = "model",
                   ctx: int = 256, max_windows: int | None = 100, batch_size: int = 4, progress: bool = True) -> dict:
@@ -148,14 +164,14 @@ def evaluate_task(run_url: str, export: dict | None = None, source: dict | None 
 
     run = RunDir(run_url)
     text = load_text("wikitext2-test")
-    digest = export["model_sha256"] if target == "model" else source["digest"]
+    digest = _eval_digest(target, export, source)
     key = stage_key("evaluate", target=target, model=digest, ctx=ctx, max_windows=max_windows, text=text.sha256)
-    rel = f"{layout.EVAL}/ppl.json" if target == "model" else f"{layout.EVAL}/ppl_source.json"
+    rel = eval_file("ppl", target)
 
     def compute() -> dict:
         from dotresize.evaluation.perplexity import perplexity
 
-        model, tokenizer = _load_for_eval(run, target, source)
+        model, tokenizer = eval_model(run, target, source, digest)
         result = perplexity(model, tokenize(tokenizer, text.text), ctx=ctx, max_windows=max_windows or None,
                             batch_size=batch_size, progress=progress)
         result["dataset"] = text.meta()
@@ -163,6 +179,104 @@ def evaluate_task(run_url: str, export: dict | None = None, source: dict | None 
         return {"files": {rel: run.write_json(rel, result)}, "ppl": result}
 
     return run_stage(run, "evaluate", target, key, compute)
+
+
+@task(name="evaluate-zero-shot", task_run_name="zero-shot-{target}", cache_policy=NO_CACHE, persist_result=False)
+def zero_shot_task(run_url: str, tasks: list[str], export: dict | None = None, source: dict | None = None,
+                   target: str = "model", limit: int | None = None, batch_size: int = 4,
+                   data_dir: str | None = None, progress: bool = True) -> dict:
+    """Zero-shot accuracy (lm-eval ``simple_evaluate`` on an in-memory model, the project's offline task
+    definitions) of the exported model (``eval/lm_eval.json``) or of the source (``eval/lm_eval_source.json``).
+
+    Keyed by the model's sha256, the task names, the task config hash (definitions + data files), ``limit``
+    and the lm-eval version: the same evaluation is read back, any change recomputes it."""
+    from dotresize.evaluation import zeroshot
+
+    run = RunDir(run_url)
+    digest = _eval_digest(target, export, source)
+    names = list(dict.fromkeys(tasks))
+    local = [n for n in names if n in zeroshot.LOCAL_TASKS]
+    root = data_dir or (str(zeroshot.default_data_dir()) if local else None)
+    config_hash = zeroshot.task_config_hash(names, root)
+    key = stage_key("evaluate", kind="lm_eval", target=target, model=digest, tasks=sorted(names),
+                    task_config_hash=config_hash, limit=limit, lm_eval=zeroshot.lm_eval_version())
+    rel = eval_file("lm_eval", target)
+    name = "lm_eval" if target == "model" else "lm_eval_source"
+
+    def compute() -> dict:
+        import time
+
+        model, tokenizer = eval_model(run, target, source, digest)
+        started = time.perf_counter()
+        result = zeroshot.evaluate_zero_shot(model, tokenizer, names, limit=limit, batch_size=batch_size,
+                                             data_dir=root)
+        result.update(model_digest=digest, data_dir=root, batch_size=batch_size,
+                      seconds=round(time.perf_counter() - started, 3))
+        return {"files": {rel: run.write_json(rel, result)}, "zero_shot": result}
+
+    return run_stage(run, "evaluate", name, key, compute)
+
+
+@task(name="evaluate-speed", task_run_name="speed-{target}", cache_policy=NO_CACHE, persist_result=False)
+def speed_task(run_url: str, export: dict | None = None, source: dict | None = None, target: str = "model",
+               batch: int = 8, ctx: int = 256, repeats: int = 3, prompt: int = 64, new_tokens: int = 32,
+               threads: int | None = None) -> dict:
+    """Measured batched-forward tokens/s and per-token generation latency (``eval/speed.json``), keyed by the
+    model, the shapes, the thread count and the torch version (a repeated sweep reuses its measurement)."""
+    import torch
+
+    from dotresize import count_parameters
+    from dotresize.evaluation.speed import forward_throughput, generation_latency
+
+    run = RunDir(run_url)
+    digest = _eval_digest(target, export, source)
+    threads = threads or torch.get_num_threads()
+    key = stage_key("evaluate", kind="speed", target=target, model=digest, batch=batch, ctx=ctx, repeats=repeats,
+                    prompt=prompt, new_tokens=new_tokens, threads=threads, torch=torch.__version__,
+                    host=platform.node(), cpu=platform.processor())
+    rel = eval_file("speed", target)
+    name = "speed" if target == "model" else "speed_source"
+
+    def compute() -> dict:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            model, _ = eval_model(run, target, source, digest)
+            result = {
+                "parameters": count_parameters(model),
+                "forward": forward_throughput(model, batch=batch, ctx=ctx, repeats=repeats),
+                "generation": generation_latency(model, prompt=prompt, new_tokens=new_tokens,
+                                                 repeats=max(1, repeats // 2)),
+                "threads": threads, "device": str(next(model.parameters()).device), "model_digest": digest,
+            }
+        finally:
+            torch.set_num_threads(before)
+        result["tokens_per_second"] = result["forward"]["tokens_per_second"]
+        result["ms_per_token"] = 1000 * result["generation"]["seconds_per_token"]
+        return {"files": {rel: run.write_json(rel, result)}, "speed": result}
+
+    return run_stage(run, "evaluate", name, key, compute)
+
+
+# one evaluated model per process: the perplexity, zero-shot and speed tasks of one model share it
+_EVAL_MODEL: dict[tuple, tuple] = {}
+_EVAL_LOCK = threading.Lock()
+
+
+def eval_model(run: RunDir, target: str, source: dict | None, digest: str):
+    """(model, tokenizer) of ``target``, loaded once per process and kept until another model is asked for."""
+    cache_key = (run.url, target, digest)
+    with _EVAL_LOCK:
+        if cache_key not in _EVAL_MODEL:
+            _EVAL_MODEL.clear()
+            _EVAL_MODEL[cache_key] = _load_for_eval(run, target, source)
+        return _EVAL_MODEL[cache_key]
+
+
+def release_eval_model() -> None:
+    """Drop the cached evaluation model (its memory is freed once no caller holds it)."""
+    with _EVAL_LOCK:
+        _EVAL_MODEL.clear()
 
 
 def _load_for_eval(run: RunDir, target: str, source: dict | None):
@@ -180,4 +294,5 @@ def _load_for_eval(run: RunDir, target: str, source: dict | None):
         return load_compressed(directory), AutoTokenizer.from_pretrained(directory)
 
 
-__all__ = ["absorb_task", "export_task", "evaluate_task", "versions"]
+__all__ = ["absorb_task", "export_task", "evaluate_task", "zero_shot_task", "speed_task", "eval_file", "eval_model",
+           "release_eval_model", "versions"]

@@ -228,17 +228,25 @@ def _check_prompts(data_dir: Path, limit: int) -> None:
 # --- tests -----------------------------------------------------------------------------------
 
 def test_default_data_dir(monkeypatch, tmp_path):
+    """The task data directory is the calibration data setting (DOTRESIZE_DATA_DIR, else ../shared/data)."""
+    from dotresize import data
+
+    (tmp_path / "x").mkdir()
     monkeypatch.setenv("DOTRESIZE_DATA_DIR", str(tmp_path / "x"))
-    assert zeroshot.default_data_dir() == tmp_path / "x"
+    assert zeroshot.default_data_dir() == (tmp_path / "x").resolve() == data.resolve_data_dir()
+
+    monkeypatch.setenv("DOTRESIZE_DATA_DIR", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="DOTRESIZE_DATA_DIR"):
+        zeroshot.default_data_dir()
 
     monkeypatch.delenv("DOTRESIZE_DATA_DIR")
     (tmp_path / "ws" / "shared" / "data").mkdir(parents=True)
     (tmp_path / "ws" / "main").mkdir()
     monkeypatch.chdir(tmp_path / "ws" / "main")
-    assert zeroshot.default_data_dir() == tmp_path / "ws" / "shared" / "data"
+    assert zeroshot.default_data_dir() == (tmp_path / "ws" / "shared" / "data").resolve()
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(zeroshot, "_REPO_ROOT", tmp_path / "nowhere" / "repo")
+    monkeypatch.setattr(data, "default_data_dirs", lambda: [tmp_path / "nowhere" / "shared" / "data"])
     with pytest.raises(FileNotFoundError, match="DOTRESIZE_DATA_DIR") as err:
         zeroshot.default_data_dir()
     assert "\n" not in str(err.value)

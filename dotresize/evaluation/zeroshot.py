@@ -43,7 +43,6 @@ LOCAL_TASKS = (
     "siqa",
 )
 TASK_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
-_REPO_ROOT = Path(__file__).resolve().parents[2]  # parent of the dotresize package
 TASK_PREFIX = "dotresize_"
 DATA_DIR_ENV = task_utils.DATA_DIR_ENV
 DataFileNotFoundError = task_utils.DataFileNotFoundError
@@ -59,18 +58,32 @@ _NOISE = (
 
 
 def default_data_dir() -> Path:
-    """The data directory: ``$DOTRESIZE_DATA_DIR``, else the first existing ``../shared/data``.
+    """The data directory: the same setting as for calibration data (:func:`dotresize.data.resolve_data_dir`).
 
-    Candidates are ``<cwd>/../shared/data`` then ``<repo root>/../shared/data``.
+    ``$DOTRESIZE_DATA_DIR``, else the first existing ``../shared/data`` (beside the working directory, then
+    beside the checkout); the task files are read from its ``tasks/`` folder.
     """
-    if os.environ.get(DATA_DIR_ENV):
-        return Path(os.environ[DATA_DIR_ENV])
-    for candidate in (Path.cwd().parent / "shared" / "data", _REPO_ROOT.parent / "shared" / "data"):
-        if candidate.is_dir():
-            return candidate
-    raise DataFileNotFoundError(
-        f"no data directory found (looked for ../shared/data): set {DATA_DIR_ENV}"
-    )
+    from ..data import resolve_data_dir
+
+    try:
+        found = resolve_data_dir()
+    except FileNotFoundError as error:
+        raise DataFileNotFoundError(str(error)) from None
+    if found is None:
+        raise DataFileNotFoundError(
+            f"no data directory found (looked for ../shared/data): set {DATA_DIR_ENV}"
+        )
+    return found
+
+
+def lm_eval_version() -> str:
+    """The installed lm-eval version (read from the package metadata, without importing lm-eval)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm-eval")
+    except PackageNotFoundError:
+        return "absent"
 
 
 def lm_eval_task_name(name: str) -> str:
