@@ -47,6 +47,29 @@ class UserErrorFilter(logging.Filter):
         return False
 
 
+class CliFormatter(logging.Formatter):
+    """``HH:MM:SS dotresize[<task run>]: message``: Prefect's task and flow run names kept, nothing else."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        name = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        where = f"dotresize[{name}]" if name else "dotresize"
+        line = f"{self.formatTime(record, '%H:%M:%S')} {where}: {record.getMessage()}"
+        if record.exc_info and not isinstance(record.exc_info[1], DotResizeError):
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_cli_logging(level: int) -> None:
+    """The command line's console logging on stderr (set up before Prefect, which then keeps it)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(CliFormatter())
+    handler.addFilter(UserErrorFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h.formatter, CliFormatter)]
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
 def install_user_error_filter() -> None:
     """Add :class:`UserErrorFilter` to the root logger's console handlers (Prefect's, after its set-up), and
     point them at the current ``sys.stderr`` (a handler set up earlier may hold a stream since replaced)."""
