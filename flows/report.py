@@ -1,4 +1,8 @@
-"""Sweep reports: a Markdown table and PNG plots (one line per method) from per-cell result dicts."""
+"""Sweep reports: a Markdown table and PNG plots (one line per method) from per-cell result dicts.
+
+A cell is ``{"method", "ratio", "width", "parameters", "ppl", "zero_shot" (evaluate_zero_shot's result or None),
+"tokens_per_second", "ms_per_token", "compress_seconds"}``; the dense baseline has ``method == "dense"``.
+"""
 
 from __future__ import annotations
 
@@ -7,49 +11,120 @@ from pathlib import Path
 METHOD_STYLES = {"dot": ("tab:blue", "o"), "pca": ("tab:green", "s"), "prune": ("tab:red", "^")}
 
 
-def _acc(cell: dict, task: str) -> float | None:
+def accuracy(cell: dict, task: str, metric: str = "acc") -> float | None:
+    """``metric`` (acc, acc_norm) of ``task`` in a cell, or None when not evaluated / not defined."""
     metrics = (cell.get("zero_shot") or {}).get("tasks", {}).get(task, {})
-    return metrics.get("acc_norm", metrics.get("acc"))
+    return metrics.get(metric)
+
+
+def headline_accuracy(cell: dict, task: str) -> float | None:
+    """acc_norm where lm-eval defines it (the number usually reported for ARC, PIQA, OpenBookQA), else acc."""
+    value = accuracy(cell, task, "acc_norm")
+    return value if value is not None else accuracy(cell, task, "acc")
+
+
+def mean_accuracy(cell: dict, tasks: list[str]) -> float | None:
+    """Mean of the tasks' ``acc`` (plain accuracy, comparable across tasks)."""
+    values = [accuracy(cell, t) for t in tasks]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _order(cells: list[dict]) -> list[dict]:
+    return sorted(cells, key=lambda c: (c["method"] != "dense", c["method"], c["ratio"]))
 
 
 def markdown_table(cells: list[dict], tasks: list[str]) -> str:
-    head = ["method", "ratio", "width", "parameters", "ppl"] + [f"{t} acc" for t in tasks] + \
-        ["tokens/s", "compress s"]
+    """One row per cell: width, parameters, perplexity, per-task acc (/ acc_norm), mean acc, speed vs dense."""
+    dense = next((c for c in cells if c["method"] == "dense"), None)
+    with_norm = [t for t in tasks if any(accuracy(c, t, "acc_norm") is not None for c in cells)]
+    head = ["method", "ratio", "width", "parameters", "ppl"]
+    head += [f"{t} acc/acc_norm" if t in with_norm else f"{t} acc" for t in tasks]
+    if tasks:
+        head.append("mean acc")
+    speed = any(c.get("tokens_per_second") for c in cells)
+    if speed:
+        head += ["tokens/s", "× dense", "ms/token"]
+    head.append("compress s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for c in sorted(cells, key=lambda c: (c["method"] != "dense", c["method"], c["ratio"])):
-        accs = [_acc(c, t) for t in tasks]
-        row = [c["method"], f"{c['ratio']:.2f}", str(c["width"]), f"{c['parameters']:,}", f"{c['ppl']:.2f}"] + \
-            [f"{a:.4f}" if a is not None else "" for a in accs] + \
-            [f"{c['tokens_per_second']:.0f}" if c.get("tokens_per_second") else "",
-             f"{c.get('compress_seconds', 0):.0f}"]
+    for c in _order(cells):
+        row = [c["method"], f"{c['ratio']:.2f}", str(c["width"]), f"{c['parameters']:,}", f"{c['ppl']:.2f}"]
+        for t in tasks:
+            acc = accuracy(c, t)
+            text = "" if acc is None else f"{acc:.4f}"
+            if t in with_norm and accuracy(c, t, "acc_norm") is not None:
+                text += f"/{accuracy(c, t, 'acc_norm'):.4f}"
+            row.append(text)
+        if tasks:
+            mean = mean_accuracy(c, tasks)
+            row.append("" if mean is None else f"{mean:.4f}")
+        if speed:
+            tps = c.get("tokens_per_second")
+            base = dense.get("tokens_per_second") if dense else None
+            row += [f"{tps:.0f}" if tps else "", f"{tps / base:.2f}" if tps and base else "",
+                    f"{c['ms_per_token']:.2f}" if c.get("ms_per_token") else ""]
+        row.append(f"{c.get('compress_seconds', 0):.0f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_metric(cells: list[dict], value, ylabel: str, path: Path, *, log_y: bool = False, title: str = "") -> Path:
-    """One line per method of ``value(cell)`` against the compressed width; the dense model as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+def _axes_plot(ax, cells: list[dict], value, ylabel: str, *, log_y: bool = False, title: str = "") -> bool:
     dense = [c for c in cells if c["method"] == "dense"]
+    drawn = False
     for method in sorted({c["method"] for c in cells} - {"dense"}):
         points = sorted((c["width"], value(c)) for c in cells if c["method"] == method and value(c) is not None)
         if not points:
             continue
         color, marker = METHOD_STYLES.get(method, (None, "x"))
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=color, label=method)
+        drawn = True
     if dense and value(dense[0]) is not None:
         ax.axhline(value(dense[0]), color="gray", linestyle="--", label=f"dense (width {dense[0]['width']})")
+        drawn = True
     ax.set_xlabel("residual-stream width d")
     ax.set_ylabel(ylabel)
     if log_y:
         ax.set_yscale("log")
     ax.set_title(title or f"{ylabel} vs width")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    if drawn:
+        ax.legend()
+    return drawn
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metric(cells: list[dict], value, ylabel: str, path: Path, *, log_y: bool = False, title: str = "") -> Path:
+    """One line per method of ``value(cell)`` against the compressed width; the dense model as a dashed line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    _axes_plot(ax, cells, value, ylabel, log_y=log_y, title=title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_tasks(cells: list[dict], tasks: list[str], path: Path) -> Path:
+    """One panel per task (its acc_norm where defined, else acc) against the width, one line per method."""
+    import math
+
+    plt = _pyplot()
+    cols = min(3, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=110, squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        metric = "acc_norm" if any(accuracy(c, task, "acc_norm") is not None for c in cells) else "acc"
+        _axes_plot(ax, cells, lambda c, t=task, m=metric: accuracy(c, t, m), metric, title=task)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -62,12 +137,11 @@ def write_report(cells: list[dict], tasks: list[str], out: Path, header: str) ->
     files = [plot_metric(cells, lambda c: c["ppl"], "WikiText-2 perplexity", out / "ppl_vs_width.png",
                          log_y=True)]
     if tasks:
-        def mean_acc(c):
-            values = [_acc(c, t) for t in tasks]
-            values = [v for v in values if v is not None]
-            return sum(values) / len(values) if values else None
-        files.append(plot_metric(cells, mean_acc, f"mean accuracy ({', '.join(tasks)})",
-                                 out / "accuracy_vs_width.png"))
+        files.append(plot_metric(cells, lambda c: mean_accuracy(c, tasks), "mean zero-shot accuracy",
+                                 out / "accuracy_vs_width.png",
+                                 title=f"mean accuracy ({', '.join(tasks)}) vs width"))
+        if len(tasks) > 1:
+            files.append(plot_tasks(cells, tasks, out / "accuracy_by_task_vs_width.png"))
     if any(c.get("tokens_per_second") for c in cells):
         files.append(plot_metric(cells, lambda c: c.get("tokens_per_second"), "forward tokens/s",
                                  out / "tokens_per_second_vs_width.png"))

@@ -1,19 +1,26 @@
-"""``dotresize sweep``: compress and evaluate a grid of methods x ratios, then report.
+"""``dotresize sweep``: compress and evaluate a grid of methods x ratios through the pipeline, then report.
 
-Every cell's result is stored as ``cells/<method>-<ratio>.json`` under the sweep directory, keyed by everything
-that determines it, so a rerun reuses completed cells and computes only what is missing.
+Every cell is one run of :func:`flows.compress.run_compress` in its own run directory
+(``<sweep>/runs/<method>-<ratio>/``), with the pipeline's evaluate stage (WikiText-2 perplexity, optional zero-shot
+tasks) and a measured speed (``eval/speed.json``): a repeated sweep reuses every completed stage, evaluation and
+measurement, and a killed one resumes. The dense baseline is the source model evaluated with the same protocol
+(``<sweep>/dense/eval/``). The report (``report.md``: a Markdown table and PNG plots, one line per method, plus
+``table.json``) is logged as the artifacts of one MLflow run of the sweep, with every number as a metric
+(``ppl/dot/0.2``, ``acc/piqa/pca/0.1``, ``tokens_per_second/dense``, ...); each cell also has its own compression
+run with its registered model version.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("dotresize")
+
+SWEEP_RECORD = "sweep.json"
 
 
 @dataclass(frozen=True)
@@ -31,78 +38,194 @@ class SweepSpec:
     max_windows: int = 100
     speed: bool = True
     speed_batch: int = 8
+    speed_ctx: int | None = None          # default: ctx
+    speed_repeats: int = 3
+    mode: str = "parallel"
+    layout: str = "per-point"
     overrides: dict = field(default_factory=dict)
+    mlflow: bool = True
+    workers: int | None = None
 
-    def cell_key(self, method: str, ratio: float) -> str:
-        data = {k: v for k, v in self.__dict__.items() if k not in ("ratios", "methods")}
-        data.update(method=method, ratio=ratio)
-        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["ratios"], data["methods"], data["tasks"] = list(self.ratios), list(self.methods), list(self.tasks)
+        return data
 
 
-def _evaluate(model, tokenizer, spec: SweepSpec, test_ids) -> dict:
-    from dotresize.evaluation.perplexity import perplexity
-    from dotresize.evaluation.speed import forward_throughput
+def cell_name(method: str, ratio: float) -> str:
+    return f"{method}-{ratio:g}"
 
-    result = {"ppl": perplexity(model, test_ids, ctx=spec.ctx, max_windows=spec.max_windows or None,
-                                progress=False)["ppl"]}
-    if spec.tasks:
-        from dotresize.evaluation.zeroshot import evaluate_zero_shot
 
-        result["zero_shot"] = evaluate_zero_shot(model, tokenizer, list(spec.tasks), limit=spec.limit)
+def metric_suffix(cell: dict) -> str:
+    """``dot/0.2`` for a compressed cell, ``dense`` for the baseline."""
+    return "dense" if cell["method"] == "dense" else f"{cell['method']}/{cell['ratio']:g}"
+
+
+def _speed(run_dir: Path, spec: SweepSpec, *, export: dict | None = None, source: dict | None = None,
+           target: str = "model") -> dict:
+    from tasks.assemble import speed_task
+
+    manifest = speed_task.fn(str(run_dir), export=export, source=source, target=target, batch=spec.speed_batch,
+                             ctx=spec.speed_ctx or spec.ctx, repeats=spec.speed_repeats)
+    return manifest["speed"]
+
+
+def _compress_cell(spec: SweepSpec, out: Path, method: str, ratio: float, progress: bool) -> dict:
+    from tasks.assemble import release_eval_model
+
+    from .compress import run_compress
+
+    run_dir = out / "runs" / cell_name(method, ratio)
+    log.info("sweep cell %s at %g: %s", method, ratio, run_dir)
+    result = run_compress(
+        model=spec.model, ratio=ratio, method=method, mode=spec.mode, layout=spec.layout, calib_data=spec.calib_data,
+        calib_samples=spec.calib_samples, calib_seqlen=spec.calib_seqlen, seed=spec.seed, run_dir=str(run_dir),
+        config_overrides=dict(spec.overrides), n_workers=spec.workers, mlflow=spec.mlflow, progress=progress,
+        ppl=True, ppl_ctx=spec.ctx, ppl_max_windows=spec.max_windows, tasks=list(spec.tasks), limit=spec.limit)
+    stages = result["stages"]
+    cell = {
+        "method": method, "ratio": ratio, "width": min(result["widths"]), "widths": result["widths"],
+        "parameters": result["parameters_after"], "parameters_before": result["parameters_before"],
+        "ppl": result["ppl"]["ppl"], "ppl_result": result["ppl"], "zero_shot": result.get("zero_shot"),
+        "compress_seconds": round(sum(v for k, v in result["stage_seconds"].items() if k != "evaluate"), 1),
+        "run_dir": result["run_dir"], "model_sha256": result["model_sha256"], "source": result["source"],
+        "mlflow_run_id": result.get("mlflow_run_id"), "registered_model": result.get("registered_model"),
+        "model_version": result.get("model_version"),
+        "stages_computed": sum(len(v["computed"]) for v in stages.values()),
+        "stages_reused": sum(len(v["reused"]) for v in stages.values()),
+    }
     if spec.speed:
-        result["tokens_per_second"] = forward_throughput(model, batch=spec.speed_batch, ctx=spec.ctx,
-                                                         repeats=3)["tokens_per_second"]
-    return result
+        speed = _speed(run_dir, spec, export={"model_sha256": result["model_sha256"]})
+        cell.update(tokens_per_second=speed["tokens_per_second"], ms_per_token=speed["ms_per_token"])
+        if spec.mlflow and result.get("mlflow_run_id"):
+            from .eval_logging import log_run_evaluation
+
+            log_run_evaluation(run_dir, run_id=result["mlflow_run_id"], tracking_uri=result["mlflow_tracking_uri"],
+                               speed=speed)
+    release_eval_model()
+    return cell
+
+
+def _dense_cell(spec: SweepSpec, out: Path, source: dict, first: dict, progress: bool) -> dict:
+    """The source model with the same protocol, stored (and reused) under ``<sweep>/dense/eval/``."""
+    from tasks.assemble import evaluate_task, release_eval_model, zero_shot_task
+
+    dense_dir = out / "dense"
+    dense_dir.mkdir(parents=True, exist_ok=True)
+    report = json.loads((Path(first["run_dir"]) / "model" / "compression_report.json").read_text())
+    try:
+        ppl = evaluate_task.fn(str(dense_dir), source=source, target="source", ctx=spec.ctx,
+                               max_windows=spec.max_windows, progress=progress)["ppl"]
+        cell = {"method": "dense", "ratio": 0.0, "width": int(report["hidden_size"]),
+                "parameters": first["parameters_before"], "ppl": ppl["ppl"], "ppl_result": ppl,
+                "compress_seconds": 0.0, "run_dir": str(dense_dir), "zero_shot": None}
+        if spec.tasks:
+            cell["zero_shot"] = zero_shot_task.fn(str(dense_dir), list(spec.tasks), source=source, target="source",
+                                                  limit=spec.limit, progress=progress)["zero_shot"]
+        if spec.speed:
+            speed = _speed(dense_dir, spec, source=source, target="source")
+            cell.update(tokens_per_second=speed["tokens_per_second"], ms_per_token=speed["ms_per_token"])
+    finally:
+        release_eval_model()
+    return cell
+
+
+def sweep_metrics(cells: list[dict], tasks: list[str]) -> dict[str, float]:
+    """Every number of the table as an MLflow metric: ``<what>/<method>/<ratio>`` (``<what>/dense``)."""
+    from .report import accuracy, mean_accuracy
+
+    out: dict[str, float] = {}
+    for cell in cells:
+        suffix = metric_suffix(cell)
+        for name in ("ppl", "width", "parameters", "tokens_per_second", "ms_per_token", "compress_seconds"):
+            if cell.get(name) is not None:
+                out[f"{name}/{suffix}"] = float(cell[name])
+        for task in tasks:
+            for metric in ("acc", "acc_norm"):
+                value = accuracy(cell, task, metric)
+                if value is not None:
+                    out[f"{metric}/{task}/{suffix}"] = float(value)
+        mean = mean_accuracy(cell, tasks)
+        if mean is not None:
+            out[f"mean_acc/{suffix}"] = float(mean)
+    return out
+
+
+def _log_sweep(spec: SweepSpec, out: Path, cells: list[dict], files: list[Path]) -> dict:
+    """One MLflow run for the sweep (reused by a rerun): params, every number as a metric, the report."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from storage import RunDir
+
+    from .eval_logging import log_evaluation
+    from .mlflow_logging import _experiment_id, flatten, tracking_uri
+
+    first = next(c for c in cells if c["method"] != "dense")
+    cell_run = RunDir(first["run_dir"])
+    uri = tracking_uri(cell_run)
+    client = MlflowClient(uri)
+    record_path = out / SWEEP_RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    run_id = record.get("run_id") if record.get("tracking_uri") == uri else None
+    if run_id:
+        try:
+            client.get_run(run_id)
+        except Exception:
+            run_id = None
+    if run_id is None:
+        mlflow.set_tracking_uri(uri)
+        experiment_id = _experiment_id(client, uri, cell_run)
+        run_id = client.create_run(experiment_id, run_name=f"sweep-{out.name}",
+                                   tags={"dotresize.kind": "sweep", "dotresize.sweep_dir": str(out)}).info.run_id
+        from mlflow.entities import Param
+
+        params = flatten(spec.to_dict())
+        client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(params.items())])
+        record_path.write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}, indent=2))
+    metrics = sweep_metrics(cells, list(spec.tasks))
+    tags = {f"cell.{cell_name(c['method'], c['ratio'])}.mlflow_run_id": c["mlflow_run_id"]
+            for c in cells if c.get("mlflow_run_id")}
+    logged = log_evaluation(uri, run_id, metrics, tags=tags, files=files, artifact_path="report")
+    client.set_terminated(run_id, "FINISHED")
+    return {**logged, "metric_keys": sorted(metrics)}
 
 
 def run_sweep(spec: SweepSpec, out: Path, *, progress: bool = True) -> dict:
-    """Compute every missing cell (dense baseline included), then write the report and plots."""
-    from dotresize import CompressionConfig, DotOptions, compress, count_parameters
-    from dotresize.data import calibration_set, load_text, tokenize
-    from dotresize.sources import load_model, resolve_source
-
+    """Every cell through the pipeline (completed work reused), the dense baseline, then the report and MLflow."""
     from .report import write_report
 
+    started = time.time()
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cells").mkdir(exist_ok=True)
-    source = resolve_source(spec.model)
-    cells, test_ids, tokenizer = [], None, None
-    grid = [("dense", 0.0)] + [(m, r) for m in spec.methods for r in spec.ratios]
-    for method, ratio in grid:
-        path = out / "cells" / f"{method}-{ratio:g}.json"
-        key = spec.cell_key(method, ratio)
-        if path.is_file():
-            cached = json.loads(path.read_text())
-            if cached.get("key") == key:
-                log.info("reused %s at %g (%s)", method, ratio, key[:12])
-                cells.append(cached)
-                continue
-        log.info("computing %s at %g", method, ratio)
-        model, tokenizer = load_model(source)
-        if test_ids is None:
-            test_ids = tokenize(tokenizer, load_text("wikitext2-test").text)
-        start = time.perf_counter()
-        if method == "dense":
-            cell = {"width": int(model.config.hidden_size), "parameters": count_parameters(model),
-                    "compress_seconds": 0.0}
-        else:
-            dot = DotOptions(**{k: v for k, v in spec.overrides.items() if k in DotOptions.__dataclass_fields__})
-            rest = {k: v for k, v in spec.overrides.items() if k not in DotOptions.__dataclass_fields__}
-            config = CompressionConfig(method=method, ratio=ratio, seed=spec.seed, dot=dot, **rest)
-            calibration = calibration_set(tokenizer, spec.calib_data, samples=spec.calib_samples,
-                                          seqlen=spec.calib_seqlen, seed=spec.seed)
-            model, report = compress(model, calibration.input_ids, config, progress=progress)
-            cell = {"width": min(report.widths), "parameters": report.parameters_after,
-                    "compress_seconds": round(time.perf_counter() - start, 1), "widths": report.widths}
-        cell.update(method=method, ratio=ratio, key=key, **_evaluate(model, tokenizer, spec, test_ids))
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(cell, indent=2, sort_keys=True))
-        tmp.replace(path)
-        cells.append(cell)
-        del model
-    header = (f"# Sweep of {source.spec}\n\nWikiText-2 test perplexity (ctx {spec.ctx}, first {spec.max_windows} "
-              f"windows); calibration {spec.calib_samples} x {spec.calib_seqlen} tokens of {spec.calib_data} "
-              f"(seed {spec.seed}); zero-shot tasks: {', '.join(spec.tasks) or 'none'}"
-              f"{f' (first {spec.limit} examples each)' if spec.limit else ''}.")
+    cells = [_compress_cell(spec, out, m, r, progress) for m in spec.methods for r in spec.ratios]
+    first = cells[0]
+    cells.insert(0, _dense_cell(spec, out, first["source"], first, progress))
+    source = first["source"]
+    header = (f"# Sweep of {source['spec']}\n\n"
+              f"WikiText-2 test perplexity (ctx {spec.ctx}, first {spec.max_windows or 'all'} windows); calibration "
+              f"{spec.calib_samples} x {spec.calib_seqlen} tokens of {spec.calib_data} (seed {spec.seed}); "
+              f"{spec.mode} mode, {spec.layout} layout; zero-shot tasks: {', '.join(spec.tasks) or 'none'}"
+              f"{f' (first {spec.limit} examples each)' if spec.limit and spec.tasks else ''}"
+              + (f"; speed: forward of {spec.speed_batch} x {spec.speed_ctx or spec.ctx} tokens and greedy decoding "
+                 f"with a KV cache, medians of {spec.speed_repeats}" if spec.speed else "")
+              + f". Width d: the compressed residual width (the source has {cells[0]['width']}).")
     files = write_report(cells, list(spec.tasks), out, header)
-    return {"out": str(out), "cells": cells, "files": [str(f) for f in files]}
+    table = out / "table.json"
+    table.write_text(json.dumps({"spec": spec.to_dict(), "cells": [_public(c) for c in cells]}, indent=2,
+                                sort_keys=True, default=str))
+    files.append(table)
+    result = {"out": str(out), "cells": [_public(c) for c in cells], "files": [str(f) for f in files],
+              "mlflow": None}
+    if spec.mlflow:
+        result["mlflow"] = _log_sweep(spec, out, cells, files)
+    result["seconds"] = round(time.time() - started, 1)
+    return result
+
+
+def _public(cell: dict) -> dict:
+    """A cell without its bulky parts (the source record, the full perplexity protocol)."""
+    return {k: v for k, v in cell.items() if k not in ("source", "ppl_result")}
+
+
+__all__ = ["SweepSpec", "run_sweep", "sweep_metrics", "cell_name"]
