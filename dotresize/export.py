@@ -7,10 +7,12 @@ compression config, widths and the package version) and, for the per-point layou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,23 @@ def is_per_point(model: PreTrainedModel) -> bool:
     return bool(getattr(model.config, "dotresize", None))
 
 
+@contextlib.contextmanager
+def staged_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling directory to fill; on success it is renamed to ``out_dir`` (replacing it when
+    ``overwrite``), on failure removed: a reader never sees a half-written directory."""
+    out = check_output_dir(out_dir, overwrite).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_compressed(model: PreTrainedModel, out_dir: str | os.PathLike, *, tokenizer=None,
                     compression: dict[str, Any] | None = None, extra_json: dict[str, Any] | None = None,
                     overwrite: bool = False) -> Path:
@@ -62,10 +81,7 @@ def save_compressed(model: PreTrainedModel, out_dir: str | os.PathLike, *, token
     """
     from . import __version__
 
-    out = check_output_dir(out_dir, overwrite).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_directory(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -82,13 +98,7 @@ def save_compressed(model: PreTrainedModel, out_dir: str | os.PathLike, *, token
         })
         for name, data in (extra_json or {}).items():
             write_json_atomic(tmp / name, data)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir).resolve()
 
 
 def load_compressed(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,

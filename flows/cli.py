@@ -9,18 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-OFFLINE_DEFAULTS = {
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+from .settings import apply_offline_defaults
 
 log = logging.getLogger("dotresize")
 
@@ -339,22 +332,12 @@ def _compress_pipeline(args, config, out: Path | None) -> dict:
 def _copy_model(model_dir: Path, out: Path, overwrite: bool) -> Path:
     """Copy the run's model directory to ``out`` under a temporary name, then rename it into place."""
     import shutil
-    import tempfile
 
-    from dotresize.export import check_output_dir
+    from dotresize.export import staged_directory
 
-    out = check_output_dir(out, overwrite).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_directory(out, overwrite) as tmp:
         shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return out.resolve()
 
 
 def _compress_in_memory(args, config, out: Path) -> dict:
@@ -580,8 +563,7 @@ def cmd_verify(args) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    for key, value in OFFLINE_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    apply_offline_defaults()
     parser = build_parser()
     args = parser.parse_args(argv)
     from .logs import configure_cli_logging

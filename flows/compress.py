@@ -27,6 +27,8 @@ from prefect.futures import as_completed
 
 from dotresize.errors import DotResizeError
 from storage import RunDir, content_key
+
+from .settings import OFFLINE_DEFAULTS, apply_offline_defaults  # noqa: F401  (re-exported)
 from storage import rundir as paths
 from tasks import (
     absorb_task,
@@ -44,13 +46,6 @@ from tasks import (
     zero_shot_task,
 )
 
-OFFLINE_DEFAULTS = {
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 RECIPE_VERSION = 1
 RUN_KEY_VERSION = "1"
 
@@ -356,8 +351,7 @@ def run_compress(**kwargs: Any) -> dict:
     With ``dask_address`` and no ``PREFECT_API_URL``, a local Prefect server is started first so that remote
     Dask workers can report their task runs to it (an ephemeral in-process API is not reachable from them).
     """
-    for key, value in OFFLINE_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    apply_offline_defaults()
     logging.getLogger("distributed").setLevel(logging.WARNING)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

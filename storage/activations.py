@@ -129,8 +129,6 @@ class ActivationStore:
     """The run's ``activations.zarr`` (or another Zarr store of point groups, e.g. ``costs.zarr``)."""
 
     def __init__(self, run: RunDir, name: str = ACTIVATIONS):
-        import zarr
-
         self.run, self.name = run, name
         self._store = run.zarr_store(name)
         self.root = _open_or_create_root(self._store)

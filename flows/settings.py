@@ -1,0 +1,19 @@
+"""Process settings every entry point applies first: no telemetry, no analytics, quiet tokenizers."""
+
+from __future__ import annotations
+
+import os
+
+#: set unless the user set them: nothing leaves the machine, and tokenizers do not fork-warn
+OFFLINE_DEFAULTS = {
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def apply_offline_defaults() -> None:
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
