@@ -1,50 +1,73 @@
-"""Benchmark the torch Sinkhorn solver against POT at equal tolerance.
+"""Solver benchmark: the Sinkhorn + QR stage alone, our torch log-domain solver against POT's ``sinkhorn_log``.
 
-Run ``python -m benchmarks.solver --help`` for options.  For each size ``n x m``
-it builds a realistic cost matrix (Euclidean distances between neuron
-activation profiles of seeded random activations with a few heavy-tailed
-"massive" dimensions; targets are the ``m`` neurons with the largest mean
-``|x|``), then times ``sinkhorn_log`` (CPU, and CUDA if available), POT's
-``ot.bregman.sinkhorn_log`` (numpy and torch backends) and the reduced QR of
-the plan.  Prints a Markdown table and the machine description; ``--json``
-writes everything to a file.  Progress goes to stderr.
+For each size ``n x m`` a realistic cost matrix is built (distances between activation profiles of seeded
+random activations with a few heavy-tailed "massive" dimensions, targets = the ``m`` neurons of largest mean
+|x|, normalised by the median as DotOptions does), then these are timed, interleaved, medians of repeats:
+
+* ``torch`` — ``dotresize.bases.sinkhorn.sinkhorn_log`` on the CPU, and on CUDA whenever it is available;
+* ``pot-numpy`` / ``pot-torch`` — POT's ``ot.bregman.sinkhorn_log`` (skipped when POT is not installed);
+* the reduced QR of the plan (what the DOT basis does next), on each device.
+
+All solvers get the same tolerance and iteration cap and use the same stopping rule (POT's: every 10
+iterations, starting with the first, stop once ``||T.sum(0) - b||_2 < tol``), so they run the same number of
+iterations; the plans are compared entrywise (max |T_ours - T_ref| must be <= 1e-6; the relative difference
+to max T is printed too). If our solver is less than 5x faster than POT's numpy backend on the largest size,
+a profile of both is printed (``--profile auto``).
+
+Needs only torch and numpy (POT optional): the module loads ``dotresize/bases/sinkhorn.py`` by path, so it
+runs from a bare checkout, e.g. on a GPU machine:
+
+    python -m benchmarks solver --device cuda --json solver-cuda.json
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib.util
-import json
+import io
 import os
-import platform
-import statistics
+import pstats
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .common import (SHARED_MACHINE_NOTE, fmt, log, machine_info, machine_line, markdown_table, median,
+                     ratio, write_json)
+
 
 def _load_sinkhorn():
-    """Import dotresize.bases.sinkhorn, or load it by path if the package is incomplete."""
-    try:
-        from dotresize.bases import sinkhorn  # noqa: PLC0415
-
-        return sinkhorn
-    except ImportError:
-        path = Path(__file__).resolve().parents[1] / "dotresize" / "bases" / "sinkhorn.py"
-        spec = importlib.util.spec_from_file_location("_dotresize_sinkhorn", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        return mod
+    """``dotresize/bases/sinkhorn.py`` by path: it imports nothing but torch (and POT lazily)."""
+    path = Path(__file__).resolve().parents[1] / "dotresize" / "bases" / "sinkhorn.py"
+    name = "_dotresize_bench_sinkhorn"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 sk = _load_sinkhorn()
 
+SIZES: dict[str, dict[str, Any]] = {
+    # the issue's sizes at DotOptions' tolerance; POT numpy on 4096x3072 takes minutes per solve on 2 cores
+    "full": dict(sizes="576x460,2048x1536,4096x3072", repeats=5, pot_repeats=3, tol=1e-9, max_iter=2000,
+                 budget_s=900.0),
+    # the same sizes with an iteration cap (both solvers stop at the cap: identical iterates, per-iteration cost)
+    "reduced": dict(sizes="576x460,2048x1536,4096x3072", repeats=3, pot_repeats=1, tol=1e-9, max_iter=40,
+                    budget_s=120.0),
+    "tiny": dict(sizes="48x40,96x72", repeats=2, pot_repeats=1, tol=1e-9, max_iter=200, budget_s=10.0,
+                 profile="never"),
+}
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+
+def pot_available() -> bool:
+    return importlib.util.find_spec("ot") is not None
 
 
 def make_cost(n: int, m: int, *, tokens: int = 2048, seed: int = 0, normalize: str = "median"):
@@ -54,19 +77,16 @@ def make_cost(n: int, m: int, *, tokens: int = 2048, seed: int = 0, normalize: s
     g = torch.Generator().manual_seed(seed)
     dt = torch.float64
     rank = 64
-    # correlated activations: low-rank structure + per-neuron scale + noise
-    z = torch.randn(tokens, rank, generator=g, dtype=dt)
+    z = torch.randn(tokens, rank, generator=g, dtype=dt)  # correlated activations: low rank + scale + noise
     w = torch.randn(rank, n, generator=g, dtype=dt) / rank**0.5
     scale = torch.exp(0.5 * torch.randn(n, generator=g, dtype=dt))
     x = (z @ w + 0.5 * torch.randn(tokens, n, generator=g, dtype=dt)) * scale
-    # a few heavy-tailed "massive" dimensions: large spikes on ~1% of tokens
-    k = max(2, n // 1000)
+    k = max(2, n // 1000)  # a few heavy-tailed "massive" dimensions: large spikes on ~1% of tokens
     dims = torch.randperm(n, generator=g)[:k]
     spikes = torch.rand(tokens, k, generator=g, dtype=dt) < 0.01
     heavy = torch.randn(tokens, k, generator=g, dtype=dt) * torch.exp(torch.randn(tokens, k, generator=g, dtype=dt))
     x[:, dims] += 100.0 * spikes * heavy.abs() + 3.0 * heavy
     targets = torch.topk(x.abs().mean(0), m).indices.sort().values
-    # Euclidean distance from the Gram matrix: |xi|^2 + |xj|^2 - 2 <xi, xj>
     sq = (x * x).sum(0)
     d2 = sq[:, None] + sq[targets][None, :] - 2.0 * (x.T @ x[:, targets])
     cost = d2.clamp_min_(0.0).sqrt_()
@@ -81,132 +101,199 @@ def make_cost(n: int, m: int, *, tokens: int = 2048, seed: int = 0, normalize: s
     return a, b, cost
 
 
-def _timed(fn, repeats: int, label: str, cuda: bool = False):
-    times, res = [], None
-    for r in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        res = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        log(f"  {label}: run {r + 1}/{repeats} {times[-1]:.3f}s, {res.iterations} it, converged={res.converged}")
-    return statistics.median(times), res
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
-def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import ot  # noqa: PLC0415
-
-        pot = ot.__version__
-    except ImportError:
-        pot = None
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "pot": pot,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-    return info
+def solvers_for(devices: list[str], with_pot: bool, pot_torch: bool) -> list[tuple[str, str]]:
+    """(solver, device) pairs to time."""
+    out = [("torch", d) for d in devices]
+    if with_pot:
+        if "cpu" in devices:
+            out.append(("pot-numpy", "cpu"))
+            if pot_torch:
+                out.append(("pot-torch", "cpu"))
+        if pot_torch:
+            out += [("pot-torch", d) for d in devices if d.startswith("cuda")]
+    return out
 
 
-def bench_size(n, m, args) -> dict:
-    log(f"[{n}x{m}] building cost (tokens={args.tokens}, normalize={args.normalize})")
+def _solve(solver: str, device: str, problem, epsilon: float, tol: float, max_iter: int):
+    a, b, cost = problem[device]
+    if solver == "torch":
+        return sk.sinkhorn_log(a, b, cost, epsilon, tol=tol, max_iter=max_iter)
+    return sk.sinkhorn_pot(a, b, cost, epsilon, tol=tol, max_iter=max_iter, backend=solver.split("-")[1])
+
+
+def bench_size(n: int, m: int, args, devices: list[str], with_pot: bool) -> dict[str, Any]:
+    log(f"solver [{n}x{m}]: building the cost (tokens {args.tokens}, normalised by the {args.normalize})")
     a, b, cost = make_cost(n, m, tokens=args.tokens, seed=args.seed, normalize=args.normalize)
-    kw = dict(tol=args.tol, max_iter=args.max_iter)
-    row = {"n": n, "m": m, "epsilon": args.epsilon, "tol": args.tol, "max_iter": args.max_iter,
-           "cost_max": float(cost.max())}
+    problem = {d: (a.to(d), b.to(d), cost.to(d)) for d in set(devices) | {"cpu"}}
+    pairs = solvers_for(devices, with_pot, not args.no_pot_torch)
+    for device in devices:  # warm-up (CUDA context and kernels; allocator) on a small slice
+        if device.startswith("cuda"):
+            sk.sinkhorn_log(*problem[device], args.epsilon, tol=args.tol, max_iter=20)
+            _sync(device)
+    times: dict[tuple[str, str], list[float]] = {p: [] for p in pairs}
+    results: dict[tuple[str, str], Any] = {}
+    spent: dict[tuple[str, str], float] = {p: 0.0 for p in pairs}
+    for rep in range(max(args.repeats, args.pot_repeats)):
+        for pair in pairs:
+            solver, device = pair
+            wanted = args.repeats if solver == "torch" else args.pot_repeats
+            if rep >= wanted or (rep > 0 and spent[pair] > args.budget_s):
+                continue
+            _sync(device)
+            start = time.perf_counter()
+            result = _solve(solver, device, problem, args.epsilon, args.tol, args.max_iter)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            spent[pair] += elapsed
+            times[pair].append(elapsed)
+            results[pair] = result
+            log(f"  {solver} on {device}: run {rep + 1}: {elapsed:.3f} s, {result.iterations} iterations, "
+                f"converged {result.converged}")
+    reference_pair = ("pot-numpy", "cpu") if ("pot-numpy", "cpu") in results else None
+    if reference_pair is None:  # no POT: the CPU torch solver is the reference (computed once if not timed)
+        if ("torch", "cpu") not in results:
+            results[("torch", "cpu-reference")] = sk.sinkhorn_log(*problem["cpu"], args.epsilon, tol=args.tol,
+                                                                  max_iter=args.max_iter)
+            reference_pair = ("torch", "cpu-reference")
+        else:
+            reference_pair = ("torch", "cpu")
+    reference = results[reference_pair].plan.cpu()
+    plan_max = float(reference.abs().max())
+    rows = []
+    pot_numpy_s = median(times.get(("pot-numpy", "cpu"), []))
+    for pair in pairs:
+        solver, device = pair
+        if not times[pair]:
+            continue
+        result = results[pair]
+        diff = float((result.plan.cpu() - reference).abs().max())
+        t = median(times[pair])
+        rows.append({"solver": solver, "device": device, "seconds": t, "seconds_all": times[pair],
+                     "iterations": result.iterations, "converged": result.converged,
+                     "seconds_per_iteration": t / max(result.iterations, 1),
+                     "marginal_error": result.marginal_error, "max_abs_diff": diff, "rel_diff": diff / plan_max,
+                     "agree": diff <= 1e-6, "speedup_vs_pot_numpy": ratio(pot_numpy_s, t)})
+    qr = []
+    plan_cpu = results[("torch", "cpu")].plan if ("torch", "cpu") in results else reference
+    for device in devices:
+        plan = plan_cpu.to(device)
+        torch.linalg.qr(plan[: min(64, n), : min(48, m)], mode="reduced")  # warm-up (LAPACK / cuSOLVER)
+        qt = []
+        for _ in range(args.repeats):
+            _sync(device)
+            start = time.perf_counter()
+            _, r = torch.linalg.qr(plan, mode="reduced")
+            _sync(device)
+            qt.append(time.perf_counter() - start)
+        qr.append({"device": device, "seconds": median(qt), "seconds_all": qt,
+                   "cond_r": float(torch.linalg.cond(r.cpu()))})
+    torch_cpu = next((r for r in rows if r["solver"] == "torch" and r["device"] == "cpu"), None)
+    out = {"n": n, "m": m, "epsilon": args.epsilon, "tol": args.tol, "max_iter": args.max_iter,
+           "reference": "/".join(reference_pair), "plan_max": plan_max, "rows": rows, "qr": qr,
+           "same_iterations": len({r["iterations"] for r in rows}) == 1,
+           "speedup_torch_cpu_vs_pot_numpy": torch_cpu["speedup_vs_pot_numpy"] if torch_cpu else None}
+    log(f"solver [{n}x{m}]: POT numpy / ours (CPU) = {fmt(out['speedup_torch_cpu_vs_pot_numpy'], '.1f')}x")
+    return out
 
-    t, ours = _timed(lambda: sk.sinkhorn_log(a, b, cost, args.epsilon, **kw), args.repeats, "torch cpu")
-    row.update(torch_cpu_s=t, torch_iters=ours.iterations, torch_converged=ours.converged,
-               torch_marginal_error=ours.marginal_error)
 
-    row["torch_lse_s"] = None
-    if args.lse:
-        t, res_l = _timed(lambda: sk.sinkhorn_log(a, b, cost, args.epsilon, method="logsumexp", **kw),
-                          args.repeats, "torch cpu (method=logsumexp)")
-        row["torch_lse_s"] = t
-        row["torch_lse_iters"] = res_l.iterations
+def profile_size(n: int, m: int, args, with_pot: bool, iterations: int = 60) -> dict[str, str]:
+    """torch.profiler of our solver and cProfile of POT numpy on the same problem, ``iterations`` each."""
+    a, b, cost = make_cost(n, m, tokens=args.tokens, seed=args.seed, normalize=args.normalize)
+    out = {}
+    from torch.profiler import ProfilerActivity, profile
 
-    row["torch_cuda_s"] = None
-    if torch.cuda.is_available():
-        ac, bc, cc = a.cuda(), b.cuda(), cost.cuda()
-        sk.sinkhorn_log(ac, bc, cc, args.epsilon, **kw)  # warm-up (CUDA context, kernels)
-        t, res_c = _timed(lambda: sk.sinkhorn_log(ac, bc, cc, args.epsilon, **kw), args.repeats, "torch cuda", True)
-        row["torch_cuda_s"] = t
-        row["cuda_vs_cpu_maxdiff"] = float((res_c.plan.cpu() - ours.plan).abs().max())
-
-    pot_reps = args.pot_repeats or args.repeats
-    t, pot = _timed(lambda: sk.sinkhorn_pot(a, b, cost, args.epsilon, backend="numpy", **kw), pot_reps, "pot numpy")
-    row.update(pot_numpy_s=t, pot_iters=pot.iterations, pot_converged=pot.converged,
-               pot_marginal_error=pot.marginal_error)
-
-    row["pot_torch_s"] = None
-    if not args.no_pot_torch:
-        t, pot_t = _timed(lambda: sk.sinkhorn_pot(a, b, cost, args.epsilon, backend="torch", **kw), pot_reps,
-                          "pot torch")
-        row["pot_torch_s"] = t
-        row["pot_torch_iters"] = pot_t.iterations
-
-    scale = float(pot.plan.abs().max())
-    diff = float((ours.plan - pot.plan).abs().max())
-    row.update(ratio_pot_numpy_over_torch=row["pot_numpy_s"] / row["torch_cpu_s"], max_abs_diff=diff,
-               plan_max=scale, rel_diff=diff / scale, agree=diff <= 1e-6 * scale)
-
-    qr_times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        _, r = torch.linalg.qr(ours.plan, mode="reduced")
-        qr_times.append(time.perf_counter() - t0)
-    row["qr_s"] = statistics.median(qr_times)
-    row["cond_R"] = float(torch.linalg.cond(r))
-    log(f"[{n}x{m}] ours {row['torch_cpu_s']:.3f}s vs POT numpy {row['pot_numpy_s']:.3f}s "
-        f"-> {row['ratio_pot_numpy_over_torch']:.1f}x; max|dT|/max T = {row['rel_diff']:.2e}")
-    return row
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        sk.sinkhorn_log(a, b, cost, args.epsilon, tol=args.tol, max_iter=iterations)
+    out["torch"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    if with_pot:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        sk.sinkhorn_pot(a, b, cost, args.epsilon, tol=args.tol, max_iter=iterations, backend="numpy")
+        profiler.disable()
+        stream = io.StringIO()
+        pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(12)
+        out["pot-numpy"] = stream.getvalue()
+    return out
 
 
-def _fmt(x, spec=".3f"):
-    return "-" if x is None else format(x, spec)
+def run_solver(*, sizes: str, repeats: int, pot_repeats: int, tol: float, max_iter: int, budget_s: float,
+               epsilon: float = 0.05, tokens: int = 2048, normalize: str = "median", seed: int = 0,
+               device: str = "auto", no_pot_torch: bool = False, profile: str = "auto",
+               threads: int | None = None) -> dict[str, Any]:
+    if threads:
+        torch.set_num_threads(threads)
+    args = argparse.Namespace(repeats=repeats, pot_repeats=pot_repeats, tol=tol, max_iter=max_iter,
+                              budget_s=budget_s, epsilon=epsilon, tokens=tokens, normalize=normalize, seed=seed,
+                              no_pot_torch=no_pot_torch)
+    if device == "auto":
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        devices = [d.strip() for d in device.split(",") if d.strip()]
+        if any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
+    with_pot = pot_available()
+    if not with_pot:
+        log("solver: POT is not installed: the POT rows are skipped")
+    info = machine_info()
+    started = time.perf_counter()
+    results = [bench_size(n, m, args, devices, with_pot) for n, m in parse_sizes(sizes)]
+    info["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    largest = max(results, key=lambda r: r["n"] * r["m"])
+    speedup = largest["speedup_torch_cpu_vs_pot_numpy"]
+    profiles = None
+    if profile == "always" or (profile == "auto" and speedup is not None and speedup < 5.0):
+        log("solver: profiling the largest size")
+        profiles = profile_size(largest["n"], largest["m"], args, with_pot)
+    result = {"benchmark": "solver", "machine": info, "devices": devices, "pot": with_pot,
+              "settings": {"epsilon": epsilon, "tol": tol, "max_iter": max_iter, "tokens": tokens,
+                           "normalize": normalize, "seed": seed, "repeats": repeats, "pot_repeats": pot_repeats,
+                           "budget_s": budget_s},
+              "sizes": results, "largest": f"{largest['n']}x{largest['m']}",
+              "speedup_largest_torch_cpu_vs_pot_numpy": speedup, "target_5x_met": None if speedup is None
+              else speedup >= 5.0, "profiles": profiles, "seconds": round(time.perf_counter() - started, 1)}
+    result["markdown"] = markdown(result)
+    return result
 
 
-def markdown(rows, info) -> str:
-    head = ("| size | iters ours/POT | ours CPU (s) | ours CPU logsumexp (s) | ours CUDA (s) | POT numpy (s) "
-            "| POT torch (s) | POT-numpy / ours | max abs diff / max T | <= 1e-6? | QR (s) | cond(R) |")
-    lines = [head, "|" + "---|" * 12]
-    for r in rows:
-        lines.append(
-            f"| {r['n']}x{r['m']} | {r['torch_iters']}/{r['pot_iters']} | {_fmt(r['torch_cpu_s'])} "
-            f"| {_fmt(r['torch_lse_s'])} "
-            f"| {_fmt(r['torch_cuda_s'])} | {_fmt(r['pot_numpy_s'])} | {_fmt(r['pot_torch_s'])} "
-            f"| {r['ratio_pot_numpy_over_torch']:.1f}x | {r['rel_diff']:.1e} | {'yes' if r['agree'] else 'NO'} "
-            f"| {_fmt(r['qr_s'])} | {r['cond_R']:.2e} |"
-        )
-    a = rows[0] if rows else {}
-    lines.append("")
-    lines.append(
-        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
-        f"POT {info['pot']}, Python {info['python']}" + (f", CUDA: {info['cuda']}" if info["cuda"] else ", no CUDA")
-        + f"; 1-min load average {info['loadavg_start']} at start, {info.get('loadavg_end')} at end"
-    )
-    if a:
-        lines.append(f"epsilon={a['epsilon']}, tol={a['tol']}, max_iter={a['max_iter']}, float64, uniform marginals")
+def markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    header = ["size", "solver", "device", "iterations", "converged", "median s", "ms / iteration",
+              "runs", "× faster than POT numpy", "max |ΔT|", "max |ΔT| / max T", "≤ 1e-6"]
+    table = []
+    for size in result["sizes"]:
+        for r in size["rows"]:
+            table.append([f"{size['n']}x{size['m']}", r["solver"], r["device"], r["iterations"],
+                          "yes" if r["converged"] else "no", f"{r['seconds']:.3f}",
+                          f"{1000 * r['seconds_per_iteration']:.2f}", len(r["seconds_all"]),
+                          fmt(r["speedup_vs_pot_numpy"], ".1f"), f"{r['max_abs_diff']:.1e}",
+                          f"{r['rel_diff']:.1e}", "yes" if r["agree"] else "NO"])
+    qr = [[f"{size['n']}x{size['m']}", q["device"], f"{q['seconds']:.3f}", f"{q['cond_r']:.3g}"]
+          for size in result["sizes"] for q in size["qr"]]
+    speedup = result["speedup_largest_torch_cpu_vs_pot_numpy"]
+    verdict = ("no POT on this machine: no ratio" if speedup is None else
+               f"torch (CPU) is **{speedup:.1f}×** faster than POT numpy `sinkhorn_log` on {result['largest']} "
+               f"({'meets' if speedup >= 5 else 'misses'} the 5× target)")
+    lines = ["### Solver: Sinkhorn (log domain, float64) + QR", "",
+             f"ε = {s['epsilon']} on a cost normalised by its {s['normalize']}, uniform marginals, tol {s['tol']:g}, "
+             f"max_iter {s['max_iter']}, POT's stopping rule for every solver; medians of up to {s['repeats']} "
+             f"(ours) / {s['pot_repeats']} (POT) interleaved runs, fewer once a solver has used {s['budget_s']:.0f} s "
+             f"on a size. Reference plan for |ΔT|: POT numpy when installed, else ours on the CPU.", "",
+             markdown_table(header, table), "", "Reduced QR of the plan:", "",
+             markdown_table(["size", "device", "median s", "cond(R)"], qr), "", verdict + ".", "",
+             f"Machine: {machine_line(result['machine'])}; {SHARED_MACHINE_NOTE}."]
+    if result.get("profiles"):
+        lines += ["", "Profile of the largest size (60 iterations each):", ""]
+        for name, text in result["profiles"].items():
+            lines += [f"{name}:", "```", text.strip(), "```"]
     return "\n".join(lines)
 
 
-def parse_sizes(text: str):
+def parse_sizes(text: str) -> list[tuple[int, int]]:
     out = []
     for part in text.split(","):
         try:
@@ -217,31 +304,52 @@ def parse_sizes(text: str):
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.solver", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="576x460,2048x1536,4096x3072", help="comma-separated NxM (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per solver; the median is reported")
-    p.add_argument("--pot-repeats", type=int, default=None, help="runs for POT solvers (default: --repeats)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", choices=sorted(SIZES), default="full", help="preset (default: full)")
+    p.add_argument("--sizes", default=None, help="comma-separated NxM, e.g. 576x460,4096x3072")
+    p.add_argument("--device", default="auto",
+                   help="auto (CPU, plus CUDA when available), cpu, cuda, or a comma-separated list")
+    p.add_argument("--repeats", type=int, default=None, help="runs of our solver per size (median reported)")
+    p.add_argument("--pot-repeats", type=int, default=None, help="runs of each POT solver per size")
+    p.add_argument("--budget-s", type=float, default=None, help="stop repeating a solver after this many seconds")
     p.add_argument("--epsilon", type=float, default=0.05)
-    p.add_argument("--tol", type=float, default=1e-9)
-    p.add_argument("--max-iter", type=int, default=2000)
-    p.add_argument("--tokens", type=int, default=2048, help="activation rows N")
-    p.add_argument("--normalize", choices=("median", "max"), default="median", help="divide the cost by this")
+    p.add_argument("--tol", type=float, default=None)
+    p.add_argument("--max-iter", type=int, default=None)
+    p.add_argument("--tokens", type=int, default=2048, help="activation rows behind the cost")
+    p.add_argument("--normalize", choices=("median", "max"), default="median")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lse", action="store_true", help="also time sinkhorn_log(method='logsumexp')")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-pot-torch", action="store_true", help="skip POT's torch backend")
-    p.add_argument("--json", type=Path, default=None, help="write results to this JSON file")
-    args = p.parse_args(argv)
+    p.add_argument("--profile", choices=("auto", "always", "never"), default=None,
+                   help="profile the largest size (auto: when ours is < 5x faster than POT numpy)")
+    p.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
+    p.add_argument("--markdown", type=Path, default=None)
 
-    info = machine_info()
-    log(f"machine: {info}")
-    rows = [bench_size(n, m, args) for n, m in parse_sizes(args.sizes)]
-    info["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    print(markdown(rows, info))
+
+def options_from_args(args) -> dict[str, Any]:
+    preset = dict(SIZES[args.size])
+    for key in ("sizes", "repeats", "pot_repeats", "budget_s", "tol", "max_iter"):
+        value = getattr(args, key)
+        if value is not None:
+            preset[key] = value
+    preset.setdefault("profile", "auto")
+    if args.profile is not None:
+        preset["profile"] = args.profile
+    return dict(preset, epsilon=args.epsilon, tokens=args.tokens, normalize=args.normalize, seed=args.seed,
+                device=args.device, no_pot_torch=args.no_pot_torch, threads=args.threads)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks solver", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    result = run_solver(**options_from_args(args))
+    print(result["markdown"])
     if args.json is not None:
-        args.json.write_text(json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "results": rows}, indent=2))
+        write_json(args.json, result)
         log(f"wrote {args.json}")
+    if args.markdown is not None:
+        args.markdown.write_text(result["markdown"] + "\n")
     return 0
 
 
