@@ -47,7 +47,9 @@ def _experiment_id(client, uri: str, run: RunDir) -> str:
     if experiment is not None:
         return experiment.experiment_id
     artifact_location = None
-    if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
+    # the default database gets its artifacts beside it (not ./mlruns of the working directory); note that
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so the environment cannot tell the default apart
+    if uri == f"sqlite:///{mlflow_home(run) / 'mlflow.db'}":
         artifact_location = (mlflow_home(run) / "mlartifacts").as_uri()
     try:
         return client.create_experiment(EXPERIMENT, artifact_location=artifact_location)
@@ -192,7 +194,23 @@ def _mlmodel(run_id: str, bundle: dict) -> str:
 
 
 def log_compression(run_url: str, bundle: dict, register_name: str | None = None) -> dict:
-    """Log one compression to MLflow and register its model; reuses the run of an identical earlier call."""
+    """Log one compression to MLflow and register its model; reuses the run of an identical earlier call.
+
+    ``bundle["tags"]`` (optional) are set on the run and the model version (the version is created with them,
+    atomically); ``bundle["lineage_sha256"]`` is recorded as the tag ``dotresize.lineage_sha256``. A run whose
+    version was registered before a crash gets that version back, never a second one.
+    """
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        return _log_compression(run_url, bundle, register_name)
+    finally:  # mlflow.set_tracking_uri exports the URI: do not let it leak into later runs of this process
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def _log_compression(run_url: str, bundle: dict, register_name: str | None = None) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
@@ -206,7 +224,8 @@ def log_compression(run_url: str, bundle: dict, register_name: str | None = None
     name = register_name or bundle["default_register_name"]
     previous = run.read_json(layout.MLFLOW) or {}
     if (previous.get("tracking_uri") == uri and previous.get("model_sha256") == export["model_sha256"]
-            and previous.get("registered_model") == name and previous.get("complete")):
+            and previous.get("registered_model") == name and previous.get("complete")
+            and previous.get("lineage_sha256") == bundle.get("lineage_sha256")):
         try:
             if client.get_run(previous["run_id"]).info.status == "FINISHED" and \
                     client.get_model_version(name, str(previous["version"])).run_id == previous["run_id"]:
@@ -248,21 +267,32 @@ def log_compression(run_url: str, bundle: dict, register_name: str | None = None
         tags = {"dotresize.run_dir": run.uri(), "dotresize.run_key": bundle["run_key"],
                 "dotresize.model_sha256": export["model_sha256"], "dotresize.mode": bundle["recipe"]["config"]["mode"],
                 "dotresize.layout": bundle["recipe"]["config"]["layout"]}
+        extra_tags = {str(k): str(v) for k, v in (bundle.get("tags") or {}).items()}
+        if bundle.get("lineage_sha256"):
+            extra_tags["dotresize.lineage_sha256"] = bundle["lineage_sha256"]
+        tags.update(extra_tags)
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         _log_inputs(mlflow, run, bundle)
         _log_artifacts(mlflow, run, bundle)
         with run.local_copy(layout.MODEL) as model_dir:
             mlflow.log_artifacts(str(model_dir), artifact_path="model")
         mlflow.log_text(_mlmodel(run_id, bundle), "model/MLmodel")
-        version = mlflow.register_model(f"runs:/{run_id}/model", name,
-                                        tags={"model_sha256": export["model_sha256"],
-                                              "run_key": bundle["run_key"]})
+        version_tags = {"model_sha256": export["model_sha256"], "run_key": bundle["run_key"], **extra_tags}
+        registered = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'") \
+            if "'" not in name else []
+        if registered:  # registered before a crash: that version, never a second one
+            version = min(registered, key=lambda v: int(v.version))
+            for key, value in version_tags.items():
+                client.set_model_version_tag(name, version.version, key, value)
+        else:
+            version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=version_tags)
         try:
             client.set_registered_model_alias(name, ALIAS, version.version)
         except Exception:
             pass
     record = {"tracking_uri": uri, "run_id": run_id, "model_sha256": export["model_sha256"],
-              "registered_model": name, "version": int(version.version), "source": version.source, "complete": True}
+              "registered_model": name, "version": int(version.version), "source": version.source, "complete": True,
+              "lineage_sha256": bundle.get("lineage_sha256")}
     run.write_json(layout.MLFLOW, record)
     return {**record, "reused": False}
 

@@ -1,0 +1,358 @@
+"""The watch flow: compress every checkpoint of a training run not yet compressed with a recipe, exactly once.
+
+One tick (one run of :func:`watch_flow`):
+
+1. find the checkpoints of ``source`` (a directory of ``checkpoint-*`` folders or ``.gguf`` files, a list of
+   them, or hub revisions where the hub is reachable);
+2. leave any checkpoint that is still being written for the next tick (``storage.checkpoints``: no config, an
+   unreadable or short safetensors/GGUF file, a shard the index names but that is not there, a missing marker
+   file, or sizes that change across two looks ``settle_seconds`` apart);
+3. for every ready checkpoint and every variant (ratio) of the recipe, the *identity* is the source digest
+   (sha256 of the weight files and the config/tokenizer files) + the variant's recipe hash. A registered MLflow
+   model version tagged ``dotresize.identity`` with it means done; otherwise, under an exclusive lock on
+   ``<home>/locks/<identity>.lock``, look again, then run :func:`flows.compress.compress_flow` as a subflow into
+   the identity's own run directory, which registers the version with the identity tags.
+
+Exactly once: the check, the compression and the registration of one identity happen under its lock, and a
+version is only ever looked up by its identity tag, which is written with the version. A second watch run that
+finds the lock taken leaves that checkpoint to its holder (``busy``; ``wait_for_lock`` waits instead). A crash
+mid-way leaves no version and releases the lock (the OS drops ``flock`` locks of dead processes): the next tick
+compresses it again, resuming the stages already in the identity's run directory, and re-registering reuses
+the version of that MLflow run if the crash came after registration.
+
+The lock is a local file next to the MLflow database, so it coordinates every watcher on this machine (and on
+a shared filesystem that supports ``flock``); watchers on separate machines sharing only a remote tracking
+server are not serialised by it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from dotresize.errors import DotResizeError
+from storage import RunDir, digest_of_digests
+from storage.checkpoints import Checkpoint, DigestCache, discover, snapshot, static_problem
+from storage.locks import FileLock
+
+from flows.recipe import Recipe, Variant, load_recipe
+
+TAG_IDENTITY = "dotresize.identity"
+TAG_RECIPE = "dotresize.recipe_sha256"
+TAG_SOURCE = "dotresize.source_digest"
+TAG_CHECKPOINT = "dotresize.checkpoint"
+TAG_RECIPE_NAME = "dotresize.recipe_name"
+TAG_WATCH_SOURCE = "dotresize.watch_source"
+TAG_REVISION = "dotresize.revision"
+IDENTITY_VERSION = "1"
+
+log = logging.getLogger("dotresize")
+
+
+class WatchError(DotResizeError):
+    """The watched source cannot be read, or some checkpoints could not be compressed."""
+
+
+# --- identity -------------------------------------------------------------------------------------------------
+def identity_of(source_digest: str, recipe_sha256: str) -> str:
+    """The identity of "this checkpoint's content compressed with this recipe variant"."""
+    return digest_of_digests({"identity": IDENTITY_VERSION, "source": source_digest, "recipe": recipe_sha256})
+
+
+def source_meta(checkpoint: Checkpoint, cache: DigestCache | None = None) -> dict:
+    """The source record compress_flow will compute for this checkpoint (same digest), with cached sha256s."""
+    from dotresize.sources import resolve_source
+    from tasks.prepare import _SIDE_FILES, source_digest
+
+    cache = cache or DigestCache()
+    source = resolve_source(checkpoint.spec)
+    meta = {"spec": checkpoint.spec, "gguf_file": source.gguf_file,
+            "weights_sha256": {p.name: cache.sha256(p) for p in source.weight_files}}
+    if not source.gguf_file:
+        meta["files_sha256"] = {name: cache.sha256(source.directory / name) for name in _SIDE_FILES
+                                if (source.directory / name).is_file()}
+    meta["digest"] = source_digest(meta)
+    return meta
+
+
+# --- where things go ------------------------------------------------------------------------------------------
+def runs_root(runs_dir: str | None = None) -> Path:
+    """Run directories of the watch: ``runs_dir``, else ``$DOTRESIZE_HOME/runs``, else ``./runs``."""
+    if runs_dir:
+        return Path(runs_dir).expanduser().resolve()
+    if os.environ.get("DOTRESIZE_HOME"):
+        return Path(os.environ["DOTRESIZE_HOME"]).expanduser().resolve() / "runs"
+    return (Path.cwd() / "runs").resolve()
+
+
+def _probe_run(root: Path) -> RunDir:
+    """A run directory name under ``root``: what the MLflow home and tracking URI are computed from."""
+    return RunDir(str(root / "_"))
+
+
+def home_of(root: Path) -> Path:
+    from flows.mlflow_logging import mlflow_home
+
+    return mlflow_home(_probe_run(root))
+
+
+def tracking_uri_of(root: Path) -> str:
+    from flows.mlflow_logging import tracking_uri
+
+    return tracking_uri(_probe_run(root))
+
+
+def lock_path(root: Path, identity: str) -> Path:
+    return home_of(root) / "locks" / f"{identity}.lock"
+
+
+def run_dir_of(root: Path, checkpoint: Checkpoint, variant: Variant, identity: str) -> Path:
+    from flows.compress import slug
+
+    return root / f"{slug(checkpoint.name)}-{variant.resolved['method']}-{variant.ratio:g}-{identity[:12]}"
+
+
+def _tracking_client(root: Path):
+    """An MlflowClient of the watch's tracking URI; a fresh local database is created under a lock (two
+    processes creating the same SQLite database at once race in its schema migrations)."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri_of(root)
+    with FileLock(home_of(root) / "locks" / "mlflow-db.lock"):
+        client = MlflowClient(uri, registry_uri=uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    return client
+
+
+def find_version(client, identity: str):
+    """The registered model version with this identity tag (the oldest if ever more than one), else None."""
+    versions = [v for v in client.search_model_versions(f"tags.`{TAG_IDENTITY}` = '{identity}'")
+                if str(getattr(v, "status", "READY")) in ("READY", "ModelVersionStatus.READY")]
+    if not versions:
+        return None
+    return min(versions, key=lambda v: int(v.version))
+
+
+# --- sources ----------------------------------------------------------------------------------------------------
+def _hub_checkpoints(repo: str, revisions: list[str]) -> list[Checkpoint]:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise WatchError(f"hub revisions of {repo} need the Hugging Face hub, which is not reachable here "
+                         "(HF_HUB_OFFLINE=1): watch a local directory of checkpoints instead")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        raise WatchError("hub revisions need huggingface_hub") from None
+    out = []
+    for revision in revisions:
+        try:
+            local = snapshot_download(repo, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"])
+        except Exception as error:
+            raise WatchError(f"cannot download {repo}@{revision} from the hub: {str(error).splitlines()[0]}") \
+                from None
+        out.append(Checkpoint(f"{repo}@{revision}", Path(local).resolve(), "hf-dir"))
+    return out
+
+
+def find_checkpoints(source: Any, pattern: str = "*") -> list[Checkpoint]:
+    """Checkpoints of ``source``: a directory (or one checkpoint), a list of them or of ``org/name@revision``
+    hub ids, ``hub:org/name@rev1,rev2``, or ``{"hub": "org/name", "revisions": [...]}``."""
+    if isinstance(source, dict):
+        if set(source) - {"hub", "revisions"} or not source.get("hub"):
+            raise WatchError("a hub source is {hub: org/name, revisions: [rev, ...]}")
+        return _hub_checkpoints(str(source["hub"]), [str(r) for r in source.get("revisions") or ["main"]])
+    if isinstance(source, (list, tuple)):
+        out: list[Checkpoint] = []
+        for item in source:
+            out.extend(find_checkpoints(item, pattern))
+        return out
+    text = str(source)
+    if text.startswith("hub:"):
+        repo, _, revisions = text[4:].partition("@")
+        return _hub_checkpoints(repo, [r for r in revisions.split(",") if r] or ["main"])
+    path = Path(text).expanduser()
+    if not path.exists():
+        if "@" in text and "/" in text.split("@")[0] and not text.startswith((".", "/", "~")):
+            repo, _, revision = text.partition("@")
+            return _hub_checkpoints(repo, [revision])
+        raise WatchError(f"{text} does not exist: pass a directory of checkpoints, a checkpoint, or hub revisions "
+                         "(hub:org/name@rev1,rev2)")
+    return discover(path, pattern)
+
+
+def default_register_name(source: Any) -> str:
+    from flows.compress import slug
+
+    if isinstance(source, dict):
+        return f"dotresize-{slug(str(source.get('hub', 'hub')))}"
+    if isinstance(source, (list, tuple)):
+        source = source[0] if source else "checkpoints"
+    text = str(source)
+    if text.startswith("hub:"):
+        text = text[4:].split("@")[0]
+    return f"dotresize-{slug(text.split('@')[0])}"
+
+
+# --- the flow -------------------------------------------------------------------------------------------------
+def _ready(checkpoints: list[Checkpoint], settle_seconds: float, marker: str | None) -> tuple[list, list]:
+    """(ready, pending): pending ones with the reason; two looks ``settle_seconds`` apart for stability."""
+    pending, candidates = [], []
+    for checkpoint in checkpoints:
+        problem = static_problem(checkpoint, marker)
+        if problem:
+            pending.append({"checkpoint": checkpoint.name, "reason": problem})
+        else:
+            candidates.append(checkpoint)
+    first = {c.path: snapshot(c) for c in candidates}
+    if candidates and settle_seconds > 0:
+        time.sleep(settle_seconds)
+    ready = []
+    for checkpoint in candidates:
+        if snapshot(checkpoint) != first[checkpoint.path]:
+            pending.append({"checkpoint": checkpoint.name, "reason": "still being written (its files changed "
+                                                                     f"within {settle_seconds:g} s)"})
+            continue
+        problem = static_problem(checkpoint, marker)  # complete after the wait too
+        if problem:
+            pending.append({"checkpoint": checkpoint.name, "reason": problem})
+        else:
+            ready.append(checkpoint)
+    return ready, pending
+
+
+def _tags(checkpoint: Checkpoint, variant: Variant, identity: str, source: dict, recipe: Recipe,
+          watch_source: Any) -> dict[str, str]:
+    tags = {TAG_IDENTITY: identity, TAG_RECIPE: variant.sha256, TAG_SOURCE: source["digest"],
+            TAG_CHECKPOINT: checkpoint.name, TAG_RECIPE_NAME: recipe.name,
+            TAG_WATCH_SOURCE: str(watch_source)[:500]}
+    if "@" in checkpoint.name and checkpoint.path.parent.name == "snapshots":
+        tags[TAG_REVISION] = checkpoint.path.name  # the hub commit of a snapshot
+    return tags
+
+
+def _compress_one(checkpoint: Checkpoint, variant: Variant, identity: str, source: dict, recipe: Recipe, *,
+                  root: Path, client, register_name: str, wait_for_lock: bool, lock_timeout: float | None,
+                  watch_source: Any, extra: dict) -> tuple[str, dict]:
+    """("existing" | "compressed" | "busy", record) for one identity, under its lock."""
+    from flows.compress import compress_flow
+
+    logger = get_run_logger()
+    record = {"checkpoint": checkpoint.name, "ratio": variant.ratio, "identity": identity}
+    lock = FileLock(lock_path(root, identity), blocking=wait_for_lock, timeout=lock_timeout)
+    with lock as held:
+        if not held:
+            logger.info("%s (ratio %g): another watch run holds %s (%s); left to it", checkpoint.name,
+                        variant.ratio, lock.path.name[:16], lock.holder())
+            return "busy", {**record, "holder": lock.holder()}
+        existing = find_version(client, identity)
+        if existing is not None:
+            return "existing", {**record, "registered_model": existing.name, "model_version": int(existing.version)}
+        run_dir = run_dir_of(root, checkpoint, variant, identity)
+        logger.info("%s (ratio %g): compressing into %s", checkpoint.name, variant.ratio, run_dir)
+        result = compress_flow(model=checkpoint.spec, run_dir=str(run_dir), mlflow=True,
+                               register_name=register_name, progress=False, expect_source_digest=source["digest"],
+                               tags=_tags(checkpoint, variant, identity, source, recipe, watch_source),
+                               **variant.compress_kwargs(), **extra)
+        return "compressed", {**record, "registered_model": result["registered_model"],
+                              "model_version": result["model_version"], "run_dir": result["run_dir"],
+                              "mlflow_run_id": result["mlflow_run_id"], "model_sha256": result["model_sha256"],
+                              "ppl": (result.get("ppl") or {}).get("ppl")}
+
+
+@flow(name="dotresize-watch", persist_result=False, log_prints=False)
+def watch_flow(source: Any, recipe: Any, runs_dir: str | None = None, pattern: str = "*",
+               settle_seconds: float = 5.0, marker: str | None = None, register_name: str | None = None,
+               wait_for_lock: bool = False, lock_timeout: float | None = None, n_workers: int | None = None,
+               device: str | None = None) -> dict:
+    """One tick: compress and register every checkpoint of ``source`` not yet compressed with ``recipe``.
+
+    ``source``: a directory of checkpoint folders / ``.gguf`` files (``pattern`` filters their names), a list,
+    or hub revisions (``hub:org/name@rev1,rev2``). ``recipe``: a YAML recipe file (see :mod:`flows.recipe`) or
+    the same as a mapping. ``runs_dir``: where run directories go (default ``$DOTRESIZE_HOME/runs`` or
+    ``./runs``; MLflow lives beside it as for ``dotresize compress``). ``settle_seconds``: a checkpoint's files
+    must be unchanged for this long. ``marker``: a file a checkpoint must contain to count as complete (e.g.
+    ``trainer_state.json``). ``register_name``: the registered model (default: the recipe's, else
+    ``dotresize-<source name>``).
+
+    Returns ``{compressed, existing, busy, pending, failed}`` (lists of records); raises :class:`WatchError`
+    after the tick if any compression failed (the others are kept).
+    """
+    from flows.compress import OFFLINE_DEFAULTS
+
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    logger = get_run_logger()
+    spec = load_recipe(recipe)
+    root = runs_root(runs_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    register_name = register_name or spec.variants[0].register_name or default_register_name(source)
+    client = _tracking_client(root)
+    cache = DigestCache(home_of(root) / "digests.json")
+    checkpoints = find_checkpoints(source, pattern)
+    ready, pending = _ready(checkpoints, settle_seconds, marker)
+    report: dict[str, Any] = {"source": str(source), "recipe": spec.name,
+                              "recipe_sha256": [v.sha256 for v in spec.variants], "runs_dir": str(root),
+                              "registered_model": register_name, "checkpoints": [c.name for c in checkpoints],
+                              "compressed": [], "existing": [], "busy": [], "pending": pending, "failed": []}
+    for item in pending:
+        logger.info("%s: not ready (%s); left for the next tick", item["checkpoint"], item["reason"])
+    extra = {k: v for k, v in {"n_workers": n_workers, "device": device}.items() if v is not None}
+    for checkpoint in ready:
+        try:
+            source_record = source_meta(checkpoint, cache)
+        except (DotResizeError, OSError) as error:
+            report["pending"].append({"checkpoint": checkpoint.name, "reason": str(error).splitlines()[0]})
+            continue
+        finally:
+            cache.save()
+        for variant in spec.variants:
+            identity = identity_of(source_record["digest"], variant.sha256)
+            existing = find_version(client, identity)
+            if existing is not None:
+                report["existing"].append({"checkpoint": checkpoint.name, "ratio": variant.ratio,
+                                           "identity": identity, "registered_model": existing.name,
+                                           "model_version": int(existing.version)})
+                continue
+            try:
+                outcome, record = _compress_one(checkpoint, variant, identity, source_record, spec, root=root,
+                                                client=client, register_name=register_name,
+                                                wait_for_lock=wait_for_lock, lock_timeout=lock_timeout,
+                                                watch_source=source, extra=extra)
+            except Exception as error:  # one bad checkpoint does not stop the others
+                message = str(error).splitlines()[0] if str(error) else type(error).__name__
+                logger.error("%s (ratio %g) failed: %s", checkpoint.name, variant.ratio, message)
+                report["failed"].append({"checkpoint": checkpoint.name, "ratio": variant.ratio,
+                                         "identity": identity, "error": message})
+                continue
+            report[outcome].append(record)
+            if outcome == "compressed":
+                logger.info("%s (ratio %g): registered %s v%s", checkpoint.name, variant.ratio,
+                            record["registered_model"], record["model_version"])
+    logger.info("watch %s: %d compressed, %d already done, %d busy, %d not ready, %d failed", source,
+                len(report["compressed"]), len(report["existing"]), len(report["busy"]), len(report["pending"]),
+                len(report["failed"]))
+    if report["failed"]:
+        first = report["failed"][0]
+        raise WatchError(f"{len(report['failed'])} compression(s) failed, first {first['checkpoint']} "
+                         f"(ratio {first['ratio']:g}): {first['error']}")
+    return report
+
+
+def run_watch(**kwargs: Any) -> dict:
+    """:func:`watch_flow` with the offline defaults (what ``dotresize watch`` calls)."""
+    from flows.compress import OFFLINE_DEFAULTS
+
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    return watch_flow(**kwargs)
+
+
+__all__ = ["watch_flow", "run_watch", "identity_of", "find_checkpoints", "find_version", "source_meta",
+           "WatchError", "TAG_IDENTITY", "TAG_RECIPE", "TAG_SOURCE"]
