@@ -113,7 +113,7 @@ def _evaluate_source(args, tasks: list[str]) -> dict:
         from dotresize.evaluation.zeroshot import evaluate_zero_shot
 
         result["zero_shot"] = evaluate_zero_shot(model, tokenizer, tasks, limit=args.limit,
-                                                 batch_size=args.batch_size)
+                                                 batch_size=args.batch_size, progress=not args.quiet)
     return result
 
 

@@ -12,6 +12,7 @@ run with its registered model version.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -191,6 +192,23 @@ def _log_sweep(spec: SweepSpec, out: Path, cells: list[dict], files: list[Path])
     return {**logged, "metric_keys": sorted(metrics)}
 
 
+@contextlib.contextmanager
+def _prefect_api(startup_timeout: int = 300):
+    """``$PREFECT_API_URL`` when set, else one local Prefect server for every cell of the sweep, given time to
+    start on a loaded machine (Prefect's own ephemeral start gives up after 20 s)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=startup_timeout)
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        yield
+
+
 def run_sweep(spec: SweepSpec, out: Path, *, progress: bool = True) -> dict:
     """Every cell through the pipeline (completed work reused), the dense baseline, then the report and MLflow."""
     from .report import write_report
@@ -198,7 +216,8 @@ def run_sweep(spec: SweepSpec, out: Path, *, progress: bool = True) -> dict:
     started = time.time()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cells = [_compress_cell(spec, out, m, r, progress) for m in spec.methods for r in spec.ratios]
+    with _prefect_api():
+        cells = [_compress_cell(spec, out, m, r, progress) for m in spec.methods for r in spec.ratios]
     first = cells[0]
     cells.insert(0, _dense_cell(spec, out, first["source"], first, progress))
     source = first["source"]

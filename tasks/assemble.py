@@ -209,7 +209,7 @@ def zero_shot_task(run_url: str, tasks: list[str], export: dict | None = None, s
         model, tokenizer = eval_model(run, target, source, digest)
         started = time.perf_counter()
         result = zeroshot.evaluate_zero_shot(model, tokenizer, names, limit=limit, batch_size=batch_size,
-                                             data_dir=root)
+                                             data_dir=root, progress=progress)
         result.update(model_digest=digest, data_dir=root, batch_size=batch_size,
                       seconds=round(time.perf_counter() - started, 3))
         return {"files": {rel: run.write_json(rel, result)}, "zero_shot": result}

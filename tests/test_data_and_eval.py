@@ -91,9 +91,9 @@ def test_speed_measurements_are_positive():
     assert latency["seconds_per_token"] > 0
 
 
-def test_bench_command_compares_with_the_recorded_source(capsys, tiny_env):
-    src = write_model_dir(tiny_env / "src")
-    out = tiny_env / "out"
+def test_bench_command_compares_with_the_recorded_source(capsys, pipeline_env):
+    src = write_model_dir(pipeline_env / "src")
+    out = pipeline_env / "out"
     assert main(["-q", "compress", "--model", str(src), "--ratio", "0.25", "--method", "pca", "--calib-samples", "8",
                  "--calib-seqlen", "32", "--out", str(out)]) == 0
     capsys.readouterr()

@@ -179,6 +179,23 @@ def _quiet_lm_eval() -> Iterator[None]:
             logger.removeFilter(noise)
 
 
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """tqdm's bars (lm-eval's request and dataset progress) off while ``enabled`` is False."""
+    if enabled:
+        yield
+        return
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
+
+
 def _build_lm(model, tokenizer, batch_size: int):
     """An in-memory HFLM; its model info is filled in locally (no hub lookup)."""
     from lm_eval.models.huggingface import HFLM
@@ -238,13 +255,14 @@ def evaluate_zero_shot(
     data_dir: str | Path | None = None,
     device: str | None = None,
     bootstrap_iters: int = BOOTSTRAP_ITERS,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Zero-shot lm-eval metrics of ``model`` on ``tasks``.
 
     Local task names (``LOCAL_TASKS``) read ``<data_dir>/tasks/*.jsonl`` (``data_dir`` defaults to
     :func:`default_data_dir`); other names go to lm-eval's registry. ``limit`` takes the first
     ``limit`` docs of each task. ``device``, if given, moves ``model`` there (in place); the
-    model's train/eval mode is restored afterwards.
+    model's train/eval mode is restored afterwards. ``progress=False`` hides lm-eval's progress bars.
 
     Returns a JSON-serialisable dict: ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", ...,
     "perplexity" (lambada), "n"}}, "lm_eval_version", "task_config_hash", "limit", "num_fewshot"}``.
@@ -260,7 +278,7 @@ def evaluate_zero_shot(
     import lm_eval
     from lm_eval import simple_evaluate
 
-    with _quiet_lm_eval():
+    with _quiet_lm_eval(), _progress_bars(progress):
         std_manager = None
         if other:
             std_manager = _make_task_manager(None, include_defaults=True)
