@@ -358,3 +358,69 @@ def test_real_data_integration(tiny_lm, monkeypatch):
     tasks = list(zeroshot.LOCAL_TASKS)
     result = zeroshot.evaluate_zero_shot(model, tokenizer, tasks, limit=4, batch_size=8, bootstrap_iters=100)
     _check_result(result, tasks, 4)
+
+
+# --- the metrics, by hand: our own forward passes on the requests built from the raw rows -------------------------
+
+def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's causal-LM split: trailing spaces of the context move to the continuation; the pair is encoded
+    whole and split after the context's tokens."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        continuation, context = context[-spaces:] + continuation, context[:-spaces]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    return whole[:n_context], whole[n_context:]
+
+
+@torch.no_grad()
+def _hand_loglikelihood(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
+    """(sum of log p(continuation tokens | everything before), whether greedy decoding gives the continuation)."""
+    context_ids, continuation_ids = _encode_pair(tokenizer, context, continuation)
+    ids = torch.tensor([context_ids + continuation_ids])
+    logprobs = torch.log_softmax(model(input_ids=ids[:, :-1]).logits[0].double(), dim=-1)
+    positions = range(len(context_ids) - 1, ids.shape[1] - 1)
+    targets = continuation_ids
+    total = sum(float(logprobs[p, t]) for p, t in zip(positions, targets))
+    greedy = all(int(logprobs[p].argmax()) == t for p, t in zip(positions, targets))
+    return total, greedy
+
+
+def _hand_metrics(model, tokenizer, task: str, rows: list[dict]) -> dict[str, float]:
+    """acc (and acc_norm: log-likelihood over the choice's length in characters) computed from scratch."""
+    acc, acc_norm = [], []
+    for row in rows:
+        requests = expected_requests(task, row)
+        scored = [_hand_loglikelihood(model, tokenizer, c, t) for c, t in requests]
+        if task == "lambada":
+            acc.append(float(scored[0][1]))
+            continue
+        lls = [s[0] for s in scored]
+        gold = expected_gold(task, row)
+        acc.append(float(max(range(len(lls)), key=lambda i: (lls[i], -i)) == gold))
+        choices = [t[1:] for _, t in requests]  # the target delimiter " " comes off; the rest is doc_to_choice
+        normed = [ll / len(c) for ll, c in zip(lls, choices)]
+        acc_norm.append(float(max(range(len(normed)), key=lambda i: (normed[i], -i)) == gold))
+    out = {"acc": sum(acc) / len(acc)}
+    if task in MC_WITH_NORM:
+        out["acc_norm"] = sum(acc_norm) / len(acc_norm)
+    return out
+
+
+def test_accuracies_match_a_hand_computation_on_a_few_rows_of_every_task(tiny_lm, fixture_dir):
+    """Every task definition, end to end on its fixture rows: lm-eval's acc / acc_norm equal those computed here
+    from our own forward passes over the (context, continuation) pairs written from the raw rows."""
+    model, tokenizer = tiny_lm
+    model.eval()
+    tasks = list(zeroshot.LOCAL_TASKS)
+    result = zeroshot.evaluate_zero_shot(model, tokenizer, tasks, limit=LIMIT, batch_size=2, data_dir=fixture_dir,
+                                         bootstrap_iters=10, progress=False)
+    seen = set()
+    for task in tasks:
+        rows = task_utils.read_docs(task, fixture_dir)[:LIMIT]
+        expected = _hand_metrics(model, tokenizer, task, rows)
+        got = result["tasks"][task]
+        for metric, value in expected.items():
+            assert got[metric] == pytest.approx(value), (task, metric, got, expected)
+            seen.add(round(value, 3))
+    assert len(seen) > 1  # the rows discriminate: not every task scores the same
