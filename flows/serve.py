@@ -47,8 +47,10 @@ def load_deployments(path: str | os.PathLike | None = None) -> list[dict]:
         raise DeploymentError(f"{path} does not exist: pass --file with a prefect.yaml")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise DeploymentError(f"{path} is not valid YAML") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise DeploymentError(f"{path} is not valid YAML{where}") from None
     deployments = data.get("deployments") if isinstance(data, dict) else None
     if not isinstance(deployments, list) or not deployments:
         raise DeploymentError(f"{path} has no 'deployments' list")

@@ -283,10 +283,9 @@ def watch_flow(source: Any, recipe: Any, runs_dir: str | None = None, pattern: s
     Returns ``{compressed, existing, busy, pending, failed}`` (lists of records); raises :class:`WatchError`
     after the tick if any compression failed (the others are kept).
     """
-    from flows.compress import OFFLINE_DEFAULTS
+    from flows.settings import apply_offline_defaults
 
-    for key, value in OFFLINE_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    apply_offline_defaults()
     logger = get_run_logger()
     spec = load_recipe(recipe)
     root = runs_root(runs_dir)
@@ -346,10 +345,9 @@ def watch_flow(source: Any, recipe: Any, runs_dir: str | None = None, pattern: s
 
 def run_watch(**kwargs: Any) -> dict:
     """:func:`watch_flow` with the offline defaults (what ``dotresize watch`` calls)."""
-    from flows.compress import OFFLINE_DEFAULTS
+    from flows.settings import apply_offline_defaults
 
-    for key, value in OFFLINE_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    apply_offline_defaults()
     logging.getLogger("distributed").setLevel(logging.WARNING)
     return watch_flow(**kwargs)
 
