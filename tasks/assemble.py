@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import threading
 from importlib.metadata import PackageNotFoundError, version
@@ -188,8 +189,10 @@ def zero_shot_task(run_url: str, tasks: list[str], export: dict | None = None, s
     """Zero-shot accuracy (lm-eval ``simple_evaluate`` on an in-memory model, the project's offline task
     definitions) of the exported model (``eval/lm_eval.json``) or of the source (``eval/lm_eval_source.json``).
 
-    Keyed by the model's sha256, the task names, the task config hash (definitions + data files), ``limit``
-    and the lm-eval version: the same evaluation is read back, any change recomputes it."""
+    Every task's result is keyed by the model's sha256, the task, its config hash (definitions + its data files),
+    ``limit`` and the lm-eval version, and the file accumulates tasks: a task already there with its key is read
+    back, the others are evaluated and merged in (so tasks can be run one at a time, and a killed evaluation
+    keeps the tasks it finished). Returns the results of ``tasks`` only."""
     from dotresize.evaluation import zeroshot
 
     run = RunDir(run_url)
@@ -197,22 +200,41 @@ def zero_shot_task(run_url: str, tasks: list[str], export: dict | None = None, s
     names = list(dict.fromkeys(tasks))
     local = [n for n in names if n in zeroshot.LOCAL_TASKS]
     root = data_dir or (str(zeroshot.default_data_dir()) if local else None)
-    config_hash = zeroshot.task_config_hash(names, root)
-    key = stage_key("evaluate", kind="lm_eval", target=target, model=digest, tasks=sorted(names),
-                    task_config_hash=config_hash, limit=limit, lm_eval=zeroshot.lm_eval_version())
+    lm_version = zeroshot.lm_eval_version()
+    task_hashes = {n: zeroshot.task_config_hash([n], root) for n in names}
+    task_keys = {n: stage_key("evaluate", kind="lm_eval_task", target=target, model=digest, task=n,
+                              task_config_hash=task_hashes[n], limit=limit, lm_eval=lm_version,
+                              num_fewshot=zeroshot.NUM_FEWSHOT) for n in names}
+    key = stage_key("evaluate", kind="lm_eval", target=target, tasks=sorted(task_keys.values()))
     rel = eval_file("lm_eval", target)
     name = "lm_eval" if target == "model" else "lm_eval_source"
 
     def compute() -> dict:
         import time
 
-        model, tokenizer = eval_model(run, target, source, digest)
+        stored = run.read_json(rel) or {}
+        entries = dict(stored.get("tasks", {})) if stored.get("model_digest") == digest else {}
+        todo = [n for n in names if entries.get(n, {}).get("key") != task_keys[n]]
         started = time.perf_counter()
-        result = zeroshot.evaluate_zero_shot(model, tokenizer, names, limit=limit, batch_size=batch_size,
-                                             data_dir=root, progress=progress)
-        result.update(model_digest=digest, data_dir=root, batch_size=batch_size,
-                      seconds=round(time.perf_counter() - started, 3))
-        return {"files": {rel: run.write_json(rel, result)}, "zero_shot": result}
+        if todo:
+            model, tokenizer = eval_model(run, target, source, digest)
+            fresh = zeroshot.evaluate_zero_shot(model, tokenizer, todo, limit=limit, batch_size=batch_size,
+                                                data_dir=root, progress=progress)
+            seconds = round(time.perf_counter() - started, 3)
+            for n in todo:
+                entries[n] = {**fresh["tasks"][n], "key": task_keys[n], "limit": limit,
+                              "task_config_hash": task_hashes[n], "lm_eval_version": fresh["lm_eval_version"],
+                              "seconds_of_run": seconds, "batch_size": batch_size}
+        limits = {json.dumps(e.get("limit")) for e in entries.values()}
+        whole = {"tasks": entries, "model_digest": digest, "data_dir": root, "num_fewshot": zeroshot.NUM_FEWSHOT,
+                 "lm_eval_version": lm_version, "limit": limit if len(limits) == 1 else "per task",
+                 "task_config_hash": zeroshot.task_config_hash(list(entries), root)}
+        result = {"tasks": {n: entries[n] for n in names}, "lm_eval_version": lm_version, "limit": limit,
+                  "task_config_hash": zeroshot.task_config_hash(names, root), "num_fewshot": zeroshot.NUM_FEWSHOT,
+                  "model_digest": digest, "data_dir": root, "batch_size": batch_size, "evaluated": todo,
+                  "read_back": [n for n in names if n not in todo],
+                  "seconds": round(time.perf_counter() - started, 3)}
+        return {"files": {rel: run.write_json(rel, whole)}, "zero_shot": result}
 
     return run_stage(run, "evaluate", name, key, compute)
 

@@ -161,6 +161,12 @@ def test_compress_with_tasks_then_evaluate_and_bench_the_run(capsys, pipeline_en
     # the same command again: everything read back from eval/, nothing recomputed
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["reused"] == {"ppl": True, "zero_shot": True}
+    # tasks accumulate in eval/lm_eval.json, each under its own key: a subset is read back, not re-evaluated
+    assert main(["-q", "evaluate", str(run_dir), "--tasks", "arc_easy", "--limit", "3", "--json"]) == 0
+    subset = json.loads(capsys.readouterr().out)["zero_shot"]
+    assert subset["evaluated"] == [] and subset["read_back"] == ["arc_easy"]
+    assert subset["tasks"]["arc_easy"] == tasks["arc_easy"]
+    assert set(json.loads((run_dir / "eval" / "lm_eval.json").read_text())["tasks"]) == {"copa", "arc_easy"}
     # the run directory itself works as well, and the text output names the numbers
     assert main(["-q", "evaluate", str(run_dir), "--tasks", "copa,arc_easy", "--limit", "3", "--no-mlflow"]) == 0
     text = capsys.readouterr().out
