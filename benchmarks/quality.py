@@ -66,9 +66,9 @@ class QualitySpec:
     batch_size: int = 8
     ablations: bool = True
     ablation_ratio: float = 0.2
-    epsilons: tuple[float, ...] = (0.01, 0.02, 0.05, 0.2, 1.0)
-    max_norm_epsilons: tuple[float, ...] = (0.02, 0.05, 0.2, 1.0)
-    other_normalizations: tuple[str, ...] = ("mean", "q90")
+    epsilons: tuple[float, ...] = (0.01, 0.05, 0.2, 1.0)
+    max_norm_epsilons: tuple[float, ...] = (0.05, 0.2, 1.0)
+    other_normalizations: tuple[str, ...] = ("q90",)
     decompressions: tuple[str, ...] = ("plan", "lsq")
     l1: bool = True
     rms_targets: bool = True
@@ -95,7 +95,7 @@ SIZES: dict[str, dict[str, Any]] = {
                                + [("sequential/per-point", 0.2), ("parallel/global", 0.2)]),
                     methods=("pca", "prune", "dot", "dot+prune-keep"),
                     epsilons=(0.01, 0.05, 0.2, 1.0), max_norm_epsilons=(0.2,), other_normalizations=(),
-                    decompressions=("plan",), mass_marginals=False, sample_tokens=1024, dot_max_iter=1000),
+                    decompressions=("plan",), mass_marginals=False, sample_tokens=1024, dot_max_iter=300),
     # a tiny in-code model in seconds (the smoke test)
     "tiny": dict(calib_samples=8, calib_seqlen=32, ctx=32, max_windows=4, ratios=(0.25,), batch_size=4,
                  ablation_ratio=0.25,
@@ -384,6 +384,31 @@ class QualityRunner:
         model = build_compressed_model(adapter, bases, config.layout)
         return model, points, time.perf_counter() - start + capture_seconds
 
+    def export_costs(self, path: str | os.PathLike, points: tuple[int, ...] | None = None) -> Path:
+        """DOT's normalised cost matrices (current DotOptions defaults, the ablation ratio) at a few slice points,
+        as safetensors: real inputs for the solver benchmark (``--cost-file``)."""
+        from safetensors.torch import save_file
+
+        from dotresize.api import plan_widths
+        from dotresize.bases.common import target_scores, top_indices
+        from dotresize.bases.dot import l2_cost, normalize_cost
+
+        config = Variant("main", "dot", "parallel/per-point", self.spec.ablation_ratio).config(self.spec)
+        stats, _ = self.stats(None, False)
+        widths = plan_widths(self._fused_adapter(), config)
+        layers = self.n_layers()
+        points = points or tuple(sorted({1, layers, 2 * layers - 1}))
+        costs = {}
+        for p in points:
+            targets = top_indices(target_scores(stats[p], config.dot.targets), widths[p])
+            cost, _ = normalize_cost(l2_cost(stats[p], targets), config.dot.cost_normalization)
+            costs[f"point_{p}"] = cost.contiguous()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(costs, str(path), metadata={"normalization": config.dot.cost_normalization,
+                                              "ratio": str(self.spec.ablation_ratio), "model": str(self.spec.model)})
+        return path
+
     # -- the tables
     def dense(self) -> dict:
         key = "dense"
@@ -460,13 +485,17 @@ def choose_defaults(runner: QualityRunner, axes: dict[str, list[Variant]], refer
             "reference": reference.label, "reference_ppl": ref_row.get("ppl") if ref_row else None}
 
 
-def run_quality(spec: QualitySpec, *, rows_file=None, keep_models=None, progress=False) -> dict[str, Any]:
-    """Run every row of ``spec`` and return {machine, spec, rows, choice, markdown}."""
+def run_quality(spec: QualitySpec, *, rows_file=None, keep_models=None, progress=False,
+                cost_file=None) -> dict[str, Any]:
+    """Run every row of ``spec`` and return {machine, spec, rows, choice, markdown}; ``cost_file``: also save a
+    few real DOT cost matrices there for the solver benchmark."""
     started = time.perf_counter()
     info = machine_info()
     runner = QualityRunner(spec, rows_file=rows_file, keep_models=keep_models, progress=progress)
     if spec.dense:
         runner.dense()
+    if cost_file:
+        runner.export_costs(cost_file)
     reference = Variant("main", "dot", "parallel/per-point", spec.ablation_ratio)
     choice = None
     if spec.ablations:

@@ -59,8 +59,8 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": dict(sizes="576x460,2048x1536,4096x3072", repeats=5, pot_repeats=3, tol=1e-9, max_iter=2000,
                  budget_s=900.0),
     # the same sizes with an iteration cap (both solvers stop at the cap: identical iterates, per-iteration cost)
-    "reduced": dict(sizes="576x460,2048x1536,4096x3072", repeats=3, pot_repeats=1, tol=1e-9, max_iter=40,
-                    budget_s=120.0),
+    "reduced": dict(sizes="576x460,2048x1536,4096x3072", repeats=3, pot_repeats=1, tol=1e-9, max_iter=20,
+                    budget_s=60.0, qr_repeats=1),
     "tiny": dict(sizes="48x40,96x72", repeats=2, pot_repeats=1, tol=1e-9, max_iter=200, budget_s=10.0,
                  profile="never"),
 }
@@ -106,8 +106,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def solvers_for(devices: list[str], with_pot: bool, pot_torch: bool) -> list[tuple[str, str]]:
-    """(solver, device) pairs to time."""
+def solvers_for(devices: list[str], with_pot: bool, pot_torch: bool,
+                only: list[str] | None = None) -> list[tuple[str, str]]:
+    """(solver, device) pairs to time: ours on every device, POT numpy on the CPU, POT torch on every device;
+    ``only`` ("torch:cuda", "pot-torch", ...) keeps the pairs it names (a bare solver name: on every device)."""
+    pairs = _default_pairs(devices, with_pot, pot_torch)
+    if only:
+        pairs = [(s, d) for s, d in pairs if s in only or f"{s}:{d}" in only]
+    return pairs
+
+
+def _default_pairs(devices: list[str], with_pot: bool, pot_torch: bool) -> list[tuple[str, str]]:
     out = [("torch", d) for d in devices]
     if with_pot:
         if "cpu" in devices:
@@ -126,14 +135,26 @@ def _solve(solver: str, device: str, problem, epsilon: float, tol: float, max_it
     return sk.sinkhorn_pot(a, b, cost, epsilon, tol=tol, max_iter=max_iter, backend=solver.split("-")[1])
 
 
+def load_costs(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Cost matrices saved by the quality benchmark (``real_costs.safetensors``: one tensor per slice point)."""
+    from safetensors.torch import load_file
+
+    return {name: t.to(torch.float64) for name, t in sorted(load_file(str(path)).items())}
+
+
 def bench_size(n: int, m: int, args, devices: list[str], with_pot: bool) -> dict[str, Any]:
     log(f"solver [{n}x{m}]: building the cost (tokens {args.tokens}, normalised by the {args.normalize})")
     a, b, cost = make_cost(n, m, tokens=args.tokens, seed=args.seed, normalize=args.normalize)
+    return bench_problem(f"{n}x{m}", a, b, cost, args, devices, with_pot)
+
+
+def bench_problem(label: str, a, b, cost, args, devices: list[str], with_pot: bool) -> dict[str, Any]:
+    n, m = cost.shape
     problem = {d: (a.to(d), b.to(d), cost.to(d)) for d in set(devices) | {"cpu"}}
-    pairs = solvers_for(devices, with_pot, not args.no_pot_torch)
-    for device in devices:  # warm-up (CUDA context and kernels; allocator) on a small slice
+    pairs = solvers_for(devices, with_pot, not args.no_pot_torch, args.solvers)
+    for solver, device in pairs:  # warm-up on CUDA (context, kernels, allocator): 20 iterations, untimed
         if device.startswith("cuda"):
-            sk.sinkhorn_log(*problem[device], args.epsilon, tol=args.tol, max_iter=20)
+            _solve(solver, device, problem, args.epsilon, args.tol, 20)
             _sync(device)
     times: dict[tuple[str, str], list[float]] = {p: [] for p in pairs}
     results: dict[tuple[str, str], Any] = {}
@@ -184,7 +205,7 @@ def bench_size(n: int, m: int, args, devices: list[str], with_pot: bool) -> dict
         plan = plan_cpu.to(device)
         torch.linalg.qr(plan[: min(64, n), : min(48, m)], mode="reduced")  # warm-up (LAPACK / cuSOLVER)
         qt = []
-        for _ in range(args.repeats):
+        for _ in range(args.qr_repeats or args.repeats):
             _sync(device)
             start = time.perf_counter()
             _, r = torch.linalg.qr(plan, mode="reduced")
@@ -193,11 +214,11 @@ def bench_size(n: int, m: int, args, devices: list[str], with_pot: bool) -> dict
         qr.append({"device": device, "seconds": median(qt), "seconds_all": qt,
                    "cond_r": float(torch.linalg.cond(r.cpu()))})
     torch_cpu = next((r for r in rows if r["solver"] == "torch" and r["device"] == "cpu"), None)
-    out = {"n": n, "m": m, "epsilon": args.epsilon, "tol": args.tol, "max_iter": args.max_iter,
+    out = {"label": label, "n": n, "m": m, "epsilon": args.epsilon, "tol": args.tol, "max_iter": args.max_iter,
            "reference": "/".join(reference_pair), "plan_max": plan_max, "rows": rows, "qr": qr,
            "same_iterations": len({r["iterations"] for r in rows}) == 1,
            "speedup_torch_cpu_vs_pot_numpy": torch_cpu["speedup_vs_pot_numpy"] if torch_cpu else None}
-    log(f"solver [{n}x{m}]: POT numpy / ours (CPU) = {fmt(out['speedup_torch_cpu_vs_pot_numpy'], '.1f')}x")
+    log(f"solver [{label}]: POT numpy / ours (CPU) = {fmt(out['speedup_torch_cpu_vs_pot_numpy'], '.1f')}x")
     return out
 
 
@@ -224,12 +245,14 @@ def profile_size(n: int, m: int, args, with_pot: bool, iterations: int = 60) -> 
 def run_solver(*, sizes: str, repeats: int, pot_repeats: int, tol: float, max_iter: int, budget_s: float,
                epsilon: float = 0.05, tokens: int = 2048, normalize: str = "median", seed: int = 0,
                device: str = "auto", no_pot_torch: bool = False, profile: str = "auto",
-               threads: int | None = None) -> dict[str, Any]:
+               threads: int | None = None, qr_repeats: int | None = None,
+               solvers: str | None = None, cost_file: str | os.PathLike | None = None) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     args = argparse.Namespace(repeats=repeats, pot_repeats=pot_repeats, tol=tol, max_iter=max_iter,
                               budget_s=budget_s, epsilon=epsilon, tokens=tokens, normalize=normalize, seed=seed,
-                              no_pot_torch=no_pot_torch)
+                              no_pot_torch=no_pot_torch, qr_repeats=qr_repeats,
+                              solvers=[v.strip() for v in solvers.split(",") if v.strip()] if solvers else None)
     if device == "auto":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
@@ -241,9 +264,17 @@ def run_solver(*, sizes: str, repeats: int, pot_repeats: int, tol: float, max_it
         log("solver: POT is not installed: the POT rows are skipped")
     info = machine_info()
     started = time.perf_counter()
-    results = [bench_size(n, m, args, devices, with_pot) for n, m in parse_sizes(sizes)]
+    results = [bench_size(n, m, args, devices, with_pot) for n, m in parse_sizes(sizes)] if sizes else []
+    real = []
+    if cost_file:
+        for name, cost in load_costs(cost_file).items():
+            n, m = cost.shape
+            log(f"solver [{name}]: a real cost matrix {n}x{m} from {cost_file}")
+            a = torch.full((n,), 1.0 / n, dtype=torch.float64)
+            b = torch.full((m,), 1.0 / m, dtype=torch.float64)
+            real.append(bench_problem(f"{name} ({n}x{m})", a, b, cost, args, devices, with_pot))
     info["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    largest = max(results, key=lambda r: r["n"] * r["m"])
+    largest = max(results or real, key=lambda r: r["n"] * r["m"])
     speedup = largest["speedup_torch_cpu_vs_pot_numpy"]
     profiles = None
     if profile == "always" or (profile == "auto" and speedup is not None and speedup < 5.0):
@@ -253,7 +284,8 @@ def run_solver(*, sizes: str, repeats: int, pot_repeats: int, tol: float, max_it
               "settings": {"epsilon": epsilon, "tol": tol, "max_iter": max_iter, "tokens": tokens,
                            "normalize": normalize, "seed": seed, "repeats": repeats, "pot_repeats": pot_repeats,
                            "budget_s": budget_s},
-              "sizes": results, "largest": f"{largest['n']}x{largest['m']}",
+              "sizes": results + real, "real_costs": str(cost_file) if cost_file else None,
+              "largest": largest["label"],
               "speedup_largest_torch_cpu_vs_pot_numpy": speedup, "target_5x_met": None if speedup is None
               else speedup >= 5.0, "profiles": profiles, "seconds": round(time.perf_counter() - started, 1)}
     result["markdown"] = markdown(result)
@@ -267,22 +299,24 @@ def markdown(result: dict[str, Any]) -> str:
     table = []
     for size in result["sizes"]:
         for r in size["rows"]:
-            table.append([f"{size['n']}x{size['m']}", r["solver"], r["device"], r["iterations"],
+            table.append([size["label"], r["solver"], r["device"], r["iterations"],
                           "yes" if r["converged"] else "no", f"{r['seconds']:.3f}",
                           f"{1000 * r['seconds_per_iteration']:.2f}", len(r["seconds_all"]),
                           fmt(r["speedup_vs_pot_numpy"], ".1f"), f"{r['max_abs_diff']:.1e}",
                           f"{r['rel_diff']:.1e}", "yes" if r["agree"] else "NO"])
-    qr = [[f"{size['n']}x{size['m']}", q["device"], f"{q['seconds']:.3f}", f"{q['cond_r']:.3g}"]
+    qr = [[size["label"], q["device"], f"{q['seconds']:.3f}", f"{q['cond_r']:.3g}"]
           for size in result["sizes"] for q in size["qr"]]
     speedup = result["speedup_largest_torch_cpu_vs_pot_numpy"]
-    verdict = ("no POT on this machine: no ratio" if speedup is None else
+    verdict = ("POT numpy not run here: no ratio" if speedup is None else
                f"torch (CPU) is **{speedup:.1f}×** faster than POT numpy `sinkhorn_log` on {result['largest']} "
                f"({'meets' if speedup >= 5 else 'misses'} the 5× target)")
     lines = ["### Solver: Sinkhorn (log domain, float64) + QR", "",
              f"ε = {s['epsilon']} on a cost normalised by its {s['normalize']}, uniform marginals, tol {s['tol']:g}, "
              f"max_iter {s['max_iter']}, POT's stopping rule for every solver; medians of up to {s['repeats']} "
              f"(ours) / {s['pot_repeats']} (POT) interleaved runs, fewer once a solver has used {s['budget_s']:.0f} s "
-             f"on a size. Reference plan for |ΔT|: POT numpy when installed, else ours on the CPU.", "",
+             f"on a size. Reference plan for |ΔT|: POT numpy when it ran, else ours on the CPU. NxM rows: synthetic "
+             f"costs (seeded activations with massive dimensions); `point_<p>` rows: SmolLM2's real cost at slice point "
+             f"p (from the quality benchmark's calibration statistics, normalised like DotOptions).", "",
              markdown_table(header, table), "", "Reduced QR of the plan:", "",
              markdown_table(["size", "device", "median s", "cond(R)"], qr), "", verdict + ".", "",
              f"Machine: {machine_line(result['machine'])}; {SHARED_MACHINE_NOTE}."]
@@ -320,8 +354,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-pot-torch", action="store_true", help="skip POT's torch backend")
+    p.add_argument("--solvers", default=None,
+                   help="only these solver[:device] pairs, e.g. torch:cpu,torch:cuda,pot-torch:cuda "
+                        "(solvers: torch, pot-numpy, pot-torch)")
     p.add_argument("--profile", choices=("auto", "always", "never"), default=None,
                    help="profile the largest size (auto: when ours is < 5x faster than POT numpy)")
+    p.add_argument("--cost-file", default=None,
+                   help="also time these real cost matrices (safetensors, one tensor per point; the quality "
+                        "benchmark writes real_costs.safetensors)")
     p.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
     p.add_argument("--markdown", type=Path, default=None)
 
@@ -336,7 +376,8 @@ def options_from_args(args) -> dict[str, Any]:
     if args.profile is not None:
         preset["profile"] = args.profile
     return dict(preset, epsilon=args.epsilon, tokens=args.tokens, normalize=args.normalize, seed=args.seed,
-                device=args.device, no_pot_torch=args.no_pot_torch, threads=args.threads)
+                device=args.device, no_pot_torch=args.no_pot_torch, threads=args.threads, solvers=args.solvers,
+                cost_file=args.cost_file)
 
 
 def main(argv=None) -> int:

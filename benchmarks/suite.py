@@ -20,7 +20,7 @@ from typing import Any
 
 from .common import SHARED_MACHINE_NOTE, log, machine_info, machine_line, write_json
 
-PARTS = ("quality", "solver", "compression", "speed")
+PARTS = ("quality", "solver", "speed", "compression")
 
 
 def run_suite(size: str = "reduced", out: str | os.PathLike = "benchmarks/results/reduced", *,
@@ -43,17 +43,20 @@ def run_suite(size: str = "reduced", out: str | os.PathLike = "benchmarks/result
         write_json(out / f"{name}.json", result)
         print(result["markdown"] + "\n", flush=True)
 
-    if "solver" in parts:
-        start = time.perf_counter()
-        options = dict(solver.SIZES[size])
-        options.update(solver_overrides or {})
-        finish("solver", solver.run_solver(**options), time.perf_counter() - start)
-
     if "quality" in parts:
         start = time.perf_counter()
         spec = quality.spec_for(size, model=model, **(quality_overrides or {}))
-        result = quality.run_quality(spec, rows_file=out / "quality_rows.jsonl", progress=progress)
+        result = quality.run_quality(spec, rows_file=out / "quality_rows.jsonl", progress=progress,
+                                     cost_file=out / "real_costs.safetensors")
         finish("quality", result, time.perf_counter() - start)
+
+    if "solver" in parts:
+        start = time.perf_counter()
+        options = dict(solver.SIZES[size])
+        if (out / "real_costs.safetensors").exists():  # written by the quality part
+            options["cost_file"] = out / "real_costs.safetensors"
+        options.update(solver_overrides or {})
+        finish("solver", solver.run_solver(**options), time.perf_counter() - start)
 
     if "speed" in parts:
         start = time.perf_counter()
