@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,12 @@ def test_verify_passes_then_fails_naming_the_changed_file(artifact, capsys, pipe
     assert code == 0, out + err
     assert "verified: every digest matches" in out
     assert f"matches MLflow run {artifact['mlflow_run_id']}" in out
-    # the run directory and the registered version verify too
+    # the run directory, a copy of the model (found in MLflow by its digest) and the registered version verify too
     assert _run(capsys, "verify", str(model_dir.parent))[0] == 0
+    copy = pipeline_env / "copy"
+    shutil.copytree(model_dir, copy)
+    code, out, err = _run(capsys, "verify", str(copy))
+    assert code == 0 and f"matches MLflow run {artifact['mlflow_run_id']}" in out, out + err
     code, out, err = _run(capsys, "verify", f"models:/tiny-lineage/{artifact['model_version']}")
     assert code == 0, out + err
 

@@ -299,6 +299,24 @@ def test_identity_matches_the_source_digest_compress_records(tmp_path):
     assert identity_of(meta["digest"], "a") != identity_of(meta["digest"], "b")
 
 
+def test_sources_and_hub_revisions_offline(tmp_path, monkeypatch):
+    from flows.watch import WatchError, default_register_name, find_checkpoints
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for source in ("hub:someorg/some-model@main,abc123", "someorg/some-model@v2",
+                   {"hub": "someorg/some-model", "revisions": ["main"]}):
+        with pytest.raises(WatchError, match="not reachable here"):
+            find_checkpoints(source)
+    with pytest.raises(WatchError, match="does not exist"):
+        find_checkpoints(str(tmp_path / "nowhere"))
+    write_model_dir(tmp_path / "a" / "checkpoint-1")
+    write_model_dir(tmp_path / "b" / "checkpoint-9")
+    found = find_checkpoints([str(tmp_path / "a"), str(tmp_path / "b" / "checkpoint-9")])
+    assert [c.name for c in found] == ["checkpoint-1", "checkpoint-9"]
+    assert default_register_name("hub:someorg/some-model@main") == "dotresize-some-model"
+    assert default_register_name(str(tmp_path / "train-run-7")) == "dotresize-train-run-7"
+
+
 def test_lock_excludes_threads_and_processes_and_dies_with_its_holder(tmp_path):
     from storage.locks import FileLock
 
