@@ -163,6 +163,8 @@ def _find_record(model_dir: Path, run_dir: Path | None, lineage: dict, lineage_s
         except Exception:
             pass
     model_sha = (lineage.get("model") or {}).get("model.safetensors")
+    if not model_sha and (model_dir / "model.safetensors").is_file():  # lineage.json unreadable
+        model_sha = sha256_file(model_dir / "model.safetensors")
     if not model_sha:
         return None
     for uri in _default_uris(tracking_uri, model_dir):
@@ -256,8 +258,12 @@ class Report:
 def verify_target(target: Target, require_mlflow: bool = True, check_source: bool = True) -> Report:
     report = Report(target)
     lineage = target.lineage
+    record = target.record
+    if record is not None:  # lineage.json first: every other check trusts it
+        _verify_lineage_digest(report, target, record)
     if not lineage.get("model"):
-        report.add([Mismatch(LINEAGE, "a JSON lineage record", "unreadable or without model digests", "verify")],
+        report.add([Mismatch(LINEAGE, "a JSON lineage record with model digests",
+                             f"an unreadable file (sha256 {target.lineage_sha256})", "verify")],
                    "", f"{LINEAGE} is not a readable lineage record")
         return report
     # 1. every model file against lineage.json
@@ -265,8 +271,7 @@ def verify_target(target: Target, require_mlflow: bool = True, check_source: boo
     found = compare(dict(lineage["model"]), file_digests(target.model_dir, exclude=exclude), LINEAGE)
     report.add(found, f"{len(lineage['model'])} model files match {LINEAGE}",
                f"model files disagree with {LINEAGE}")
-    # 2. lineage.json and the model files against the MLflow record
-    record = target.record
+    # 2. the model files against the MLflow record
     if record is None:
         if require_mlflow:
             report.add([Mismatch(LINEAGE, "an MLflow run that logged this model", "none found", "MLflow")], "",
@@ -319,7 +324,8 @@ def verify_target(target: Target, require_mlflow: bool = True, check_source: boo
     return report
 
 
-def _verify_against_mlflow(report: Report, target: Target, record: MlflowRecord) -> None:
+def _verify_lineage_digest(report: Report, target: Target, record: MlflowRecord) -> None:
+    """lineage.json (and the copies logged to MLflow) against the ``dotresize.lineage_sha256`` tags."""
     label = record.label()
     tag = record.run_tags.get(TAG_LINEAGE)
     problems = []
@@ -337,9 +343,15 @@ def _verify_against_mlflow(report: Report, target: Target, record: MlflowRecord)
         for rel in (LINEAGE, f"model/{LINEAGE}"):
             path = artifacts / rel
             if path.is_file() and sha256_file(path) != tag:
-                problems.append(Mismatch(f"MLflow artifact {rel}", tag, sha256_file(path), f"{label} tag {TAG_LINEAGE}"))
+                problems.append(Mismatch(f"MLflow artifact {rel}", tag, sha256_file(path),
+                                         f"{label} tag {TAG_LINEAGE}"))
     report.add(problems, f"{LINEAGE} (sha256 {target.lineage_sha256}) matches {label}",
                f"{LINEAGE} disagrees with {label}")
+
+
+def _verify_against_mlflow(report: Report, target: Target, record: MlflowRecord) -> None:
+    label = record.label()
+    artifacts = record.artifact_dir
     version_sha = record.version_tags.get("model_sha256")
     actual = sha256_file(target.model_dir / "model.safetensors") if (target.model_dir / "model.safetensors").is_file() \
         else "missing"

@@ -55,11 +55,12 @@ def test_verify_passes_then_fails_naming_the_changed_file(artifact, capsys, pipe
     code, out, err = _run(capsys, "verify", f"models:/tiny-lineage/{artifact['model_version']}")
     assert code == 0, out + err
 
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "lineage.json"):
+    for name, where in (("model.safetensors", 0.5), ("config.json", 0.5), ("tokenizer.json", 0.5),
+                        ("lineage.json", 0.5), ("lineage.json", 0.0)):  # the last one leaves invalid JSON
         path = model_dir / name
         original = path.read_bytes()
         changed = bytearray(original)
-        changed[len(changed) // 2] ^= 0x01
+        changed[int(len(changed) * where)] ^= 0x01
         path.write_bytes(bytes(changed))
         try:
             code, out, err = _run(capsys, "verify", str(model_dir))
