@@ -416,7 +416,8 @@ def render_lineage(target: Target) -> str:
                  f"{calibration.get('tokens')} tokens, seed {calibration.get('seed')}")
     lines.append(f"  token ids  sha256 {_short(calibration.get('input_ids_sha256'))}")
     lines.append("")
-    lines.append(f"recipe       sha256 {_short(doc.get('recipe_sha256'))}  (run key {_short(doc.get('run_key'))})")
+    lines.append(f"recipe       sha256 {_short(doc.get('recipe_sha256'))}  (compression recipe: config, calibration, "
+                 f"source; run key {_short(doc.get('run_key'))})")
     lines.append(f"  method     {config.get('method')} ratio {config.get('ratio')}, {config.get('mode')}, "
                  f"{config.get('layout')} layout, seed {config.get('seed')}")
     if config.get("method") == "dot":
