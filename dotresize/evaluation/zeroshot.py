@@ -181,19 +181,27 @@ def _quiet_lm_eval() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _progress_bars(enabled: bool) -> Iterator[None]:
-    """tqdm's bars (lm-eval's request and dataset progress) off while ``enabled`` is False."""
-    if enabled:
-        yield
-        return
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
+    """lm-eval's progress bars (tqdm) off while ``enabled`` is False, and its prints (``bootstrapping for
+    stddev``) sent to stderr: stdout stays clean for ``--json``."""
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):
+        if enabled:
+            yield
+            return
+        from tqdm import std
+
+        original = std.tqdm.__init__
+
+        def quiet_init(self, *args, **kwargs):
+            kwargs["disable"] = True
+            original(self, *args, **kwargs)
+
+        std.tqdm.__init__ = quiet_init
+        try:
+            yield
+        finally:
+            std.tqdm.__init__ = original
 
 
 def _build_lm(model, tokenizer, batch_size: int):
