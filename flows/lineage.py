@@ -359,7 +359,7 @@ def _verify_against_mlflow(report: Report, target: Target, record: MlflowRecord)
         report.add([] if version_sha == actual else
                    [Mismatch("model.safetensors", version_sha, actual,
                              f"{record.registered_model} v{record.version} tag model_sha256")],
-                   f"model.safetensors matches the registered version's model_sha256",
+                   "model.safetensors matches the registered version's model_sha256",
                    "model.safetensors disagrees with the registered version")
     if artifacts is None or not (artifacts / "model").is_dir():
         report.add([Mismatch("model/", "logged model files", "none readable", label)], "",
@@ -401,7 +401,7 @@ def render_lineage(target: Target) -> str:
     """The chain from the source checkpoint to the artifact, one stage per block."""
     doc = target.lineage
     source, calibration = doc.get("source") or {}, doc.get("calibration") or {}
-    recipe, config = doc.get("recipe") or {}, (doc.get("recipe") or {}).get("config") or {}
+    config = (doc.get("recipe") or {}).get("config") or {}
     lines = [f"lineage of {target.spec}", ""]
     lines.append(f"source       {source.get('spec')}  ({source.get('kind')}, revision {source.get('revision') or '-'})")
     lines.append(f"  digest     {_short(source.get('digest'))}")

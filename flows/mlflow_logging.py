@@ -42,6 +42,22 @@ def tracking_uri(run: RunDir) -> str:
     return f"sqlite:///{home / 'mlflow.db'}"
 
 
+def tracking_client(uri: str):
+    """An MlflowClient of ``uri`` (tracking and registry). A local SQLite database is created and migrated
+    under a file lock beside it: two processes creating the same database at once race in its migrations."""
+    from mlflow import MlflowClient
+
+    from storage.locks import FileLock
+
+    client = MlflowClient(uri, registry_uri=uri)
+    if uri.startswith("sqlite:///"):
+        database = Path(uri[len("sqlite:///"):])
+        with FileLock(database.parent / "locks" / "mlflow-db.lock"):
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
+    return client
+
+
 def _experiment_id(client, uri: str, run: RunDir) -> str:
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
@@ -212,14 +228,13 @@ def log_compression(run_url: str, bundle: dict, register_name: str | None = None
 
 def _log_compression(run_url: str, bundle: dict, register_name: str | None = None) -> dict:
     import mlflow
-    from mlflow import MlflowClient
 
     from tasks.common import logger
 
     run = RunDir(run_url)
     uri = tracking_uri(run)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    client = tracking_client(uri)
     export = bundle["export"]
     name = register_name or bundle["default_register_name"]
     previous = run.read_json(layout.MLFLOW) or {}

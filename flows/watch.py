@@ -118,16 +118,10 @@ def run_dir_of(root: Path, checkpoint: Checkpoint, variant: Variant, identity: s
 
 
 def _tracking_client(root: Path):
-    """An MlflowClient of the watch's tracking URI; a fresh local database is created under a lock (two
-    processes creating the same SQLite database at once race in its schema migrations)."""
-    from mlflow import MlflowClient
+    """An MlflowClient of the watch's tracking URI (a fresh local database is created under a lock)."""
+    from flows.mlflow_logging import tracking_client
 
-    uri = tracking_uri_of(root)
-    with FileLock(home_of(root) / "locks" / "mlflow-db.lock"):
-        client = MlflowClient(uri, registry_uri=uri)
-        client.search_experiments(max_results=1)
-        client.search_registered_models(max_results=1)
-    return client
+    return tracking_client(tracking_uri_of(root))
 
 
 def find_version(client, identity: str):
