@@ -122,3 +122,17 @@ def test_least_squares_decoder_never_reconstructs_worse_than_pinv():
     assert torch.allclose(lsq.Q, pinv.Q)
     assert lsq.U.shape == (8, 16)
     assert lsq.info["reconstruction_error"] < pinv.info["reconstruction_error"] - 1e-4
+
+
+def test_an_isolated_massive_target_is_named_when_its_mass_cannot_be_met(caplog):
+    """A massive-activation neuron far from every other one cannot receive its uniform share at a small ε:
+    Sinkhorn stops at max_iter and the warning names that neuron instead of blaming max_iter."""
+    scales = torch.linspace(3.0, 0.5, 16)
+    scales[5] = 400.0
+    stats, _ = _stats(scales=scales)
+    options = DotOptions(epsilon=0.02, max_iter=200)
+    with caplog.at_level("WARNING", logger="dotresize.bases.dot"):
+        basis = compute_basis(stats, 8, CompressionConfig(method="dot", dot=options))
+    assert not basis.info["sinkhorn_converged"]
+    assert basis.info["starved_targets"] == [5]
+    assert "target neurons [5] are isolated" in caplog.text

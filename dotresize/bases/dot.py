@@ -88,6 +88,13 @@ def effective_rank(matrix: torch.Tensor) -> float:
     return float(torch.exp(-(p * torch.log(p)).sum()))
 
 
+def starved_targets(plan: torch.Tensor, b: torch.Tensor, targets: torch.Tensor, share: float = 0.1) -> list[int]:
+    """Target neurons whose column of the plan is short by more than ``share`` of its mass (isolated targets:
+    with a finite ε only the neuron itself is close enough to send it mass)."""
+    short = (b.to(plan.dtype) - plan.sum(dim=0)) / b.to(plan.dtype)
+    return [int(targets[j]) for j in torch.nonzero(short > share).flatten().tolist()]
+
+
 def dot_basis(stats: PointStats, width: int, *, options: DotOptions, keep: torch.Tensor | None = None,
               point: int = 0, device: torch.device | str | None = None, **_) -> Basis:
     targets = keep if keep is not None else top_indices(target_scores(stats, options.targets), width)
@@ -101,9 +108,16 @@ def dot_basis(stats: PointStats, width: int, *, options: DotOptions, keep: torch
         result = sinkhorn_log(a.to(dev), b.to(dev), cost.to(dev), options.epsilon, tol=options.tol,
                               max_iter=options.max_iter)
     plan = result.plan.to(torch.float64).cpu()
+    starved = starved_targets(plan, b, targets) if not result.converged else []
     if not result.converged:
-        log.warning("Sinkhorn at point %d stopped after %d iterations with marginal error %.2e (tolerance %.0e): "
-                    "raise dot max_iter or epsilon", point, result.iterations, result.marginal_error, options.tol)
+        if starved:
+            log.warning("Sinkhorn at point %d stopped after %d iterations with marginal error %.2e: target neurons "
+                        "%s are isolated (every other neuron is far more than epsilon %g away), so their uniform "
+                        "mass cannot be met and they are kept as themselves; marginals='mass' or a larger epsilon "
+                        "merges them", point, result.iterations, result.marginal_error, starved[:8], options.epsilon)
+        else:
+            log.warning("Sinkhorn at point %d stopped after %d iterations with marginal error %.2e (tolerance %.0e): "
+                        "raise dot max_iter or epsilon", point, result.iterations, result.marginal_error, options.tol)
     if not torch.isfinite(plan).all():
         raise BasisError(f"Sinkhorn produced a non-finite plan at point {point}: raise dot epsilon")
     compress = plan / b[None, :]                      # targets as weighted averages of the sources
@@ -131,6 +145,7 @@ def dot_basis(stats: PointStats, width: int, *, options: DotOptions, keep: torch
         "transport_cost": float((plan * cost).sum()),
         "sinkhorn_iterations": int(result.iterations),
         "sinkhorn_converged": bool(result.converged),
+        "starved_targets": starved,
         "marginal_error": float(result.marginal_error),
         "cond_r": cond,
         "effective_rank": effective_rank(compress),
