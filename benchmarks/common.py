@@ -56,7 +56,8 @@ def loadavg() -> float | None:
 def machine_info() -> dict[str, Any]:
     """The machine a measurement ran on (CPU, cores, memory, torch/POT versions, CUDA device, load)."""
     info: dict[str, Any] = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                            "platform": platform.platform(), "loadavg_1min": loadavg()}
+                            "platform": platform.platform(), "loadavg_1min": loadavg(),
+                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     try:
         info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
@@ -87,6 +88,8 @@ def machine_line(info: dict[str, Any]) -> str:
         parts.append(f"POT {info['pot']}")
     parts.append(f"CUDA: {info['cuda']}" if info.get("cuda") else "no CUDA")
     parts.append(f"Python {info.get('python')}")
+    if info.get("omp_wait_policy"):
+        parts.append(f"OMP_WAIT_POLICY={info['omp_wait_policy']}")
     if info.get("loadavg_1min") is not None:
         parts.append(f"1-min load average {info['loadavg_1min']} at start")
     return ", ".join(parts)

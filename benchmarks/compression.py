@@ -4,8 +4,8 @@ in parallel and sequential calibration mode.
 Every variant runs the public command line in its own subprocess — ``dotresize compress --in-memory --out DIR``
 or ``dotresize compress --run-dir DIR --no-mlflow`` (a fresh run directory each time, so nothing is reused) —
 with the same model, calibration and config. The parent measures the wall time, polls the resident memory of
-the child's whole process tree (the orchestrated run's Prefect server included) and takes the child's own
-``ru_maxrss`` from ``wait4``. Repeats are interleaved (every round runs every variant, in a rotated order) and
+the child's whole process tree (the orchestrated run's Prefect server included; sum of the processes' RSS).
+Repeats are interleaved (every round runs every variant, in a rotated order) and
 the medians are compared as ratios measured in the same run.
 
 The orchestrated wall time includes Python start-up, imports and Prefect's start (an ephemeral API server per
@@ -94,8 +94,9 @@ def run_variant(variant: str, argv_of, env: dict[str, str], cwd: Path, scratch: 
                for n, s in (("stdout", proc.stdout), ("stderr", proc.stderr))]
     for reader in readers:
         reader.start()
+    # (the child's own ru_maxrss is no use here: Linux carries the parent's RSS at fork over into it)
     with TreeRssMonitor(proc.pid, interval=0.1) as monitor:
-        _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage (ru_maxrss in KiB on Linux)
+        _, status, _ = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     for reader in readers:
@@ -103,8 +104,7 @@ def run_variant(variant: str, argv_of, env: dict[str, str], cwd: Path, scratch: 
     stdout, stderr = streams.get("stdout", ""), streams.get("stderr", "")
     row: dict[str, Any] = {"variant": variant, "runner": variant.split("/")[0], "mode": variant.split("/")[1],
                            "returncode": proc.returncode, "wall_seconds": round(wall, 2),
-                           "peak_tree_rss_mb": round(monitor.peak / 2**20, 1), "rss_samples": monitor.samples,
-                           "maxrss_mb": round(usage.ru_maxrss / 1024, 1)}
+                           "peak_tree_rss_mb": round(monitor.peak / 2**20, 1), "rss_samples": monitor.samples}
     if proc.returncode != 0:
         row["error"] = _error_line(stderr or stdout)
         row["stderr_tail"] = (stderr or "").strip().splitlines()[-40:]
@@ -161,7 +161,6 @@ def run_compression(*, model: str | None = None, ratio_: float = 0.2, method: st
             "process_seconds": median(r.get("process_seconds") for r in ok),
             "startup_seconds": median(r.get("startup_seconds") for r in ok),
             "peak_tree_rss_mb": median(r["peak_tree_rss_mb"] for r in ok),
-            "maxrss_mb": median(r["maxrss_mb"] for r in ok),
             "stage_seconds": {k: median(v) for k, v in stages.items()},
         }
 
@@ -194,14 +193,13 @@ def run_compression(*, model: str | None = None, ratio_: float = 0.2, method: st
 def markdown(result: dict[str, Any]) -> str:
     job, summary = result["job"], result["summary"]
     header = ["variant", "runs", "wall s (median)", "in-process s", "start-up + imports s", "peak RSS MB (tree)",
-              "max RSS MB (main process)",
               "stage seconds (median; orchestrated: summed task compute time)"]
     table = []
     for variant, s in summary.items():
         stages = ", ".join(f"{k} {v:.1f}" for k, v in s["stage_seconds"].items())
         table.append([variant, f"{s['runs']}" + (f" ({s['failed']} failed)" if s["failed"] else ""),
                       fmt(s["wall_seconds"], ".1f"), fmt(s["process_seconds"], ".1f"), fmt(s["startup_seconds"], ".1f"),
-                      fmt(s["peak_tree_rss_mb"], ".0f"), fmt(s["maxrss_mb"], ".0f"), stages])
+                      fmt(s["peak_tree_rss_mb"], ".0f"), stages])
     rtable = [[name, fmt(r["wall"], ".2f") + "×", fmt(r["process"], ".2f") + "×", fmt(r["peak_rss"], ".2f") + "×"]
               for name, r in result["ratios"].items()]
     server = ("an existing Prefect API (" + job["prefect_api_url"] + ")") if job.get("prefect_api_url") else \

@@ -95,7 +95,7 @@ SIZES: dict[str, dict[str, Any]] = {
                                + [("sequential/per-point", 0.2), ("parallel/global", 0.2)]),
                     methods=("pca", "prune", "dot", "dot+prune-keep"),
                     epsilons=(0.01, 0.05, 0.2, 1.0), max_norm_epsilons=(0.2,), other_normalizations=(),
-                    decompressions=("plan",), mass_marginals=False, sample_tokens=1024, dot_max_iter=300),
+                    decompressions=("plan",), mass_marginals=False, sample_tokens=256, dot_max_iter=300),
     # a tiny in-code model in seconds (the smoke test)
     "tiny": dict(calib_samples=8, calib_seqlen=32, ctx=32, max_windows=4, ratios=(0.25,), batch_size=4,
                  ablation_ratio=0.25,

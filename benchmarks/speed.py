@@ -29,7 +29,7 @@ from .common import (SHARED_MACHINE_NOTE, fmt, log, machine_info, machine_line, 
 
 SIZES: dict[str, dict[str, Any]] = {
     "full": dict(batch=8, ctx=256, prompt=64, new_tokens=32, repeats=7, calib_seqlen=128),
-    "reduced": dict(batch=4, ctx=128, prompt=32, new_tokens=16, repeats=5, calib_seqlen=128),
+    "reduced": dict(batch=4, ctx=128, prompt=32, new_tokens=16, repeats=3, calib_seqlen=128),
     "tiny": dict(batch=2, ctx=16, prompt=8, new_tokens=4, repeats=3, calib_seqlen=32),
 }
 
@@ -134,7 +134,8 @@ def markdown(result: dict[str, Any]) -> str:
               f"{result['ctx']})", "× original", "decode ms/token", "× original (speed-up)"]
     table = []
     for r in result["rows"]:
-        table.append([r["model"], ", ".join(r["methods"]) if r.get("methods") else "", f"{r['parameters'] / 1e6:.1f} M",
+        shared = ", ".join(r["methods"]) if r.get("methods") else ("" if r["model"] == "original" else "–")
+        table.append([r["model"], shared, f"{r['parameters'] / 1e6:.1f} M",
                       r["hidden_widths"], f"{r['tokens_per_second']:.0f}", fmt(r["forward_speedup"], ".2f"),
                       f"{r['decode_ms_per_token_median']:.2f}", fmt(r["decode_speedup"], ".2f")])
     return "\n".join([
