@@ -319,8 +319,9 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
         if any(m is not None for m in (evaluation, evaluation_source, zero_shot, zero_shot_source)):
             from .eval_logging import log_run_evaluation
 
-            log_run_evaluation(run.path() if run.is_local else None, run_id=registered["run_id"], tracking_uri=registered["tracking_uri"],
-                               ppl=result.get("ppl"), zero_shot=result.get("zero_shot"),
+            log_run_evaluation(run.path() if run.is_local else None, run_id=registered["run_id"],
+                               tracking_uri=registered["tracking_uri"], ppl=result.get("ppl"),
+                               zero_shot=result.get("zero_shot"),
                                source_ppl=result.get("ppl_source"), source_zero_shot=result.get("zero_shot_source"))
     result["seconds"] = round(time.time() - started, 3)
     logger.info("model %s (sha256 %s) in %.1f s", result["model_dir"], result["model_sha256"][:12], result["seconds"])
