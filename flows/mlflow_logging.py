@@ -49,12 +49,13 @@ def tracking_client(uri: str):
 
     from storage.locks import FileLock
 
-    client = MlflowClient(uri, registry_uri=uri)
-    if uri.startswith("sqlite:///"):
-        database = Path(uri[len("sqlite:///"):])
-        with FileLock(database.parent / "locks" / "mlflow-db.lock"):
-            client.search_experiments(max_results=1)
-            client.search_registered_models(max_results=1)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri, registry_uri=uri)
+    database = Path(uri[len("sqlite:///"):])
+    with FileLock(database.parent / "locks" / "mlflow-db.lock"):  # the stores may migrate on construction
+        client = MlflowClient(uri, registry_uri=uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
     return client
 
 
