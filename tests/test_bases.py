@@ -130,7 +130,7 @@ def test_an_isolated_massive_target_is_named_when_its_mass_cannot_be_met(caplog)
     scales = torch.linspace(3.0, 0.5, 16)
     scales[5] = 400.0
     stats, _ = _stats(scales=scales)
-    options = DotOptions(epsilon=0.02, max_iter=200)
+    options = DotOptions(epsilon=0.02, max_iter=200, cost_normalization="median")
     with caplog.at_level("WARNING", logger="dotresize.bases.dot"):
         basis = compute_basis(stats, 8, CompressionConfig(method="dot", dot=options))
     assert not basis.info["sinkhorn_converged"]

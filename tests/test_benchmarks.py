@@ -23,7 +23,7 @@ def test_suite_writes_measured_json_and_markdown(tiny_env, tmp_path):
     out = tmp_path / "bench"
     suite = run_suite(
         "tiny", out, model=str(model),
-        quality_overrides=dict(epsilons=(0.05, 1.0), max_norm_epsilons=(), rms_targets=False, mass_marginals=False,
+        quality_overrides=dict(epsilons=(0.05, 1.0), normalization_variants=(), rms_targets=False, mass_marginals=False,
                                settings=("parallel/per-point", "sequential/per-point", "parallel/global"),
                                methods=("pca", "prune", "dot", "dot+prune-keep")),
         solver_overrides=dict(sizes="40x32", repeats=1, max_iter=50),
