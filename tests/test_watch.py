@@ -268,10 +268,12 @@ def test_bad_recipes_get_one_line(change, message):
 
 
 def test_recipe_hash_ignores_spelled_out_defaults_and_files(tmp_path):
+    from dotresize import DotOptions
     from flows.recipe import RecipeError, load_recipe, parse_recipe
 
     base = parse_recipe(dict(RECIPE)).variants[0]
-    spelled = parse_recipe({**RECIPE, "mode": "parallel", "config": {"dot": {"epsilon": 0.05}}}).variants[0]
+    default_epsilon = DotOptions().epsilon
+    spelled = parse_recipe({**RECIPE, "mode": "parallel", "config": {"dot": {"epsilon": default_epsilon}}}).variants[0]
     assert spelled.sha256 == base.sha256
     assert parse_recipe({**RECIPE, "ratio": 0.3}).variants[0].sha256 != base.sha256
     several = parse_recipe({**{k: v for k, v in RECIPE.items() if k != "ratio"}, "ratios": [0.25, 0.5]})

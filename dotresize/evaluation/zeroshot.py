@@ -208,7 +208,8 @@ def _build_lm(model, tokenizer, batch_size: int):
     """An in-memory HFLM; its model info is filled in locally (no hub lookup)."""
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # every model here is a causal decoder (also the compressed per-point class lm-eval cannot look up)
+    lm = HFLM(pretrained=model, backend="causal", tokenizer=tokenizer, batch_size=batch_size)
     info = {
         "model_num_parameters": sum(p.numel() for p in model.parameters()),
         "model_dtype": str(getattr(model, "dtype", "")),
