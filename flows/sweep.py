@@ -227,7 +227,9 @@ def run_sweep(spec: SweepSpec, out: Path, *, progress: bool = True) -> dict:
               f"{spec.mode} mode, {spec.layout} layout; zero-shot tasks: {', '.join(spec.tasks) or 'none'}"
               f"{f' (first {spec.limit} examples each)' if spec.limit and spec.tasks else ''}"
               + (f"; speed: forward of {spec.speed_batch} x {spec.speed_ctx or spec.ctx} tokens and greedy decoding "
-                 f"with a KV cache, medians of {spec.speed_repeats}" if spec.speed else "")
+                 f"with a KV cache, medians of {spec.speed_repeats}, each cell timed when it ran (on a shared "
+                 f"machine compare speeds with `dotresize bench` or the speed benchmark, which time the models "
+                 f"side by side in one process)" if spec.speed else "")
               + f". Width d: the compressed residual width (the source has {cells[0]['width']}).")
     files = write_report(cells, list(spec.tasks), out, header)
     table = out / "table.json"
