@@ -17,12 +17,14 @@ chunk is detected by :meth:`ActivationStore.status` and the point is recomputed.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from .digests import digest_of_digests, sha256_array
+from .errors import StorageError
 from .rundir import ACTIVATIONS, RunDir, point_name
 
 #: a chunk of activations holds at least this many bytes (whole rows)
@@ -110,6 +112,9 @@ def point_name_of(group) -> str:
     return getattr(group, "path", "point") or "point"
 
 
+_ROOT_WAIT_SECONDS = 30.0
+
+
 def _open_or_create_root(store):
     """The store's root group, created if missing; safe when several tasks open the same store at once."""
     import zarr
@@ -121,8 +126,16 @@ def _open_or_create_root(store):
         pass
     try:
         return zarr.open_group(store, mode="w-", zarr_format=3)
-    except (ContainsGroupError, FileExistsError):  # another task created it in between
-        return zarr.open_group(store, mode="r+", zarr_format=3)
+    except (ContainsGroupError, FileExistsError):  # another task is creating it: wait until its metadata is whole
+        deadline = time.monotonic() + _ROOT_WAIT_SECONDS
+        while True:
+            try:
+                return zarr.open_group(store, mode="r+", zarr_format=3)
+            except (FileNotFoundError, GroupNotFoundError):
+                if time.monotonic() > deadline:
+                    raise StorageError(f"{store} holds files but no readable root group after "
+                                       f"{_ROOT_WAIT_SECONDS:.0f} s: delete that directory and run again") from None
+                time.sleep(0.05)
 
 
 class ActivationStore:
