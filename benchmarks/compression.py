@@ -237,10 +237,10 @@ def main(argv=None) -> int:
         if getattr(args, key) is not None:
             size[key] = getattr(args, key)
     if args.variants:
-        unknown = sorted(set(args.variants.split(",")) - set(VARIANTS) - {""})
+        size["variants"] = tuple(v for v in args.variants.split(",") if v)
+        unknown = sorted(set(size["variants"]) - set(VARIANTS))
         if unknown:
             raise SystemExit(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
-        size["variants"] = tuple(v for v in args.variants.split(",") if v)
     result = run_compression(model=args.model, ratio_=args.ratio, method=args.method, seed=args.seed, extra=extra,
                              **size)
     print(result["markdown"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
 
 # Prefect keeps its database and settings under PREFECT_HOME: a scratch one per test session, never ~/.prefect
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="dotresize-test-prefect-"))
@@ -109,11 +108,13 @@ def tiny_env(tiny_data_dir, monkeypatch, tmp_path):
 def real_data_dir():
     """The real local data directory with the zero-shot task files ($DOTRESIZE_DATA_DIR as the session found it,
     else ../shared/data), or None; session-scoped so it is resolved before any test points the setting elsewhere."""
-    from dotresize.data import DATA_DIR_ENV, default_data_dirs
+    from dotresize.data import DataNotFoundError, resolve_data_dir
 
-    configured = [Path(os.environ[DATA_DIR_ENV])] if os.environ.get(DATA_DIR_ENV) else []
-    return next((d.resolve() for d in configured + default_data_dirs() if (d / "tasks" / "piqa_valid.jsonl").is_file()),
-                None)
+    try:
+        data = resolve_data_dir()
+    except DataNotFoundError:
+        return None
+    return data if data is not None and (data / "tasks" / "piqa_valid.jsonl").is_file() else None
 
 
 @pytest.fixture(scope="session")
