@@ -8,6 +8,9 @@ directory (``--mlflow-run ID``, default the run recorded in ``<run>/mlflow.json`
   (lambada), their ``_stderr`` values and ``zeroshot/mean_acc``;
 * ``speed/tokens_per_second``, ``speed/ms_per_token`` and, from ``bench``, ``speed/ratio/<what>``.
 
+Results evaluated in a reduced precision (``--dtype``) carry it as a prefix (``bfloat16/ppl``,
+``bfloat16-head32/zeroshot/piqa/acc``), so they never overwrite the float32 numbers.
+
 The lm-eval version, the task config hash and the limit become run tags; the headline numbers are also set as
 tags (``eval.<metric>``) on the registered model version the run produced, so they show beside the version.
 Logging is idempotent: a metric already logged with the same value is not logged again.
@@ -32,6 +35,14 @@ def _number(value: Any) -> float | None:
     return None
 
 
+def precision_prefix(result: dict | None) -> str:
+    """``""`` for a float32 result, else its precision as a metric-name prefix (``"bfloat16/"``)."""
+    label = str((result or {}).get("dtype") or "float32")
+    if label == "float32":
+        return ""
+    return label.split(" ")[0] + ("-head32" if "head float32" in label else "") + "/"
+
+
 def eval_metrics(*, ppl: dict | None = None, zero_shot: dict | None = None, speed: dict | None = None,
                  bench: dict | None = None, prefix: str = "") -> dict[str, float]:
     """Flat ``{name: value}`` of the evaluation results (``prefix`` ``"source/"`` for the source model)."""
@@ -39,18 +50,19 @@ def eval_metrics(*, ppl: dict | None = None, zero_shot: dict | None = None, spee
     if ppl:
         for name in ("ppl", "nll"):
             if _number(ppl.get(name)) is not None:
-                out[f"{prefix}{name}"] = float(ppl[name])
+                out[f"{prefix}{precision_prefix(ppl)}{name}"] = float(ppl[name])
     if zero_shot:
+        prefix_zs = prefix + precision_prefix(zero_shot)
         accs = []
         for task, metrics in zero_shot.get("tasks", {}).items():
             for name in ZERO_SHOT_METRICS:
                 value = _number(metrics.get(name))
                 if value is not None:
-                    out[f"{prefix}zeroshot/{task}/{name}"] = value
+                    out[f"{prefix_zs}zeroshot/{task}/{name}"] = value
             if _number(metrics.get("acc")) is not None:
                 accs.append(float(metrics["acc"]))
         if accs:
-            out[f"{prefix}zeroshot/mean_acc"] = sum(accs) / len(accs)
+            out[f"{prefix_zs}zeroshot/mean_acc"] = sum(accs) / len(accs)
     if speed:
         for name in ("tokens_per_second", "ms_per_token", "parameters"):
             if _number(speed.get(name)) is not None:
@@ -155,4 +167,4 @@ def log_run_evaluation(run_dir: str | Path | None, *, run_id: str | None = None,
     return log_evaluation(uri, run_id, metrics, tags=tags, files=files, model_version=version)
 
 
-__all__ = ["eval_metrics", "eval_tags", "log_evaluation", "log_run_evaluation", "recorded_run"]
+__all__ = ["eval_metrics", "eval_tags", "precision_prefix", "log_evaluation", "log_run_evaluation", "recorded_run"]

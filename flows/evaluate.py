@@ -44,6 +44,15 @@ def _export_manifest(run_dir: Path) -> dict:
     return {"model_sha256": run.sha256(f"{layout.MODEL}/model.safetensors")}
 
 
+def _precision_args(args) -> dict:
+    """``dtype`` / ``float32_head`` of the evaluate arguments (float32 when absent)."""
+    dtype = getattr(args, "dtype", None) or "float32"
+    head = bool(getattr(args, "float32_head", False))
+    if head and dtype == "float32":
+        raise ValueError("--float32-head only applies with --dtype bfloat16 or float16")
+    return {"dtype": dtype, "float32_head": head}
+
+
 def _tasks(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
@@ -84,11 +93,12 @@ def _evaluate_run(run_dir: Path, args, tasks: list[str]) -> dict:
     try:
         if args.ppl or not tasks:
             manifest = evaluate_task.fn(str(run_dir), export=export, target="model", ctx=args.ctx,
-                                        max_windows=args.max_windows, batch_size=args.batch_size, progress=progress)
+                                        max_windows=args.max_windows, batch_size=args.batch_size, progress=progress,
+                                        **_precision_args(args))
             result["ppl"], result["reused"]["ppl"] = manifest["ppl"], manifest["reused"]
         if tasks:
             manifest = zero_shot_task.fn(str(run_dir), tasks, export=export, target="model", limit=args.limit,
-                                         batch_size=args.batch_size, progress=progress)
+                                         batch_size=args.batch_size, progress=progress, **_precision_args(args))
             result["zero_shot"], result["reused"]["zero_shot"] = manifest["zero_shot"], manifest["reused"]
     finally:
         release_eval_model()
@@ -102,18 +112,22 @@ def _evaluate_source(args, tasks: list[str]) -> dict:
     from dotresize.sources import load_model, resolve_source
 
     source = resolve_source(args.model)
+    from dotresize.evaluation.precision import set_evaluation_precision
+
     model, tokenizer = load_model(source, check_architecture=False)
-    result: dict = {"model": args.model or source.spec, "weights_sha256": source.digests()}
+    precision = set_evaluation_precision(model, **_precision_args(args))
+    result: dict = {"model": args.model or source.spec, "weights_sha256": source.digests(), "dtype": precision}
     if args.ppl or not tasks:
         text = load_text("wikitext2-test")
         ppl = perplexity(model, tokenize(tokenizer, text.text), ctx=args.ctx, max_windows=args.max_windows or None,
                          batch_size=args.batch_size, progress=not args.quiet)
-        result["ppl"] = {**ppl, "dataset": text.meta()}
+        result["ppl"] = {**ppl, "dataset": text.meta(), "dtype": precision}
     if tasks:
         from dotresize.evaluation.zeroshot import evaluate_zero_shot
 
         result["zero_shot"] = evaluate_zero_shot(model, tokenizer, tasks, limit=args.limit,
                                                  batch_size=args.batch_size, progress=not args.quiet)
+        result["zero_shot"]["dtype"] = precision
     return result
 
 

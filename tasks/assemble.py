@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dotresize import surgery
 from dotresize.api import assemble_model
+from dotresize.evaluation.precision import DEFAULT_EVAL_DTYPE, precision_label
 from storage import RunDir, load_basis
 from storage import rundir as layout
 from storage.errors import CorruptArtifactError
@@ -152,31 +153,40 @@ def eval_file(kind: str, target: str = "model") -> str:
     return f"{layout.EVAL}/{kind}.json" if target == "model" else f"{layout.EVAL}/{kind}_source.json"
 
 
+def _precision_key(dtype: str, float32_head: bool = False) -> dict:
+    """Key part for the evaluation precision; empty for float32 so earlier float32 results stay valid."""
+    return {} if dtype == DEFAULT_EVAL_DTYPE else {"dtype": precision_label(dtype, float32_head)}
+
+
 def _eval_digest(target: str, export: dict | None, source: dict | None) -> str:
     return export["model_sha256"] if target == "model" else source["digest"]
 
 
 @task(name="evaluate", task_run_name="evaluate-{target}", cache_policy=NO_CACHE, persist_result=False)
 def evaluate_task(run_url: str, export: dict | None = None, source: dict | None = None, target: str = "model",
-                  ctx: int = 256, max_windows: int | None = 100, batch_size: int = 4, progress: bool = True) -> dict:
+                  ctx: int = 256, max_windows: int | None = 100, batch_size: int = 4, progress: bool = True,
+                  dtype: str = "float32", float32_head: bool = False) -> dict:
     """WikiText-2 test perplexity of the exported model (``target="model"``, stored in ``eval/ppl.json``) or of
-    the source model (``target="source"``, ``eval/ppl_source.json``), with the same protocol."""
+    the source model (``target="source"``, ``eval/ppl_source.json``), with the same protocol; ``dtype`` is the
+    evaluation precision (:mod:`dotresize.evaluation.precision`), part of the key when not float32."""
     from dotresize.data import load_text, tokenize
 
     run = RunDir(run_url)
     text = load_text("wikitext2-test")
     digest = _eval_digest(target, export, source)
-    key = stage_key("evaluate", target=target, model=digest, ctx=ctx, max_windows=max_windows, text=text.sha256)
+    key = stage_key("evaluate", target=target, model=digest, ctx=ctx, max_windows=max_windows, text=text.sha256,
+                    **_precision_key(dtype, float32_head))
     rel = eval_file("ppl", target)
 
     def compute() -> dict:
         from dotresize.evaluation.perplexity import perplexity
 
-        model, tokenizer = eval_model(run, target, source, digest)
+        model, tokenizer = eval_model(run, target, source, digest, dtype, float32_head)
         result = perplexity(model, tokenize(tokenizer, text.text), ctx=ctx, max_windows=max_windows or None,
                             batch_size=batch_size, progress=progress)
         result["dataset"] = text.meta()
         result["model_digest"] = digest
+        result["dtype"] = precision_label(dtype, float32_head)
         return {"files": {rel: run.write_json(rel, result)}, "ppl": result}
 
     return run_stage(run, "evaluate", target, key, compute)
@@ -185,7 +195,8 @@ def evaluate_task(run_url: str, export: dict | None = None, source: dict | None 
 @task(name="evaluate-zero-shot", task_run_name="zero-shot-{target}", cache_policy=NO_CACHE, persist_result=False)
 def zero_shot_task(run_url: str, tasks: list[str], export: dict | None = None, source: dict | None = None,
                    target: str = "model", limit: int | None = None, batch_size: int = 4,
-                   data_dir: str | None = None, progress: bool = True) -> dict:
+                   data_dir: str | None = None, progress: bool = True, dtype: str = "float32",
+                   float32_head: bool = False) -> dict:
     """Zero-shot accuracy (lm-eval ``simple_evaluate`` on an in-memory model, the project's offline task
     definitions) of the exported model (``eval/lm_eval.json``) or of the source (``eval/lm_eval_source.json``).
 
@@ -204,7 +215,8 @@ def zero_shot_task(run_url: str, tasks: list[str], export: dict | None = None, s
     task_hashes = {n: zeroshot.task_config_hash([n], root) for n in names}
     task_keys = {n: stage_key("evaluate", kind="lm_eval_task", target=target, model=digest, task=n,
                               task_config_hash=task_hashes[n], limit=limit, lm_eval=lm_version,
-                              num_fewshot=zeroshot.NUM_FEWSHOT) for n in names}
+                              num_fewshot=zeroshot.NUM_FEWSHOT, **_precision_key(dtype, float32_head))
+                 for n in names}
     key = stage_key("evaluate", kind="lm_eval", target=target, tasks=sorted(task_keys.values()))
     rel = eval_file("lm_eval", target)
     name = "lm_eval" if target == "model" else "lm_eval_source"
@@ -217,14 +229,15 @@ def zero_shot_task(run_url: str, tasks: list[str], export: dict | None = None, s
         todo = [n for n in names if entries.get(n, {}).get("key") != task_keys[n]]
         started = time.perf_counter()
         if todo:
-            model, tokenizer = eval_model(run, target, source, digest)
+            model, tokenizer = eval_model(run, target, source, digest, dtype, float32_head)
             fresh = zeroshot.evaluate_zero_shot(model, tokenizer, todo, limit=limit, batch_size=batch_size,
                                                 data_dir=root, progress=progress)
             seconds = round(time.perf_counter() - started, 3)
             for n in todo:
                 entries[n] = {**fresh["tasks"][n], "key": task_keys[n], "limit": limit,
                               "task_config_hash": task_hashes[n], "lm_eval_version": fresh["lm_eval_version"],
-                              "seconds_of_run": seconds, "batch_size": batch_size}
+                              "seconds_of_run": seconds, "batch_size": batch_size,
+                              "dtype": precision_label(dtype, float32_head)}
         limits = {json.dumps(e.get("limit")) for e in entries.values()}
         whole = {"tasks": entries, "model_digest": digest, "data_dir": root, "num_fewshot": zeroshot.NUM_FEWSHOT,
                  "lm_eval_version": lm_version, "limit": limit if len(limits) == 1 else "per task",
@@ -232,6 +245,7 @@ def zero_shot_task(run_url: str, tasks: list[str], export: dict | None = None, s
         result = {"tasks": {n: entries[n] for n in names}, "lm_eval_version": lm_version, "limit": limit,
                   "task_config_hash": zeroshot.task_config_hash(names, root), "num_fewshot": zeroshot.NUM_FEWSHOT,
                   "model_digest": digest, "data_dir": root, "batch_size": batch_size, "evaluated": todo,
+                  "dtype": precision_label(dtype, float32_head),
                   "read_back": [n for n in names if n not in todo],
                   "seconds": round(time.perf_counter() - started, 3)}
         return {"files": {rel: run.write_json(rel, whole)}, "zero_shot": result}
@@ -285,13 +299,19 @@ _EVAL_MODEL: dict[tuple, tuple] = {}
 _EVAL_LOCK = threading.Lock()
 
 
-def eval_model(run: RunDir, target: str, source: dict | None, digest: str):
-    """(model, tokenizer) of ``target``, loaded once per process and kept until another model is asked for."""
-    cache_key = (run.url, target, digest)
+def eval_model(run: RunDir, target: str, source: dict | None, digest: str, dtype: str = "float32",
+               float32_head: bool = False):
+    """(model, tokenizer) of ``target`` in the evaluation precision ``dtype``, loaded once per process and kept
+    until another model (or precision) is asked for."""
+    from dotresize.evaluation.precision import set_evaluation_precision
+
+    cache_key = (run.url, target, digest, precision_label(dtype, float32_head))
     with _EVAL_LOCK:
         if cache_key not in _EVAL_MODEL:
             _EVAL_MODEL.clear()
-            _EVAL_MODEL[cache_key] = _load_for_eval(run, target, source)
+            model, tokenizer = _load_for_eval(run, target, source)
+            set_evaluation_precision(model, dtype, float32_head)
+            _EVAL_MODEL[cache_key] = (model, tokenizer)
         return _EVAL_MODEL[cache_key]
 
 

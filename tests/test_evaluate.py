@@ -161,6 +161,15 @@ def test_compress_with_tasks_then_evaluate_and_bench_the_run(capsys, pipeline_en
     # the same command again: everything read back from eval/, nothing recomputed
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["reused"] == {"ppl": True, "zero_shot": True}
+    # another precision is another result (its key has the dtype), recorded beside the numbers
+    assert main(argv[:8] + ["--dtype", "bfloat16", "--json"]) == 0
+    reduced = json.loads(capsys.readouterr().out)
+    assert reduced["reused"] == {"ppl": False} and reduced["ppl"]["dtype"] == "bfloat16"
+    assert reduced["ppl"]["ppl"] == pytest.approx(compressed["ppl"]["ppl"], rel=0.05)
+    assert json.loads((run_dir / "eval" / "ppl.json").read_text())["dtype"] == "bfloat16"
+    _, _, run = _mlflow_run(run_dir)  # under its own name: the float32 number stays what it was
+    assert run.data.metrics["bfloat16/ppl"] == pytest.approx(reduced["ppl"]["ppl"])
+    assert run.data.metrics["ppl"] == pytest.approx(compressed["ppl"]["ppl"])
     # tasks accumulate in eval/lm_eval.json, each under its own key: a subset is read back, not re-evaluated
     assert main(["-q", "evaluate", str(run_dir), "--tasks", "arc_easy", "--limit", "3", "--json"]) == 0
     subset = json.loads(capsys.readouterr().out)["zero_shot"]

@@ -206,10 +206,13 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
 
 def _build_lm(model, tokenizer, batch_size: int):
     """An in-memory HFLM; its model info is filled in locally (no hub lookup)."""
+    import torch
     from lm_eval.models.huggingface import HFLM
 
     # every model here is a causal decoder (also the compressed per-point class lm-eval cannot look up)
-    lm = HFLM(pretrained=model, backend="causal", tokenizer=tokenizer, batch_size=batch_size)
+    # log-softmax in float32 whatever the model's dtype (a bfloat16 log-softmax would round every log-likelihood)
+    lm = HFLM(pretrained=model, backend="causal", tokenizer=tokenizer, batch_size=batch_size,
+              softmax_dtype=torch.float32)
     info = {
         "model_num_parameters": sum(p.numel() for p in model.parameters()),
         "model_dtype": str(getattr(model, "dtype", "")),
