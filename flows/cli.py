@@ -91,6 +91,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--limit", type=_positive_int, default=None, help="first N examples of every task")
     p.add_argument("--ctx", type=_positive_int, default=256)
     p.add_argument("--max-windows", type=int, default=100)
+    p.add_argument("--eval-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="precision of the evaluations (see evaluate --dtype; default float32)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the source model's own code")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_compress)
@@ -148,6 +150,8 @@ def _add_sweep(sub) -> None:
     p.add_argument("--methods", default="dot,pca,prune")
     p.add_argument("--tasks", default="", help="zero-shot tasks to evaluate per cell (comma-separated)")
     p.add_argument("--limit", type=_positive_int, default=None)
+    p.add_argument("--eval-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="precision of the evaluations (see evaluate --dtype; default float32)")
     p.add_argument("--calib-data", default="wikitext2")
     p.add_argument("--calib-samples", type=_positive_int, default=64)
     p.add_argument("--calib-seqlen", type=_positive_int, default=256)
@@ -277,6 +281,9 @@ def cmd_compress(args) -> dict:
     config = _compression_config(args)
     if args.in_memory and not args.out:
         raise UsageError("--in-memory writes only --out: pass --out DIR")
+    if args.in_memory and args.eval_dtype != "float32":
+        raise UsageError("--eval-dtype applies to the pipeline's evaluate stage: drop --in-memory, or evaluate "
+                         "the --out directory with `dotresize evaluate DIR --dtype ...`")
     out = check_output_dir(args.out, args.overwrite) if args.out else None
     if args.in_memory:
         return _compress_in_memory(args, config, out)
@@ -306,7 +313,8 @@ def _compress_pipeline(args, config, out: Path | None) -> dict:
         n_workers=args.workers, mlflow=not args.no_mlflow, register_name=args.register_name,
         progress=not args.quiet, ppl=args.ppl, ppl_source=args.ppl, ppl_ctx=args.ctx,
         ppl_max_windows=args.max_windows, device=args.device, trust_remote_code=args.trust_remote_code,
-        tasks=[t.strip() for t in (args.tasks or "").split(",") if t.strip()] or None, limit=args.limit)
+        tasks=[t.strip() for t in (args.tasks or "").split(",") if t.strip()] or None, limit=args.limit,
+        eval_dtype=args.eval_dtype)
     if out is not None:
         result["out"] = str(_copy_model(Path(result["model_dir"]), out, args.overwrite))
     if not args.json:
@@ -479,7 +487,7 @@ def cmd_sweep(args) -> dict:
                      calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                      seed=args.seed, ctx=args.ctx, max_windows=args.max_windows, speed=not args.no_speed,
                      speed_batch=args.speed_batch, speed_ctx=args.speed_ctx, speed_repeats=args.speed_repeats,
-                     mlflow=not args.no_mlflow, workers=args.workers)
+                     mlflow=not args.no_mlflow, workers=args.workers, eval_dtype=args.eval_dtype)
     from .compress import slug
     from .logs import install_user_error_filter
 

@@ -138,7 +138,7 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
                   ppl_source: bool = False, device: str | None = None, verify: bool = True,
                   trust_remote_code: bool = False, tags: dict | None = None,
                   expect_source_digest: str | None = None, tasks: list[str] | None = None, limit: int | None = None,
-                  tasks_source: bool = False) -> dict:
+                  tasks_source: bool = False, eval_dtype: str = "float32") -> dict:
     """Compress ``model`` into ``run_dir`` (default ``./runs/<model>-<method>-<key>``); returns a small manifest:
     run_dir, model_dir, model_sha256, widths, parameter counts, which stages were reused, MLflow run and version.
 
@@ -148,7 +148,8 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
     without re-reading digests. ``ppl`` evaluates the compressed model (and ``ppl_source`` the source) on
     WikiText-2; ``tasks`` (``["piqa", "arc_easy"]``, first ``limit`` examples each) runs the zero-shot tasks on
     the compressed model (and ``tasks_source`` on the source) into ``eval/lm_eval*.json``; every evaluation is
-    logged as metrics of the compression's MLflow run. A user-facing error (:class:`dotresize.DotResizeError`)
+    logged as metrics of the compression's MLflow run. ``eval_dtype`` is the evaluations' precision
+    (:mod:`dotresize.evaluation.precision`; the model itself is exported in float32). A user-facing error (:class:`dotresize.DotResizeError`)
     in a run directory this call created removes it again; an existing run directory is never removed.
     """
     started = time.time()
@@ -178,7 +179,7 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
                            progress=progress, ppl=ppl, ppl_ctx=ppl_ctx, ppl_max_windows=ppl_max_windows,
                            ppl_source=ppl_source, device=device, verify=verify, trust_remote_code=trust_remote_code,
                            tags=tags,
-                           tasks=list(tasks or []), limit=limit, tasks_source=tasks_source)
+                           tasks=list(tasks or []), limit=limit, tasks_source=tasks_source, eval_dtype=eval_dtype)
     except DotResizeError:
         if fresh:
             logger.info("removing %s: the run failed before producing anything reusable", run.uri())
@@ -188,7 +189,8 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
 
 def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, calib: dict, architecture: dict,
                 started: float, *, dask_address, n_workers, mlflow, register_name, progress, ppl, ppl_ctx,
-                ppl_max_windows, ppl_source, device, verify, trust_remote_code, tags=None, tasks, limit, tasks_source) -> dict:
+                ppl_max_windows, ppl_source, device, verify, trust_remote_code, tags=None, tasks, limit, tasks_source,
+                eval_dtype="float32") -> dict:
     logger = get_run_logger()
     run.write_text(paths.RECIPE, _yaml(recipe))
     run.write_json(paths.SOURCE, source)
@@ -258,14 +260,15 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
             **common, "run_key": run_key, "recipe": recipe, "source": source, "calibration": calibration,
             "fuse": fuse, "widths": widths, "captures": captures_m, "bases": solves_m, "absorbs": absorbs_m}).result()
         evaluation = evaluation_source = None
-        eval_args = {**common, "ctx": ppl_ctx, "max_windows": ppl_max_windows, "progress": progress}
+        eval_args = {**common, "ctx": ppl_ctx, "max_windows": ppl_max_windows, "progress": progress,
+                     "dtype": eval_dtype}
         if ppl_source:
             evaluation_source = runner.submit(evaluate_task, {**eval_args, "source": source,
                                                               "target": "source"}).result()
         if ppl:
             evaluation = runner.submit(evaluate_task, {**eval_args, "export": export, "target": "model"}).result()
         zero_shot = zero_shot_source = None
-        zs_args = {**common, "tasks": tasks, "limit": limit, "progress": progress}
+        zs_args = {**common, "tasks": tasks, "limit": limit, "progress": progress, "dtype": eval_dtype}
         if tasks and tasks_source:
             zero_shot_source = runner.submit(zero_shot_task, {**zs_args, "source": source,
                                                               "target": "source"}).result()

@@ -46,6 +46,7 @@ class SweepSpec:
     overrides: dict = field(default_factory=dict)
     mlflow: bool = True
     workers: int | None = None
+    eval_dtype: str = "float32"           # precision of perplexity and zero-shot (speed is timed in float32)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -82,7 +83,8 @@ def _compress_cell(spec: SweepSpec, out: Path, method: str, ratio: float, progre
         model=spec.model, ratio=ratio, method=method, mode=spec.mode, layout=spec.layout, calib_data=spec.calib_data,
         calib_samples=spec.calib_samples, calib_seqlen=spec.calib_seqlen, seed=spec.seed, run_dir=str(run_dir),
         config_overrides=dict(spec.overrides), n_workers=spec.workers, mlflow=spec.mlflow, progress=progress,
-        ppl=True, ppl_ctx=spec.ctx, ppl_max_windows=spec.max_windows, tasks=list(spec.tasks), limit=spec.limit)
+        ppl=True, ppl_ctx=spec.ctx, ppl_max_windows=spec.max_windows, tasks=list(spec.tasks), limit=spec.limit,
+        eval_dtype=spec.eval_dtype)
     stages = result["stages"]
     cell = {
         "method": method, "ratio": ratio, "width": min(result["widths"]), "widths": result["widths"],
@@ -116,13 +118,14 @@ def _dense_cell(spec: SweepSpec, out: Path, source: dict, first: dict, progress:
     report = json.loads((Path(first["run_dir"]) / "model" / "compression_report.json").read_text())
     try:
         ppl = evaluate_task.fn(str(dense_dir), source=source, target="source", ctx=spec.ctx,
-                               max_windows=spec.max_windows, progress=progress)["ppl"]
+                               max_windows=spec.max_windows, progress=progress, dtype=spec.eval_dtype)["ppl"]
         cell = {"method": "dense", "ratio": 0.0, "width": int(report["hidden_size"]),
                 "parameters": first["parameters_before"], "ppl": ppl["ppl"], "ppl_result": ppl,
                 "compress_seconds": 0.0, "run_dir": str(dense_dir), "zero_shot": None}
         if spec.tasks:
             cell["zero_shot"] = zero_shot_task.fn(str(dense_dir), list(spec.tasks), source=source, target="source",
-                                                  limit=spec.limit, progress=progress)["zero_shot"]
+                                                  limit=spec.limit, progress=progress,
+                                                  dtype=spec.eval_dtype)["zero_shot"]
         if spec.speed:
             speed = _speed(dense_dir, spec, source=source, target="source")
             cell.update(tokens_per_second=speed["tokens_per_second"], ms_per_token=speed["ms_per_token"])
@@ -226,6 +229,7 @@ def run_sweep(spec: SweepSpec, out: Path, *, progress: bool = True) -> dict:
               f"{spec.calib_samples} x {spec.calib_seqlen} tokens of {spec.calib_data} (seed {spec.seed}); "
               f"{spec.mode} mode, {spec.layout} layout; zero-shot tasks: {', '.join(spec.tasks) or 'none'}"
               f"{f' (first {spec.limit} examples each)' if spec.limit and spec.tasks else ''}"
+              f"{f'; evaluated in {spec.eval_dtype} (log-softmax float32)' if spec.eval_dtype != 'float32' else ''}"
               + (f"; speed: forward of {spec.speed_batch} x {spec.speed_ctx or spec.ctx} tokens and greedy decoding "
                  f"with a KV cache, medians of {spec.speed_repeats}, each cell timed when it ran (on a shared "
                  f"machine compare speeds with `dotresize bench` or the speed benchmark, which time the models "

@@ -85,3 +85,14 @@ def test_reduced_precision_metrics_get_their_own_names():
     assert set(eval_metrics(ppl={"ppl": 9.0, "dtype": "bfloat16"},
                             zero_shot={**zero_shot, "dtype": precision_label("bfloat16", True)})) == {
         "bfloat16/ppl", "bfloat16-head32/zeroshot/piqa/acc", "bfloat16-head32/zeroshot/mean_acc"}
+
+
+def test_compress_in_memory_refuses_an_evaluation_precision(capsys, tiny_env):
+    src = write_model_dir(tiny_env / "src")
+    out = tiny_env / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-q", "compress", "--model", str(src), "--ratio", "0.25", "--method", "pca", "--in-memory", "--out",
+              str(out), "--ppl", "--eval-dtype", "bfloat16"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--eval-dtype" in err and "dotresize evaluate" in err
+    assert not out.exists()

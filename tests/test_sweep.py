@@ -2,6 +2,7 @@
 as a metric and the report as artifacts; a rerun reuses every stage and evaluation."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -88,3 +89,18 @@ def test_sweep_through_the_pipeline_writes_table_plots_and_mlflow_and_reuses_eve
     assert [c["ppl"] for c in again["cells"]] == [c["ppl"] for c in result["cells"]]
     assert json.loads((out / "sweep.json").read_text())["run_id"] == record["run_id"]
     assert again["mlflow"]["new_metrics"] == 0
+
+    # another evaluation precision: the compressions are reused, only the evaluations run again, in bfloat16
+    bf16_out = pipeline_env / "sweep-bf16"
+    argv_bf16 = argv[:argv.index("--out")] + ["--out", str(bf16_out), "--ratios", "0.5", "--methods", "pca",
+                                              "--no-speed", "--no-mlflow", "--eval-dtype", "bfloat16", "--json"]
+    shutil.copytree(out / "runs" / "pca-0.5", bf16_out / "runs" / "pca-0.5")  # the finished run, reused
+    assert main(argv_bf16) == 0
+    reduced = json.loads(capsys.readouterr().out)
+    pca = next(c for c in reduced["cells"] if c["method"] == "pca")
+    assert pca["stages_computed"] == 2  # perplexity and zero-shot; the compression is read back
+    assert pca["ppl"] == pytest.approx(cells[("pca", 0.5)]["ppl"], rel=0.05) and pca["ppl"] != cells[("pca", 0.5)]["ppl"]
+    evaluated = bf16_out / "runs" / "pca-0.5" / "eval"
+    assert json.loads((evaluated / "ppl.json").read_text())["dtype"] == "bfloat16"
+    assert {t["dtype"] for t in json.loads((evaluated / "lm_eval.json").read_text())["tasks"].values()} == {"bfloat16"}
+    assert "evaluated in bfloat16" in (bf16_out / "report.md").read_text()
