@@ -1,7 +1,7 @@
 #!/bin/bash
 # usage: REPO=/path/to/dotresize OUT=/tmp/zs DOT=/path/dot-20 PCA=/path/pca-20 ./run.sh (one JSON per model and task group)
 # full zero-shot sets, bfloat16 (log-softmax float32), task-major so every finished group is a complete column
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DOTRESIZE_DATA_DIR=/work/shared/data PYTHONPATH=$REPO
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DOTRESIZE_DATA_DIR=${DOTRESIZE_DATA_DIR:-$REPO/../shared/data} PYTHONPATH=$REPO
 cd "$OUT"
 for group in piqa copa,openbookqa,winogrande arc_challenge siqa arc_easy boolq lambada; do
   for m in smollm2-135m-instruct $DOT $PCA; do
