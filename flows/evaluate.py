@@ -147,17 +147,23 @@ def _log(result: dict, run_dir: Path | None, run_id: str | None) -> dict | None:
     return logged
 
 
+def _precision_note(result: dict) -> str:
+    """``", in bfloat16"`` for a reduced-precision result, nothing for float32."""
+    label = result.get("dtype") or "float32"
+    return "" if label == "float32" else f", in {label}"
+
+
 def print_evaluation(result: dict) -> None:
     name = result["model"]
     if "ppl" in result:
         r = result["ppl"]
         print(f"{name}: WikiText-2 perplexity {r['ppl']:.3f} (ctx {r['ctx']}, {r['windows']} windows, "
-              f"{r['tokens']} tokens)")
+              f"{r['tokens']} tokens{_precision_note(r)})")
     zero_shot = result.get("zero_shot")
     if zero_shot:
         limit = f"first {zero_shot['limit']} examples" if zero_shot.get("limit") else "full sets"
         print(f"{name}: zero-shot ({limit}; lm-eval {zero_shot['lm_eval_version']}, task config "
-              f"{zero_shot['task_config_hash'][:16]})")
+              f"{zero_shot['task_config_hash'][:16]}{_precision_note(zero_shot)})")
         for task, metrics in zero_shot["tasks"].items():
             shown = []
             for key in ("acc", "acc_norm", "perplexity"):

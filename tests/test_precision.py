@@ -70,6 +70,8 @@ def test_evaluate_records_the_precision_and_refuses_a_head_without_a_dtype(capsy
     assert full["dtype"] == "float32" and reduced["ppl"]["dtype"] == "bfloat16 (output head float32)"
     assert reduced["ppl"]["ppl"] != full["ppl"]["ppl"]
     assert reduced["ppl"]["ppl"] == pytest.approx(full["ppl"]["ppl"], rel=0.05)
+    assert main(argv[:-1] + ["--dtype", "bfloat16"]) == 0  # the text output names the precision
+    assert "tokens, in bfloat16)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         main(argv + ["--float32-head"])
     err = capsys.readouterr().err
