@@ -91,11 +91,18 @@ def _add_compress(sub) -> None:
     p.add_argument("--limit", type=_positive_int, default=None, help="first N examples of every task")
     p.add_argument("--ctx", type=_positive_int, default=256)
     p.add_argument("--max-windows", type=int, default=100)
-    p.add_argument("--eval-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="precision of the evaluations (see evaluate --dtype; default float32)")
+    _add_eval_dtype(p, "--eval-dtype", "precision of the evaluations (see evaluate --dtype; default float32)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the source model's own code")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_compress)
+
+
+# the names of dotresize.evaluation.precision.EVAL_DTYPES (kept here so building the parser needs no torch)
+EVAL_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def _add_eval_dtype(p, flag: str, help_text: str) -> None:
+    p.add_argument(flag, choices=EVAL_DTYPE_NAMES, default="float32", help=help_text)
 
 
 def _add_evaluate(sub) -> None:
@@ -110,9 +117,8 @@ def _add_evaluate(sub) -> None:
                         "copa,openbookqa,siqa (local data) or any lm-eval task name where the network is reachable")
     p.add_argument("--limit", type=_positive_int, default=None, help="first N examples of every task")
     p.add_argument("--batch-size", type=_positive_int, default=4)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="precision of the evaluated model; the log-softmax is always float32 "
-                        "(default float32; bfloat16 is about 2x faster on CPUs with AVX512-BF16)")
+    _add_eval_dtype(p, "--dtype", "precision of the evaluated model; the log-softmax is always float32 "
+                                  "(default float32; bfloat16 is about 2x faster on CPUs with AVX512-BF16)")
     p.add_argument("--float32-head", action="store_true",
                    help="with --dtype bfloat16/float16: compute the output head in float32 (unrounded logits)")
     p.add_argument("--data-dir", default=None,
@@ -150,8 +156,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--methods", default="dot,pca,prune")
     p.add_argument("--tasks", default="", help="zero-shot tasks to evaluate per cell (comma-separated)")
     p.add_argument("--limit", type=_positive_int, default=None)
-    p.add_argument("--eval-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="precision of the evaluations (see evaluate --dtype; default float32)")
+    _add_eval_dtype(p, "--eval-dtype", "precision of the evaluations (see evaluate --dtype; default float32)")
     p.add_argument("--calib-data", default="wikitext2")
     p.add_argument("--calib-samples", type=_positive_int, default=64)
     p.add_argument("--calib-seqlen", type=_positive_int, default=256)

@@ -149,8 +149,9 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
     WikiText-2; ``tasks`` (``["piqa", "arc_easy"]``, first ``limit`` examples each) runs the zero-shot tasks on
     the compressed model (and ``tasks_source`` on the source) into ``eval/lm_eval*.json``; every evaluation is
     logged as metrics of the compression's MLflow run. ``eval_dtype`` is the evaluations' precision
-    (:mod:`dotresize.evaluation.precision`; the model itself is exported in float32). A user-facing error (:class:`dotresize.DotResizeError`)
-    in a run directory this call created removes it again; an existing run directory is never removed.
+    (:mod:`dotresize.evaluation.precision`; the model itself is exported in float32). A user-facing error
+    (:class:`dotresize.DotResizeError`) in a run directory this call created removes it again; an existing run
+    directory is never removed.
     """
     started = time.time()
     logger = get_run_logger()

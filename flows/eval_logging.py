@@ -37,10 +37,10 @@ def _number(value: Any) -> float | None:
 
 def precision_prefix(result: dict | None) -> str:
     """``""`` for a float32 result, else its precision as a metric-name prefix (``"bfloat16/"``)."""
-    label = str((result or {}).get("dtype") or "float32")
-    if label == "float32":
-        return ""
-    return label.split(" ")[0] + ("-head32" if "head float32" in label else "") + "/"
+    from dotresize.evaluation.precision import precision_slug
+
+    slug = precision_slug(str((result or {}).get("dtype") or "float32"))
+    return f"{slug}/" if slug else ""
 
 
 def eval_metrics(*, ppl: dict | None = None, zero_shot: dict | None = None, speed: dict | None = None,

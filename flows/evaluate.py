@@ -90,15 +90,16 @@ def _evaluate_run(run_dir: Path, args, tasks: list[str]) -> dict:
     progress = not args.quiet
     result: dict = {"model": str(run_dir / "model"), "run_dir": str(run_dir),
                     "weights_sha256": {"model.safetensors": export["model_sha256"]}, "reused": {}}
+    precision = _precision_args(args)
     try:
         if args.ppl or not tasks:
             manifest = evaluate_task.fn(str(run_dir), export=export, target="model", ctx=args.ctx,
                                         max_windows=args.max_windows, batch_size=args.batch_size, progress=progress,
-                                        **_precision_args(args))
+                                        **precision)
             result["ppl"], result["reused"]["ppl"] = manifest["ppl"], manifest["reused"]
         if tasks:
             manifest = zero_shot_task.fn(str(run_dir), tasks, export=export, target="model", limit=args.limit,
-                                         batch_size=args.batch_size, progress=progress, **_precision_args(args))
+                                         batch_size=args.batch_size, progress=progress, **precision)
             result["zero_shot"], result["reused"]["zero_shot"] = manifest["zero_shot"], manifest["reused"]
     finally:
         release_eval_model()
@@ -109,11 +110,10 @@ def _evaluate_run(run_dir: Path, args, tasks: list[str]) -> dict:
 def _evaluate_source(args, tasks: list[str]) -> dict:
     from dotresize.data import load_text, tokenize
     from dotresize.evaluation.perplexity import perplexity
+    from dotresize.evaluation.precision import set_evaluation_precision
     from dotresize.sources import load_model, resolve_source
 
     source = resolve_source(args.model)
-    from dotresize.evaluation.precision import set_evaluation_precision
-
     model, tokenizer = load_model(source, check_architecture=False)
     precision = set_evaluation_precision(model, **_precision_args(args))
     result: dict = {"model": args.model or source.spec, "weights_sha256": source.digests(), "dtype": precision}

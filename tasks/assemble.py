@@ -153,9 +153,9 @@ def eval_file(kind: str, target: str = "model") -> str:
     return f"{layout.EVAL}/{kind}.json" if target == "model" else f"{layout.EVAL}/{kind}_source.json"
 
 
-def _precision_key(dtype: str, float32_head: bool = False) -> dict:
-    """Key part for the evaluation precision; empty for float32 so earlier float32 results stay valid."""
-    return {} if dtype == DEFAULT_EVAL_DTYPE else {"dtype": precision_label(dtype, float32_head)}
+def _precision_key(label: str) -> dict:
+    """Key part for an evaluation precision label; empty for float32 so earlier float32 results stay valid."""
+    return {} if label == DEFAULT_EVAL_DTYPE else {"dtype": label}
 
 
 def _eval_digest(target: str, export: dict | None, source: dict | None) -> str:
@@ -174,8 +174,9 @@ def evaluate_task(run_url: str, export: dict | None = None, source: dict | None 
     run = RunDir(run_url)
     text = load_text("wikitext2-test")
     digest = _eval_digest(target, export, source)
+    label = precision_label(dtype, float32_head)
     key = stage_key("evaluate", target=target, model=digest, ctx=ctx, max_windows=max_windows, text=text.sha256,
-                    **_precision_key(dtype, float32_head))
+                    **_precision_key(label))
     rel = eval_file("ppl", target)
 
     def compute() -> dict:
@@ -186,7 +187,7 @@ def evaluate_task(run_url: str, export: dict | None = None, source: dict | None 
                             batch_size=batch_size, progress=progress)
         result["dataset"] = text.meta()
         result["model_digest"] = digest
-        result["dtype"] = precision_label(dtype, float32_head)
+        result["dtype"] = label
         return {"files": {rel: run.write_json(rel, result)}, "ppl": result}
 
     return run_stage(run, "evaluate", target, key, compute)
@@ -213,9 +214,10 @@ def zero_shot_task(run_url: str, tasks: list[str], export: dict | None = None, s
     root = data_dir or (str(zeroshot.default_data_dir()) if local else None)
     lm_version = zeroshot.lm_eval_version()
     task_hashes = {n: zeroshot.task_config_hash([n], root) for n in names}
+    label = precision_label(dtype, float32_head)
     task_keys = {n: stage_key("evaluate", kind="lm_eval_task", target=target, model=digest, task=n,
                               task_config_hash=task_hashes[n], limit=limit, lm_eval=lm_version,
-                              num_fewshot=zeroshot.NUM_FEWSHOT, **_precision_key(dtype, float32_head))
+                              num_fewshot=zeroshot.NUM_FEWSHOT, **_precision_key(label))
                  for n in names}
     key = stage_key("evaluate", kind="lm_eval", target=target, tasks=sorted(task_keys.values()))
     rel = eval_file("lm_eval", target)
@@ -237,7 +239,7 @@ def zero_shot_task(run_url: str, tasks: list[str], export: dict | None = None, s
                 entries[n] = {**fresh["tasks"][n], "key": task_keys[n], "limit": limit,
                               "task_config_hash": task_hashes[n], "lm_eval_version": fresh["lm_eval_version"],
                               "seconds_of_run": seconds, "batch_size": batch_size,
-                              "dtype": precision_label(dtype, float32_head)}
+                              "dtype": label}
         limits = {json.dumps(e.get("limit")) for e in entries.values()}
         whole = {"tasks": entries, "model_digest": digest, "data_dir": root, "num_fewshot": zeroshot.NUM_FEWSHOT,
                  "lm_eval_version": lm_version, "limit": limit if len(limits) == 1 else "per task",
@@ -245,7 +247,7 @@ def zero_shot_task(run_url: str, tasks: list[str], export: dict | None = None, s
         result = {"tasks": {n: entries[n] for n in names}, "lm_eval_version": lm_version, "limit": limit,
                   "task_config_hash": zeroshot.task_config_hash(names, root), "num_fewshot": zeroshot.NUM_FEWSHOT,
                   "model_digest": digest, "data_dir": root, "batch_size": batch_size, "evaluated": todo,
-                  "dtype": precision_label(dtype, float32_head),
+                  "dtype": label,
                   "read_back": [n for n in names if n not in todo],
                   "seconds": round(time.perf_counter() - started, 3)}
         return {"files": {rel: run.write_json(rel, whole)}, "zero_shot": result}

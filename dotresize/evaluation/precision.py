@@ -34,6 +34,15 @@ def precision_label(name: str, float32_head: bool = False) -> str:
     return f"{name} (output head float32)" if float32_head and name != DEFAULT_EVAL_DTYPE else name
 
 
+def precision_slug(label: str) -> str:
+    """A :func:`precision_label` as a short name for keys and metric prefixes: ``""`` for float32, else e.g.
+    ``bfloat16`` or ``bfloat16-head32``."""
+    if label == DEFAULT_EVAL_DTYPE:
+        return ""
+    name, _, head = label.partition(" ")
+    return name + ("-head32" if head else "")
+
+
 def set_evaluation_precision(model: torch.nn.Module, dtype: str = DEFAULT_EVAL_DTYPE,
                              float32_head: bool = False) -> str:
     """Cast ``model`` in place for evaluation and return its :func:`precision_label`.
@@ -66,4 +75,5 @@ def set_evaluation_precision(model: torch.nn.Module, dtype: str = DEFAULT_EVAL_D
     return precision_label(name, float32_head=True)
 
 
-__all__ = ["EVAL_DTYPES", "DEFAULT_EVAL_DTYPE", "eval_dtype", "precision_label", "set_evaluation_precision"]
+__all__ = ["EVAL_DTYPES", "DEFAULT_EVAL_DTYPE", "eval_dtype", "precision_label", "precision_slug",
+           "set_evaluation_precision"]
