@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .errors import OutputExistsError
+from .permissions import apply_umask, apply_umask_tree
 from .modeling import FORMAT_VERSION, MODELING_FILES
 
 COMPRESSION_FILE = "dotresize.json"
@@ -44,6 +45,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=True)
             handle.write("\n")
+        apply_umask(tmp)  # mkstemp's 0600 -> what open() would give
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -63,6 +65,7 @@ def staged_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        apply_umask_tree(tmp)  # mkdtemp's 0700 and files copied from 0600 ones -> what mkdir/open would give
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

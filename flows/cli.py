@@ -185,7 +185,11 @@ def _add_watch(sub) -> None:
     p.add_argument("--recipe", required=True, help="recipe YAML file (see recipes/dot-20.yaml)")
     p.add_argument("--runs-dir", default=None,
                    help="where run directories go (default $DOTRESIZE_HOME/runs or ./runs; MLflow beside it)")
-    p.add_argument("--pattern", default="*", help="only checkpoints whose name matches (default *)")
+    p.add_argument("--pattern", default="*",
+                   help="only checkpoints whose name matches (default *; names inside SOURCE only, no '/')")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="also compress checkpoints that are (or hold) symbolic links leading outside SOURCE "
+                        "(refused by default)")
     p.add_argument("--settle", type=float, default=5.0,
                    help="seconds a checkpoint's files must stay unchanged to count as written (default 5)")
     p.add_argument("--marker", default=None, help="a file a checkpoint must hold to be complete (trainer_state.json)")
@@ -223,14 +227,51 @@ def _add_lineage(sub) -> None:
 
 def _add_verify(sub) -> None:
     p = sub.add_parser("verify", help="recompute every digest of a compressed model and check its records",
-                       description="Exit 0 when every file matches lineage.json and the MLflow record; else name "
-                                   "the file and both digests and exit 1.")
+                       description="Exit 0 when every file matches its signature (with --public-key), lineage.json "
+                                   "and, where a record is found, MLflow; else name the file and both digests and "
+                                   "exit 1. Works on any copy, offline: MLflow is an extra witness, not a need.")
     p.add_argument("target", help="a compressed model directory (or its run directory) or models:/NAME/VERSION")
+    p.add_argument("--public-key", default=None, metavar="KEY.pub",
+                   help="check model.sig (signature over every file, lineage.json included) against this PEM "
+                        "public key; a missing signature or one by another key fails")
+    p.add_argument("--certificate-chain", action="append", default=[], metavar="CA.pem",
+                   help="check model.sig as signed in certificate mode, trusting these PEM certificates (repeatable)")
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--no-mlflow", action="store_true", help="check against lineage.json only")
+    p.add_argument("--require-mlflow", action="store_true",
+                   help="fail when no MLflow record of the model is found (default: checked where found)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not look for an MLflow record at all")
     p.add_argument("--no-source", action="store_true", help="do not re-hash the source checkpoint")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
+
+
+def _add_sign(sub) -> None:
+    p = sub.add_parser("sign", help="sign every file of a compressed model directory (lineage.json included)",
+                       description="Write MODEL_DIR/model.sig: an OpenSSF model signing bundle over the sha256 of "
+                                   "every file of the directory. Check it with `dotresize verify DIR --public-key "
+                                   "KEY.pub`. An encrypted key's password is read from "
+                                   "$DOTRESIZE_SIGNING_KEY_PASSWORD.")
+    p.add_argument("model_dir", help="a compressed model directory (or its run directory)")
+    p.add_argument("--private-key", required=True, metavar="KEY",
+                   help="PEM elliptic-curve private key (dotresize keygen, or openssl ecparam -genkey)")
+    p.add_argument("--certificate", default=None, metavar="CERT.pem",
+                   help="certificate mode: the key's signing certificate (PEM)")
+    p.add_argument("--certificate-chain", action="append", default=[], metavar="CA.pem",
+                   help="certificate mode: intermediate/root certificates to embed (repeatable)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sign)
+
+
+def _add_keygen(sub) -> None:
+    p = sub.add_parser("keygen", help="make a key pair for signing compressed models",
+                       description="Write a new elliptic-curve private key KEY (PEM, mode 0600; encrypted with "
+                                   "$DOTRESIZE_SIGNING_KEY_PASSWORD when set) and its public key KEY.pub. "
+                                   "Existing files are never replaced.")
+    p.add_argument("key", help="path of the private key to create")
+    p.add_argument("--public", default=None, help="path of the public key (default KEY.pub)")
+    p.add_argument("--curve", choices=("P-256", "P-384", "P-521"), default="P-256")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keygen)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_lineage(sub)
     _add_verify(sub)
+    _add_sign(sub)
+    _add_keygen(sub)
     return parser
 
 
@@ -509,17 +552,21 @@ def cmd_sweep(args) -> dict:
 
 
 def cmd_watch(args) -> dict:
+    from storage.checkpoints import check_pattern
+
     from .logs import install_user_error_filter
     from .watch import run_watch
 
+    check_pattern(args.pattern)  # before Prefect starts
     install_user_error_filter()
     report = run_watch(source=args.source, recipe=args.recipe, runs_dir=args.runs_dir, pattern=args.pattern,
                        settle_seconds=args.settle, marker=args.marker, register_name=args.register_name,
-                       wait_for_lock=args.wait_for_lock, n_workers=args.workers)
+                       wait_for_lock=args.wait_for_lock, n_workers=args.workers,
+                       follow_symlinks=args.follow_symlinks)
     if not args.json:
         print(f"watch {args.source} with recipe {report['recipe']}: {len(report['checkpoints'])} checkpoints")
         for kind, label in (("compressed", "compressed"), ("existing", "already done"), ("busy", "busy"),
-                            ("pending", "not ready")):
+                            ("pending", "not ready"), ("refused", "refused")):
             for item in report[kind]:
                 what = (f"{item['registered_model']} v{item['model_version']}" if "model_version" in item
                         else item.get("reason") or f"held by {item.get('holder')}")
@@ -559,12 +606,23 @@ def cmd_lineage(args) -> dict:
 
 
 def cmd_verify(args) -> dict:
+    import os
+
     from .lineage import render_report, resolve_target, verify_error, verify_target
 
+    if args.require_mlflow and args.no_mlflow:
+        raise UsageError("--require-mlflow and --no-mlflow contradict each other: pass one")
+    if args.public_key and args.certificate_chain:
+        raise UsageError("pass --public-key or --certificate-chain, not both")
+    if not args.require_mlflow:  # an extra witness: an unreachable tracking server is not worth minutes of retries
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     target = resolve_target(args.target, tracking_uri=args.tracking_uri, use_mlflow=not args.no_mlflow)
     try:
-        report = verify_target(target, require_mlflow=not args.no_mlflow, check_source=not args.no_source)
+        report = verify_target(target, require_mlflow=args.require_mlflow, check_source=not args.no_source,
+                               public_key=args.public_key, certificate_chain=args.certificate_chain)
         result = {"target": args.target, "ok": report.ok, "lineage_sha256": target.lineage_sha256,
+                  "signature": report.signature,
                   "checks": [{"ok": ok, "check": text} for ok, text in report.checks],
                   "mismatches": [vars(m) for m in report.mismatches]}
         if args.json:
@@ -577,6 +635,32 @@ def cmd_verify(args) -> dict:
         return result
     finally:
         target.close()
+
+
+def cmd_sign(args) -> dict:
+    from storage.signing import signature_info, sign_model_dir
+
+    if args.certificate_chain and not args.certificate:
+        raise UsageError("--certificate-chain goes with --certificate (certificate mode)")
+    path = sign_model_dir(args.model_dir, args.private_key, certificate=args.certificate,
+                          certificate_chain=args.certificate_chain)
+    info = signature_info(path.parent) or {}
+    result = {"signature": str(path), **{k: v for k, v in info.items() if k != "file"}}
+    if not args.json:
+        who = f"key {info.get('key_fingerprint')}" if info.get("key_fingerprint") else info.get("certificate_subject")
+        print(f"signed {info.get('files')} files of {path.parent} (lineage.json included) with {who}")
+        print(f"  signature {path}; check it with: dotresize verify {path.parent} --public-key KEY.pub")
+    return result
+
+
+def cmd_keygen(args) -> dict:
+    from storage.signing import generate_key
+
+    private, public, fingerprint = generate_key(args.key, args.public, curve=args.curve)
+    if not args.json:
+        print(f"private key {private} (keep it secret: mode 0600)")
+        print(f"public key  {public} (fingerprint {fingerprint}; give it to whoever verifies)")
+    return {"private_key": str(private), "public_key": str(public), "fingerprint": fingerprint}
 
 
 # ----------------------------------------------------------------------------------------------------------------

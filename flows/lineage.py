@@ -13,6 +13,12 @@ or a registered model in MLflow, ``models:/<name>/<version>`` (or ``models:/<nam
 * the source checkpoint's files and the run directory's stage outputs and evaluation files against
   ``lineage.json``, where they still exist (a deleted intermediate is reported as not checked).
 
+With a public key (or a certificate chain), ``model.sig`` is checked first: an OpenSSF model signing bundle over
+every file of the model directory, ``lineage.json`` included (:mod:`storage.signing`). It is what makes a copy
+trustworthy on its own: ``lineage.json`` can be rewritten together with the files it describes, a signature by a
+key the user holds cannot. MLflow is an extra witness, used when a record of the model is found and reachable,
+and required only with ``require_mlflow``.
+
 Any disagreement is a :class:`VerifyError` naming the file and both digests.
 """
 
@@ -31,6 +37,7 @@ from dotresize.errors import DotResizeError
 from storage.checkpoints import sha256_file
 from storage.lineage import (
     LINEAGE,
+    SIGNATURE,
     Mismatch,
     check_activations,
     check_files,
@@ -80,6 +87,7 @@ class Target:
     record: MlflowRecord | None
     from_registry: bool = False
     _temp: list = field(default_factory=list)
+    searched_mlflow: bool = True
 
     def close(self) -> None:
         for path in self._temp:
@@ -157,6 +165,9 @@ def _find_record(model_dir: Path, run_dir: Path | None, lineage: dict, lineage_s
     if run_dir is not None and (run_dir / "mlflow.json").is_file() and not tracking_uri:
         try:
             saved = json.loads((run_dir / "mlflow.json").read_text())
+            uri = str(saved.get("tracking_uri") or "")
+            if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+                raise FileNotFoundError(uri)  # a moved run directory: never create an empty database there
             if saved.get("run_id") and saved.get("tracking_uri"):
                 return _record(saved["tracking_uri"], saved["run_id"], temp, saved.get("registered_model"),
                                saved.get("version"))
@@ -236,7 +247,7 @@ def resolve_target(spec: str, tracking_uri: str | None = None, use_mlflow: bool 
     lineage_sha = sha256_file(lineage_path)
     run_dir = path.parent if (path.name == "model" and (path.parent / "stages").is_dir()) else None
     record = _find_record(path, run_dir, lineage, lineage_sha, tracking_uri, temp) if use_mlflow else None
-    return Target(spec, path, run_dir, lineage, lineage_sha, record, _temp=temp)
+    return Target(spec, path, run_dir, lineage, lineage_sha, record, _temp=temp, searched_mlflow=use_mlflow)
 
 
 # --- verify -----------------------------------------------------------------------------------------------------
@@ -245,6 +256,7 @@ class Report:
     target: Target
     checks: list = field(default_factory=list)      # (ok, text)
     mismatches: list = field(default_factory=list)  # Mismatch
+    signature: dict | None = None                   # what model.sig says and whether it was checked
 
     def add(self, mismatches: list[Mismatch], ok_text: str, bad_text: str | None = None) -> None:
         self.mismatches.extend(mismatches)
@@ -255,11 +267,16 @@ class Report:
         return not self.mismatches
 
 
-def verify_target(target: Target, require_mlflow: bool = True, check_source: bool = True) -> Report:
+def verify_target(target: Target, require_mlflow: bool = False, check_source: bool = True,
+                  public_key: str | None = None, certificate_chain: tuple[str, ...] | list[str] = ()) -> Report:
+    """Every check of the module docstring. ``public_key`` / ``certificate_chain``: check ``model.sig`` against
+    them (a missing or foreign signature is then a mismatch). ``require_mlflow``: no MLflow record is a mismatch
+    (otherwise MLflow is checked only where a record is found)."""
     report = Report(target)
     lineage = target.lineage
     record = target.record
-    if record is not None:  # lineage.json first: every other check trusts it
+    _verify_signature(report, target, public_key, tuple(certificate_chain))  # it covers lineage.json too
+    if record is not None:  # lineage.json next: every other check trusts it
         _verify_lineage_digest(report, target, record)
     if not lineage.get("model"):
         report.add([Mismatch(LINEAGE, "a JSON lineage record with model digests",
@@ -267,7 +284,7 @@ def verify_target(target: Target, require_mlflow: bool = True, check_source: boo
                    "", f"{LINEAGE} is not a readable lineage record")
         return report
     # 1. every model file against lineage.json
-    exclude = (LINEAGE, MLMODEL) if target.from_registry else (LINEAGE,)  # MLflow adds an MLmodel file
+    exclude = (LINEAGE, SIGNATURE, MLMODEL) if target.from_registry else (LINEAGE, SIGNATURE)  # + MLflow's file
     found = compare(dict(lineage["model"]), file_digests(target.model_dir, exclude=exclude), LINEAGE)
     report.add(found, f"{len(lineage['model'])} model files match {LINEAGE}",
                f"model files disagree with {LINEAGE}")
@@ -275,10 +292,11 @@ def verify_target(target: Target, require_mlflow: bool = True, check_source: boo
     if record is None:
         if require_mlflow:
             report.add([Mismatch(LINEAGE, "an MLflow run that logged this model", "none found", "MLflow")], "",
-                       "no MLflow record of this model (set MLFLOW_TRACKING_URI/DOTRESIZE_HOME, pass "
-                       "--tracking-uri, or --no-mlflow to check against lineage.json only)")
+                       "no MLflow record of this model (set MLFLOW_TRACKING_URI/DOTRESIZE_HOME or pass "
+                       "--tracking-uri; drop --require-mlflow to check a copy on its own)")
         else:
-            report.checks.append((True, "MLflow record not checked (--no-mlflow)"))
+            report.checks.append((True, "MLflow: no record of this model here (an extra witness, not required)"
+                                  if target.searched_mlflow else "MLflow record not checked (--no-mlflow)"))
     else:
         _verify_against_mlflow(report, target, record)
     # 3. what the lineage names outside the model directory, where it still exists
@@ -324,6 +342,30 @@ def verify_target(target: Target, require_mlflow: bool = True, check_source: boo
     return report
 
 
+def _verify_signature(report: Report, target: Target, public_key: str | None,
+                      certificate_chain: tuple[str, ...]) -> None:
+    """model.sig against the key or certificate chain; without either, only a note of what it claims."""
+    from storage.signing import signature_info, verify_model_dir
+
+    info = signature_info(target.model_dir)
+    report.signature = None if info is None else {**info, "checked": False}
+    if public_key is None and not certificate_chain:
+        if info is None:
+            report.checks.append((True, f"note: no {SIGNATURE}: nothing but lineage.json vouches for these files "
+                                        "(sign with `dotresize sign`, check with --public-key)"))
+        else:
+            claimed = info.get("key_fingerprint") or info.get("certificate_subject") or info.get("mode")
+            report.checks.append((True, f"note: {SIGNATURE} (by {str(claimed)[:16]}) not checked: pass "
+                                        "--public-key KEY.pub (or --certificate-chain) to check it"))
+        return
+    # MLflow adds an MLmodel file to the logged model directory: not part of what was signed
+    check = verify_model_dir(target.model_dir, public_key=public_key, certificate_chain=certificate_chain,
+                             ignore=(MLMODEL,) if target.from_registry else ())
+    report.signature = {**(info or {"file": SIGNATURE}), "checked": True, "ok": check.ok, "signer": check.signer}
+    report.add(check.mismatches, f"{SIGNATURE}: all {check.files} files ({LINEAGE} included) signed by "
+               f"{check.signer}", f"{SIGNATURE} does not vouch for these files")
+
+
 def _verify_lineage_digest(report: Report, target: Target, record: MlflowRecord) -> None:
     """lineage.json (and the copies logged to MLflow) against the ``dotresize.lineage_sha256`` tags."""
     label = record.label()
@@ -367,7 +409,7 @@ def _verify_against_mlflow(report: Report, target: Target, record: MlflowRecord)
         return
     if target.from_registry:
         return  # the target's files are the logged ones: checked against lineage.json above
-    logged = {k: v for k, v in file_digests(artifacts / "model", exclude=(LINEAGE, MLMODEL)).items()}
+    logged = {k: v for k, v in file_digests(artifacts / "model", exclude=(LINEAGE, SIGNATURE, MLMODEL)).items()}
     found = compare(logged, model_digests(target.model_dir), f"{label} model artifacts")
     report.add(found, f"{len(logged)} model files match the files logged to {label}",
                f"model files disagree with the files logged to {label}")
@@ -470,6 +512,7 @@ def render_lineage(target: Target) -> str:
     lines.append(f"  {LINEAGE:<28} sha256 {target.lineage_sha256}")
     for name, sha in sorted((doc.get("model") or {}).items()):
         lines.append(f"  {name:<28} sha256 {sha}")
+    lines.append(_signature_line(target))
     record = target.record
     if record is not None:
         lines.append(f"mlflow       run {record.run_id} ({record.tracking_uri})")
@@ -480,9 +523,26 @@ def render_lineage(target: Target) -> str:
     return "\n".join(lines)
 
 
+def _signature_line(target: Target) -> str:
+    from storage.signing import signature_info
+
+    info = signature_info(target.model_dir)
+    if info is None:
+        return "signature    none (sign with `dotresize sign DIR --private-key KEY`)"
+    if info.get("readable") is False:
+        return f"signature    {SIGNATURE} unreadable (sha256 {info['sha256']})"
+    who = (f"key {info['key_fingerprint']}" if info.get("key_fingerprint")
+           else info.get("certificate_subject") or info.get("mode"))
+    return (f"signature    {SIGNATURE} over {info.get('files')} files, {info.get('mode')} mode, by {who} "
+            "(unverified here: `dotresize verify --public-key KEY.pub`)")
+
+
 def lineage_json(target: Target) -> dict:
+    from storage.signing import signature_info
+
     record = target.record
     return {"target": target.spec, "model_dir": str(target.model_dir), "lineage_sha256": target.lineage_sha256,
+            "signature": signature_info(target.model_dir),
             "mlflow": None if record is None else {
                 "tracking_uri": record.tracking_uri, "run_id": record.run_id,
                 "registered_model": record.registered_model, "version": record.version},

@@ -4,12 +4,20 @@ Tracking URI: ``$MLFLOW_TRACKING_URI`` when set (any server), else ``sqlite:///<
 artifacts under ``<home>/mlartifacts``; ``<home>`` is ``$DOTRESIZE_HOME`` or the directory holding the run
 directory (``./runs`` by default). One MLflow run per compression; ``mlflow.json`` in the run directory
 remembers it, so a rerun of a finished compression reuses it instead of logging a duplicate.
+
+Registry aliases: every new version gets ``current-<recipe>`` (the latest compression *with that recipe*: a watch
+recipe's name, plus the ratio when the recipe has several; for ``dotresize compress`` ``<method>-<percent>-<hash>``
+of the config and calibration settings) and ``current`` (the latest compression of any recipe). The base name
+``current`` is ``$DOTRESIZE_REGISTRY_ALIAS`` when set. A signed model (``model.sig``) gets the tags
+``dotresize.signature_sha256`` and ``dotresize.signing_key`` (the public key's fingerprint; never key material).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,7 +30,54 @@ from storage import RunDir
 from storage import rundir as layout
 
 EXPERIMENT = "dotresize"
+#: the registry alias base: ``current`` (any recipe) and ``current-<recipe>`` (per recipe)
 ALIAS = "current"
+ALIAS_ENV = "DOTRESIZE_REGISTRY_ALIAS"
+#: run/version tag a caller (the watch flow) sets to name the recipe in the per-recipe alias
+TAG_RECIPE_LABEL = "dotresize.recipe_label"
+TAG_SIGNATURE = "dotresize.signature_sha256"
+TAG_SIGNING_KEY = "dotresize.signing_key"
+
+log = logging.getLogger("dotresize")
+
+
+def alias_base() -> str:
+    """``$DOTRESIZE_REGISTRY_ALIAS`` or ``current``."""
+    return os.environ.get(ALIAS_ENV) or ALIAS
+
+
+def _alias_slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", str(text)).strip("-").lower() or "recipe"
+
+
+def recipe_alias(bundle: dict) -> str:
+    """``<base>-<recipe>``: the alias that follows the latest version compressed with this recipe."""
+    from storage import digest_of_digests
+
+    label = (bundle.get("tags") or {}).get(TAG_RECIPE_LABEL)
+    if not label:
+        recipe = bundle["recipe"]
+        config = recipe["config"]
+        calibration = {k: v for k, v in (recipe.get("calibration") or {}).items() if k != "data"}  # a path: not
+        digest = digest_of_digests({"config": config, "calibration": calibration})  # its text's sha256 counts
+        label = f"{config['method']}-{float(config['ratio']) * 100:g}-{digest[:8]}"
+    return f"{alias_base()}-{_alias_slug(label)}"
+
+
+def _signature_tags(run: RunDir) -> dict[str, str]:
+    """The signature's sha256 and key fingerprint when the run's model is signed (nothing secret)."""
+    from storage.signing import signature_info
+
+    if not run.is_local:
+        return {}
+    info = signature_info(run.local_path(layout.MODEL))
+    if info is None:
+        return {}
+    tags = {TAG_SIGNATURE: info["sha256"]}
+    who = info.get("key_fingerprint") or info.get("certificate_subject")
+    if who:
+        tags[TAG_SIGNING_KEY] = str(who)[:250]
+    return tags
 
 
 def mlflow_home(run: RunDir) -> Path:
@@ -239,9 +294,11 @@ def _log_compression(run_url: str, bundle: dict, register_name: str | None = Non
     export = bundle["export"]
     name = register_name or bundle["default_register_name"]
     previous = run.read_json(layout.MLFLOW) or {}
+    signature_tags = _signature_tags(run)
     if (previous.get("tracking_uri") == uri and previous.get("model_sha256") == export["model_sha256"]
             and previous.get("registered_model") == name and previous.get("complete")
-            and previous.get("lineage_sha256") == bundle.get("lineage_sha256")):
+            and previous.get("lineage_sha256") == bundle.get("lineage_sha256")
+            and previous.get("signature_sha256") == signature_tags.get(TAG_SIGNATURE)):
         try:
             if client.get_run(previous["run_id"]).info.status == "FINISHED" and \
                     client.get_model_version(name, str(previous["version"])).run_id == previous["run_id"]:
@@ -286,6 +343,7 @@ def _log_compression(run_url: str, bundle: dict, register_name: str | None = Non
         extra_tags = {str(k): str(v) for k, v in (bundle.get("tags") or {}).items()}
         if bundle.get("lineage_sha256"):
             extra_tags["dotresize.lineage_sha256"] = bundle["lineage_sha256"]
+        extra_tags.update(signature_tags)
         tags.update(extra_tags)
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         _log_inputs(mlflow, run, bundle)
@@ -302,13 +360,18 @@ def _log_compression(run_url: str, bundle: dict, register_name: str | None = Non
                 client.set_model_version_tag(name, version.version, key, value)
         else:
             version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=version_tags)
-        try:
-            client.set_registered_model_alias(name, ALIAS, version.version)
-        except Exception:
-            pass
+        aliases = []
+        for alias in (recipe_alias(bundle), alias_base()):  # this recipe's latest, and the latest of any recipe
+            try:
+                client.set_registered_model_alias(name, alias, version.version)
+                aliases.append(alias)
+            except Exception as error:  # e.g. a $DOTRESIZE_REGISTRY_ALIAS MLflow reserves ("latest", "v1")
+                log.warning("registry alias %r not set on %s v%s: %s", alias, name, version.version,
+                            str(error).splitlines()[0] if str(error) else type(error).__name__)
     record = {"tracking_uri": uri, "run_id": run_id, "model_sha256": export["model_sha256"],
               "registered_model": name, "version": int(version.version), "source": version.source, "complete": True,
-              "lineage_sha256": bundle.get("lineage_sha256")}
+              "lineage_sha256": bundle.get("lineage_sha256"), "aliases": aliases,
+              "signature_sha256": signature_tags.get(TAG_SIGNATURE)}
     run.write_json(layout.MLFLOW, record)
     return {**record, "reused": False}
 

@@ -4,11 +4,26 @@ The same file is what ``prefect deploy --all --prefect-file deployments/prefect.
 server for a work pool; here every deployment is built with ``RunnerDeployment.from_entrypoint`` from its
 entrypoint, parameters, schedules, tags and description, and served with Prefect's ``serve`` (scheduled and
 manually triggered runs execute as subprocesses of this process, in the repository root).
+
+The Prefect API: ``PREFECT_API_URL`` when set; otherwise ``serve`` starts one local Prefect server (loopback,
+``prefect server start``, stopped with it) and hands its URL to every flow run it starts. Prefect's default
+without an API URL does not work here: the serve process and each flow-run subprocess would each start their own
+ephemeral server, and an ephemeral server keeps deployment-concurrency leases in its memory and runs no
+scheduler. A run of the watch deployment (``concurrency_limit: 1``) was then Cancelled at PENDING -> RUNNING
+("Deployment concurrency slot lost during provisioning": the flow run's server could not renew the lease the
+serve process's server had granted, and the slot was taken), and its schedule never fired.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +125,105 @@ def build_deployments(specs: list[dict], names: list[str] | None = None, paramet
     return out
 
 
+log = logging.getLogger("dotresize")
+
+#: seconds to wait for the local Prefect server to answer /api/health
+SERVER_STARTUP_SECONDS = 180.0
+
+
+class ServerError(DotResizeError):
+    """The local Prefect server that ``serve`` starts did not come up."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the server gets SIGTERM if the serve process dies without stopping it (kill -9)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def local_server(log_file: Path, timeout: float = SERVER_STARTUP_SECONDS) -> Iterator[str]:
+    """A full Prefect server (scheduler and lease services included) on a free loopback port for the duration
+    of the block; yields its API URL. Its output goes to ``log_file``; it is stopped (and reaped) on exit."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+               "--no-ui", "--analytics-off", "--log-level", "WARNING"]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    with open(log_file, "ab") as output:
+        # its own session: a terminal's Ctrl-C reaches serve, which stops the server after its flow runs
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=env, start_new_session=True,
+                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _healthy(url):
+            if process.poll() is not None:
+                raise ServerError(f"the local Prefect server exited with code {process.returncode} (see "
+                                  f"{log_file}): set PREFECT_API_URL to a running server instead")
+            if time.monotonic() > deadline:
+                raise ServerError(f"the local Prefect server did not answer within {timeout:g} s (see {log_file}): "
+                                  "set PREFECT_API_URL to a running server instead")
+            time.sleep(0.5)
+        yield url
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@contextlib.contextmanager
+def api_for_serving() -> Iterator[str]:
+    """The Prefect API the serve process and its flow runs share: ``PREFECT_API_URL``, else a local server.
+
+    The URL is exported in the environment, which Prefect's runner passes on to every flow-run subprocess."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    configured = PREFECT_API_URL.value()
+    if configured:
+        yield configured
+        return
+    saved = os.environ.get("PREFECT_API_URL")
+    with local_server(Path(PREFECT_HOME.value()) / "dotresize-serve-server.log") as url:
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            with temporary_settings({PREFECT_API_URL: url}):
+                print(f"dotresize serve: PREFECT_API_URL is not set; started a local Prefect server at {url} "
+                      "(stopped with this process). Trigger runs with: PREFECT_API_URL=" + url
+                      + " prefect deployment run ...", flush=True)
+                yield url
+        finally:
+            if saved is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = saved
+
+
 def serve(path: str | None = None, names: list[str] | None = None, parameters: dict | None = None,
           schedules: bool = True, limit: int | None = None) -> None:
     """Serve the deployments until interrupted (blocks)."""
@@ -118,7 +232,9 @@ def serve(path: str | None = None, names: list[str] | None = None, parameters: d
     specs = load_deployments(Path(path).resolve() if path else None)  # relative to the caller's directory
     os.chdir(project_root())
     deployments = build_deployments(specs, names, parameters, schedules)
-    prefect_serve(*deployments, limit=limit, print_starting_message=True)
+    with api_for_serving():
+        prefect_serve(*deployments, limit=limit, print_starting_message=True)
 
 
-__all__ = ["serve", "build_deployments", "load_deployments", "project_root", "DeploymentError"]
+__all__ = ["serve", "build_deployments", "load_deployments", "project_root", "api_for_serving", "local_server",
+           "DeploymentError", "ServerError"]

@@ -23,6 +23,11 @@ the version of that MLflow run if the crash came after registration.
 The lock is a local file next to the MLflow database, so it coordinates every watcher on this machine (and on
 a shared filesystem that supports ``flock``); watchers on separate machines sharing only a remote tracking
 server are not serialised by it.
+
+The watcher confines itself to the watched folder: ``pattern`` matches checkpoint names only (``../*`` matches
+nothing and is refused with a one-line error), paths are resolved, and a checkpoint that is or holds a symbolic
+link resolving outside the folder is reported as ``refused`` (checked again just before it is compressed)
+unless ``follow_symlinks``.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from prefect import flow, get_run_logger
 
 from dotresize.errors import DotResizeError
 from storage import RunDir, digest_of_digests
-from storage.checkpoints import Checkpoint, DigestCache, discover, snapshot, static_problem
+from storage.checkpoints import Checkpoint, DigestCache, check_pattern, escape, scan, snapshot, static_problem
 from storage.locks import FileLock
 
 from flows.recipe import Recipe, Variant, load_recipe
@@ -154,30 +159,45 @@ def _hub_checkpoints(repo: str, revisions: list[str]) -> list[Checkpoint]:
     return out
 
 
-def find_checkpoints(source: Any, pattern: str = "*") -> list[Checkpoint]:
-    """Checkpoints of ``source``: a directory (or one checkpoint), a list of them or of ``org/name@revision``
-    hub ids, ``hub:org/name@rev1,rev2``, or ``{"hub": "org/name", "revisions": [...]}``."""
+def _find(source: Any, pattern: str, follow_symlinks: bool) -> tuple[list[tuple[Checkpoint, Path | None]],
+                                                                     list[dict]]:
+    """([(checkpoint, watched folder or None for hub snapshots)], refused)."""
     if isinstance(source, dict):
         if set(source) - {"hub", "revisions"} or not source.get("hub"):
             raise WatchError("a hub source is {hub: org/name, revisions: [rev, ...]}")
-        return _hub_checkpoints(str(source["hub"]), [str(r) for r in source.get("revisions") or ["main"]])
+        found = _hub_checkpoints(str(source["hub"]), [str(r) for r in source.get("revisions") or ["main"]])
+        return [(c, None) for c in found], []
     if isinstance(source, (list, tuple)):
-        out: list[Checkpoint] = []
+        out: list[tuple[Checkpoint, Path | None]] = []
+        refused: list[dict] = []
         for item in source:
-            out.extend(find_checkpoints(item, pattern))
-        return out
+            more, also = _find(item, pattern, follow_symlinks)
+            out.extend(more)
+            refused.extend(also)
+        return out, refused
     text = str(source)
     if text.startswith("hub:"):
         repo, _, revisions = text[4:].partition("@")
-        return _hub_checkpoints(repo, [r for r in revisions.split(",") if r] or ["main"])
+        return [(c, None) for c in _hub_checkpoints(repo, [r for r in revisions.split(",") if r] or ["main"])], []
     path = Path(text).expanduser()
     if not path.exists():
         if "@" in text and "/" in text.split("@")[0] and not text.startswith((".", "/", "~")):
             repo, _, revision = text.partition("@")
-            return _hub_checkpoints(repo, [revision])
+            return [(c, None) for c in _hub_checkpoints(repo, [revision])], []
         raise WatchError(f"{text} does not exist: pass a directory of checkpoints, a checkpoint, or hub revisions "
                          "(hub:org/name@rev1,rev2)")
-    return discover(path, pattern)
+    found = scan(path, pattern, follow_symlinks)
+    root = found.root if found.root.is_dir() else found.root.parent
+    return [(c, root) for c in found.checkpoints], found.refused
+
+
+def find_checkpoints(source: Any, pattern: str = "*", follow_symlinks: bool = False) -> list[Checkpoint]:
+    """Checkpoints of ``source``: a directory (or one checkpoint), a list of them or of ``org/name@revision``
+    hub ids, ``hub:org/name@rev1,rev2``, or ``{"hub": "org/name", "revisions": [...]}``. ``pattern`` matches the
+    names of a directory's entries; checkpoints linking outside their directory are left out unless
+    ``follow_symlinks``."""
+    check_pattern(pattern)
+    return [c for c, _ in _find(source, pattern, follow_symlinks)[0]]
 
 
 def default_register_name(source: Any) -> str:
@@ -222,8 +242,12 @@ def _ready(checkpoints: list[Checkpoint], settle_seconds: float, marker: str | N
 
 def _tags(checkpoint: Checkpoint, variant: Variant, identity: str, source: dict, recipe: Recipe,
           watch_source: Any) -> dict[str, str]:
+    from flows.mlflow_logging import TAG_RECIPE_LABEL
+
+    # the registry alias current-<label> follows the latest checkpoint compressed with this recipe (variant)
+    label = recipe.name if len(recipe.variants) == 1 else f"{recipe.name}-{variant.ratio * 100:g}"
     tags = {TAG_IDENTITY: identity, TAG_RECIPE: variant.sha256, TAG_SOURCE: source["digest"],
-            TAG_CHECKPOINT: checkpoint.name, TAG_RECIPE_NAME: recipe.name,
+            TAG_CHECKPOINT: checkpoint.name, TAG_RECIPE_NAME: recipe.name, TAG_RECIPE_LABEL: label,
             TAG_WATCH_SOURCE: str(watch_source)[:500]}
     if "@" in checkpoint.name and checkpoint.path.parent.name == "snapshots":
         tags[TAG_REVISION] = checkpoint.path.name  # the hub commit of a snapshot
@@ -263,7 +287,7 @@ def _compress_one(checkpoint: Checkpoint, variant: Variant, identity: str, sourc
 def watch_flow(source: Any, recipe: Any, runs_dir: str | None = None, pattern: str = "*",
                settle_seconds: float = 5.0, marker: str | None = None, register_name: str | None = None,
                wait_for_lock: bool = False, lock_timeout: float | None = None, n_workers: int | None = None,
-               device: str | None = None) -> dict:
+               device: str | None = None, follow_symlinks: bool = False) -> dict:
     """One tick: compress and register every checkpoint of ``source`` not yet compressed with ``recipe``.
 
     ``source``: a directory of checkpoint folders / ``.gguf`` files (``pattern`` filters their names), a list,
@@ -272,31 +296,46 @@ def watch_flow(source: Any, recipe: Any, runs_dir: str | None = None, pattern: s
     ``./runs``; MLflow lives beside it as for ``dotresize compress``). ``settle_seconds``: a checkpoint's files
     must be unchanged for this long. ``marker``: a file a checkpoint must contain to count as complete (e.g.
     ``trainer_state.json``). ``register_name``: the registered model (default: the recipe's, else
-    ``dotresize-<source name>``).
+    ``dotresize-<source name>``). ``follow_symlinks``: also compress checkpoints that are (or hold) symbolic
+    links resolving outside the watched folder (refused by default).
 
-    Returns ``{compressed, existing, busy, pending, failed}`` (lists of records); raises :class:`WatchError`
-    after the tick if any compression failed (the others are kept).
+    Returns ``{compressed, existing, busy, pending, refused, failed}`` (lists of records); raises
+    :class:`WatchError` after the tick if any compression failed (the others are kept).
     """
     from flows.settings import apply_offline_defaults
 
     apply_offline_defaults()
     logger = get_run_logger()
+    check_pattern(pattern)
     spec = load_recipe(recipe)
     root = runs_root(runs_dir)
     root.mkdir(parents=True, exist_ok=True)
     register_name = register_name or spec.variants[0].register_name or default_register_name(source)
     client = _tracking_client(root)
     cache = DigestCache(home_of(root) / "digests.json")
-    checkpoints = find_checkpoints(source, pattern)
+    found, refused = _find(source, pattern, follow_symlinks)
+    folders = {c.path: folder for c, folder in found}
+    checkpoints = [c for c, _ in found]
     ready, pending = _ready(checkpoints, settle_seconds, marker)
     report: dict[str, Any] = {"source": str(source), "recipe": spec.name,
                               "recipe_sha256": [v.sha256 for v in spec.variants], "runs_dir": str(root),
                               "registered_model": register_name, "checkpoints": [c.name for c in checkpoints],
-                              "compressed": [], "existing": [], "busy": [], "pending": pending, "failed": []}
+                              "compressed": [], "existing": [], "busy": [], "pending": pending,
+                              "refused": refused, "failed": []}
+    for item in refused:
+        logger.warning("%s: refused: %s", item["checkpoint"], item["reason"])
     for item in pending:
         logger.info("%s: not ready (%s); left for the next tick", item["checkpoint"], item["reason"])
     extra = {k: v for k, v in {"n_workers": n_workers, "device": device}.items() if v is not None}
     for checkpoint in ready:
+        folder = folders.get(checkpoint.path)
+        leak = escape(checkpoint.path, folder) if folder is not None and not follow_symlinks else None
+        if leak is not None:  # a link made since the folder was scanned
+            item = {"checkpoint": checkpoint.name, "reason": f"a symbolic link leads outside the watched folder "
+                                                             f"{folder} ({leak}): pass --follow-symlinks"}
+            logger.warning("%s: refused: %s", item["checkpoint"], item["reason"])
+            report["refused"].append(item)
+            continue
         try:
             source_record = source_meta(checkpoint, cache)
         except (DotResizeError, OSError) as error:
@@ -327,9 +366,9 @@ def watch_flow(source: Any, recipe: Any, runs_dir: str | None = None, pattern: s
             if outcome == "compressed":
                 logger.info("%s (ratio %g): registered %s v%s", checkpoint.name, variant.ratio,
                             record["registered_model"], record["model_version"])
-    logger.info("watch %s: %d compressed, %d already done, %d busy, %d not ready, %d failed", source,
+    logger.info("watch %s: %d compressed, %d already done, %d busy, %d not ready, %d refused, %d failed", source,
                 len(report["compressed"]), len(report["existing"]), len(report["busy"]), len(report["pending"]),
-                len(report["failed"]))
+                len(report["refused"]), len(report["failed"]))
     if report["failed"]:
         first = report["failed"][0]
         raise WatchError(f"{len(report['failed'])} compression(s) failed, first {first['checkpoint']} "

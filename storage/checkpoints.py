@@ -10,6 +10,10 @@ being written:
 * GGUF file: the header, metadata and tensor table parse and the file holds every tensor's bytes;
 * both: the sizes and modification times of its files are the same at two looks ``settle`` seconds apart.
 
+Discovery is confined to the watched folder: ``pattern`` matches entry *names* (never paths, so ``../*``
+matches nothing), paths are resolved, and a checkpoint that is, or holds, a symbolic link resolving outside the
+folder is refused unless ``follow_symlinks``.
+
 Nothing here knows about Prefect or MLflow; digests are cached by (path, size, mtime, inode) so that a watch
 tick does not re-read unchanged multi-GB files.
 """
@@ -17,6 +21,7 @@ tick does not re-read unchanged multi-GB files.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -24,8 +29,11 @@ import re
 import struct
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from dotresize.errors import DotResizeError
+from dotresize.permissions import apply_umask
 
 #: safetensors headers larger than this are treated as corrupt (the format's own limit is 100 MB)
 MAX_HEADER = 100 * 1024 * 1024
@@ -60,29 +68,98 @@ def _is_hf_candidate(path: Path) -> bool:
                for n in names)
 
 
-def discover(root: str | os.PathLike, pattern: str = "*") -> list[Checkpoint]:
-    """Every checkpoint in ``root`` whose name matches ``pattern``, in natural order.
+class PatternError(DotResizeError, ValueError):
+    """A checkpoint name pattern that would reach outside the watched folder."""
+
+
+@dataclass
+class Scan:
+    """What :func:`scan` found in a watched folder: the checkpoints, and those refused (with why)."""
+
+    root: Path
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    refused: list[dict] = field(default_factory=list)   # {"checkpoint": name, "reason": text}
+
+
+def check_pattern(pattern: str) -> str:
+    """``pattern`` if it is a name pattern (``checkpoint-*``); a path-like one raises :class:`PatternError`."""
+    if not pattern or "/" in pattern or "\\" in pattern or os.sep in pattern or pattern in (".", ".."):
+        raise PatternError(f"--pattern {pattern!r} must match checkpoint names inside the watched folder (like "
+                           "'checkpoint-*'): it cannot be empty, contain '/' or be '.' or '..'")
+    return pattern
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or path.is_relative_to(root)
+
+
+def escape(path: Path, root: Path) -> str | None:
+    """None when ``path`` and everything under it resolve inside ``root``; else the first symbolic link that
+    leads outside (as ``link -> target``). ``root`` must be resolved."""
+    target = path.resolve()
+    if not _inside(target, root):
+        return f"{path.name} -> {target}"
+    if not target.is_dir():
+        return None
+    for directory, dirs, files in os.walk(target, followlinks=False):
+        for name in [*dirs, *files]:
+            entry = Path(directory) / name
+            if entry.is_symlink():
+                resolved = entry.resolve()
+                if not _inside(resolved, root):
+                    return f"{entry.relative_to(target).as_posix()} -> {resolved}"
+    return None
+
+
+def _candidate(path: Path) -> Checkpoint | None:
+    if path.is_dir() and _is_hf_candidate(path):
+        return Checkpoint(path.name, path.resolve(), "hf-dir")
+    if path.is_file() and path.suffix == ".gguf":
+        return Checkpoint(path.name, path.resolve(), "gguf")
+    return None
+
+
+def scan(root: str | os.PathLike, pattern: str = "*", follow_symlinks: bool = False) -> Scan:
+    """Every checkpoint directly in ``root`` whose *name* matches ``pattern``, in natural order.
 
     Sub-folders holding a ``config.json`` or safetensors weights and ``*.gguf`` files are checkpoints; names
     starting with ``.`` or ``tmp`` (a trainer's or downloader's temporary names) are skipped. A ``root`` that is
-    itself a model folder or a ``.gguf`` file is the only checkpoint.
+    itself a model folder or a ``.gguf`` file is the only checkpoint. Paths are resolved; a checkpoint that is a
+    symbolic link, or holds one, resolving outside ``root`` is refused unless ``follow_symlinks``.
     """
+    check_pattern(pattern)
     root = Path(root).expanduser().resolve()
+    result = Scan(root)
     if root.is_file():
-        return [Checkpoint(root.name, root, "gguf")] if root.suffix == ".gguf" else []
+        if root.suffix == ".gguf":
+            result.checkpoints.append(Checkpoint(root.name, root, "gguf"))
+        return result
     if not root.is_dir():
-        return []
+        return result
     if (root / "config.json").is_file():
-        return [Checkpoint(root.name, root, "hf-dir")]
-    found = []
-    for path in root.glob(pattern):
-        if path.name.startswith((".", "tmp")):
+        entries = [root]
+    else:
+        entries = sorted((p for p in root.iterdir() if fnmatch.fnmatchcase(p.name, pattern)
+                          and not p.name.startswith((".", "tmp"))), key=lambda p: natural_key(p.name))
+    for path in entries:
+        try:
+            found = _candidate(path)
+        except OSError:
             continue
-        if path.is_dir() and _is_hf_candidate(path):
-            found.append(Checkpoint(path.name, path.resolve(), "hf-dir"))
-        elif path.is_file() and path.suffix == ".gguf":
-            found.append(Checkpoint(path.name, path.resolve(), "gguf"))
-    return sorted(found, key=lambda c: natural_key(c.name))
+        if found is None:
+            continue
+        leak = None if follow_symlinks else escape(path, root)
+        if leak is not None:
+            result.refused.append({"checkpoint": path.name, "reason": f"a symbolic link leads outside the watched "
+                                   f"folder {root} ({leak}): pass --follow-symlinks to compress it"})
+            continue
+        result.checkpoints.append(found)
+    return result
+
+
+def discover(root: str | os.PathLike, pattern: str = "*", follow_symlinks: bool = False) -> list[Checkpoint]:
+    """The checkpoints of :func:`scan` (refused ones left out)."""
+    return scan(root, pattern, follow_symlinks).checkpoints
 
 
 # --- readiness ----------------------------------------------------------------------------------------------------
@@ -305,6 +382,7 @@ class DigestCache:
         try:
             with os.fdopen(fd, "w") as handle:
                 handle.write(text)
+            apply_umask(tmp)  # mkstemp's 0600 -> what open() would give
             os.replace(tmp, self.path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -312,5 +390,5 @@ class DigestCache:
             raise
 
 
-__all__ = ["Checkpoint", "discover", "snapshot", "static_problem", "safetensors_problem", "gguf_problem",
+__all__ = ["Checkpoint", "Scan", "PatternError", "scan", "discover", "check_pattern", "escape", "snapshot", "static_problem", "safetensors_problem", "gguf_problem",
            "natural_key", "sha256_file", "DigestCache"]

@@ -16,6 +16,8 @@ from pathlib import Path
 from .checkpoints import sha256_file
 
 LINEAGE = "lineage.json"
+#: the OpenSSF model signing bundle inside a model directory (see :mod:`storage.signing`)
+SIGNATURE = "model.sig"
 MISSING = "missing"
 UNRECORDED = "not recorded"
 
@@ -33,21 +35,24 @@ class Mismatch:
         return f"{self.file}: {self.against} records {self.expected}, found {self.actual}"
 
 
-def file_digests(directory: str | os.PathLike, exclude: tuple[str, ...] = ()) -> dict[str, str]:
-    """sha256 of every file under ``directory`` by ``/``-separated relative path (hidden files skipped)."""
+def file_digests(directory: str | os.PathLike, exclude: tuple[str, ...] = (), hidden: bool = False
+                 ) -> dict[str, str]:
+    """sha256 of every file under ``directory`` by ``/``-separated relative path (hidden files skipped unless
+    ``hidden``)."""
     root = Path(directory)
     out = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        if not path.is_file() or any(part.startswith(".") for part in rel.split("/")) or rel in exclude:
+        if not path.is_file() or rel in exclude or (not hidden and any(p.startswith(".") for p in rel.split("/"))):
             continue
         out[rel] = sha256_file(path)
     return out
 
 
 def model_digests(model_dir: str | os.PathLike) -> dict[str, str]:
-    """sha256 of every file of a model directory except ``lineage.json`` (what lineage.json records)."""
-    return file_digests(model_dir, exclude=(LINEAGE,))
+    """sha256 of every file of a model directory except ``lineage.json`` and the signature ``model.sig`` (what
+    lineage.json records; the signature covers lineage.json, so it is written after it and checked on its own)."""
+    return file_digests(model_dir, exclude=(LINEAGE, SIGNATURE))
 
 
 def compare(expected: dict[str, str], actual: dict[str, str], against: str) -> list[Mismatch]:
@@ -62,7 +67,7 @@ def compare(expected: dict[str, str], actual: dict[str, str], against: str) -> l
 
 
 def check_model_dir(model_dir: str | os.PathLike, lineage: dict) -> list[Mismatch]:
-    """Every file of ``model_dir`` (but lineage.json) against ``lineage["model"]``."""
+    """Every file of ``model_dir`` (but lineage.json and model.sig) against ``lineage["model"]``."""
     return compare(dict(lineage.get("model") or {}), model_digests(model_dir), LINEAGE)
 
 
@@ -132,4 +137,4 @@ def source_files(source: dict) -> tuple[Path | None, dict[str, str]]:
 
 
 __all__ = ["Mismatch", "file_digests", "model_digests", "compare", "check_model_dir", "check_files", "check_activations",
-           "source_files", "LINEAGE", "MISSING", "UNRECORDED"]
+           "source_files", "LINEAGE", "SIGNATURE", "MISSING", "UNRECORDED"]

@@ -9,6 +9,7 @@ on a small machine. They use the session's Prefect server (``prefect_api``).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,3 +107,84 @@ def test_prefect_deploy_registers_the_same_deployments(prefect_api, tmp_path):
     assert "'work_pool_name': 'dotresize'" in listed.stdout and "flows/watch.py:watch_flow" in listed.stdout
     assert "*/15 * * * *" in listed.stdout
     assert "dotresize-compress/compress" in _prefect(env, "deployment", "ls").stdout
+
+
+def _wait_for_deployment(env: dict, serve: subprocess.Popen, log_path: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while True:
+        listed = _prefect(env, "deployment", "ls")
+        if "dotresize-watch/watch-checkpoints" in listed.stdout:
+            return
+        assert serve.poll() is None, log_path.read_text()[-3000:]
+        assert time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(2)
+
+
+def _stop(serve: subprocess.Popen) -> None:
+    os.killpg(serve.pid, signal.SIGINT)  # the serve process, its Prefect server and the flow runs it started
+    try:
+        serve.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(serve.pid, signal.SIGKILL)
+        serve.wait()
+
+
+def _served_url(log_path: Path, serve: subprocess.Popen, timeout: float = 240) -> str:
+    """The API URL of the local server `dotresize serve` started (it prints it)."""
+    deadline = time.time() + timeout
+    while True:
+        found = re.search(r"local Prefect server at (http://127\.0\.0\.1:\d+/api)", log_path.read_text())
+        if found:
+            return found.group(1)
+        assert serve.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(1)
+
+
+def test_served_watch_run_completes_without_prefect_api_url(pipeline_env, tmp_path):
+    """Issue 12, item 6: with no PREFECT_API_URL, a run of the watch deployment (concurrency_limit 1) used to end
+    Cancelled ("Deployment concurrency slot lost during provisioning"): the serve process and the flow-run
+    subprocess each started their own ephemeral Prefect server, whose deployment-concurrency leases live in
+    memory, so the flow run's server could not renew the lease the serve process's server had granted. `serve`
+    now starts one local server for itself and its flow runs, and stops it when it stops."""
+    import httpx
+    import yaml
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import SyncPrefectClient
+
+    checkpoints = pipeline_env / "train-run"
+    write_model_dir(checkpoints / "checkpoint-1", seed=12)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    env = {k: v for k, v in _env("").items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # a fresh Prefect database, no server anywhere
+    log_path = tmp_path / "serve.log"
+    log = log_path.open("w")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--name", "watch-checkpoints", "--no-schedule",
+         "--param", f"source={checkpoints}", "--param", f"recipe={recipe}", "--param", "settle_seconds=0",
+         "--param", "register_name=tiny-ephemeral"],
+        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = _served_url(log_path, serve)
+        _wait_for_deployment({**env, "PREFECT_API_URL": url}, serve, log_path)
+        # triggered as a user without PREFECT_API_URL would (the CLI's own ephemeral API on the same database)
+        run = _prefect(env, "deployment", "run", "dotresize-watch/watch-checkpoints")
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", run.stdout).group(1)
+        deadline = time.time() + 500
+        with SyncPrefectClient(url) as client:
+            while True:
+                state = client.read_flow_run(flow_run_id).state
+                if state is not None and state.is_final():
+                    break
+                assert time.time() < deadline and serve.poll() is None, log_path.read_text()[-4000:]
+                time.sleep(2)
+        assert state.is_completed(), f"{state.type} {state.message}\n" + log_path.read_text()[-4000:]
+    finally:
+        _stop(serve)
+        log.close()
+    with pytest.raises(httpx.HTTPError):  # the server went with the serve process
+        httpx.get(f"{url}/health", timeout=5)
+    uri = f"sqlite:///{pipeline_env / 'home' / 'mlflow.db'}"
+    [version] = MlflowClient(uri).search_model_versions("name = 'tiny-ephemeral'")
+    assert version.tags["dotresize.checkpoint"] == "checkpoint-1"
