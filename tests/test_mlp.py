@@ -268,3 +268,53 @@ def test_dot_scale_rules_on_scaled_copies(scale, expected):
     target = torch.zeros(6, 2, dtype=F64)
     target[0, 0], target[1, 1] = expected
     assert torch.allclose(A, target, atol=1e-6)
+
+
+def test_obs_keep_drops_redundant_copies_that_score_high():
+    # three loud copies (5x) of neurons 0-2: energy/output rules keep them and lose neurons 3-5;
+    # obs sees that they are explained by their originals and keeps a spanning set
+    g = torch.Generator().manual_seed(13)
+    h_k = torch.randn(500, 6, generator=g, dtype=F64) * torch.linspace(1.0, 0.6, 6, dtype=F64)
+    h = torch.cat([h_k, 5.0 * h_k[:, :3]], 1)
+    down = torch.randn(5, 9, generator=g, dtype=F64)
+    stats = _stats(h)
+    errors = {}
+    for rule in ("output", "obs"):
+        reduction = reduce_mlp(stats, down, 6, MlpOptions(method="lsq", keep_rule=rule, ridge=1e-9))
+        errors[rule] = reduction.info["output_error"]
+        assert reduction.width == 6
+    assert errors["obs"] < 1e-9 < 1e-2 < errors["output"]
+
+
+def test_obs_removes_the_neuron_whose_lsq_corrected_error_is_smallest():
+    h, down, _, _ = _correlated(kept=7, removed=3, noise=0.5, seed=14)
+    stats = _stats(h)
+    keep = select_keep(stats, 9, "obs", down, ridge=1e-10)
+    brute = []
+    for q in range(10):
+        rest = torch.tensor([i for i in range(10) if i != q])
+        brute.append(output_error(stats, down, rest, lsq_map(stats, rest, ridge=1e-10).A))
+    expected = int(torch.tensor(brute).argmin())
+    assert complement(keep, 10).tolist() == [expected]
+    assert sorted(brute)[1] > 1.01 * sorted(brute)[0]          # a clear winner, so the test can fail
+
+
+def test_obs_rescores_after_every_removal():
+    # neurons 6 and 7 copy neuron 0: each of the three alone looks free to remove, but removing all three loses
+    # neuron 0; removing three of eight greedily must match the best keep-set found by brute force
+    import itertools
+
+    g = torch.Generator().manual_seed(15)
+    h_k = torch.randn(400, 6, generator=g, dtype=F64) * torch.tensor([0.5, 2.0, 1.5, 1.2, 1.0, 0.8], dtype=F64)
+    h = torch.cat([h_k, h_k[:, :1], h_k[:, :1]], 1)
+    down = torch.randn(4, 8, generator=g, dtype=F64)
+    stats = _stats(h)
+
+    def error(keep):
+        keep = torch.tensor(sorted(keep))
+        return output_error(stats, down, keep, lsq_map(stats, keep, ridge=1e-10).A)
+
+    best = min(error(k) for k in itertools.combinations(range(8), 5))
+    keep = select_keep(stats, 5, "obs", down, ridge=1e-10)
+    assert len({0, 6, 7} & set(keep.tolist())) == 1
+    assert error(keep.tolist()) <= best * (1 + 1e-6) + 1e-12

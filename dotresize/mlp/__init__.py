@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .keep import KEEP_RULES, as_keep_set, complement, keep_scores, mlp_width, select_keep
+from .keep import KEEP_RULES, as_keep_set, complement, keep_scores, mlp_width, obs_keep, select_keep
 from .maps import (DOT_COSTS, DOT_MARGINALS, MLP_METHODS, SCALE_RULES, MlpDotOptions, MlpOptions, MlpReduction,
                    dot_map, lsq_map, profile_cost, prune_map, ridge_solve, row_scales, transport_rows)
 from .statistics import MlpStats, MlpStatsAccumulator
@@ -25,7 +25,7 @@ from .weights import MlpWeights, output_error, reduce_mlp_weights
 __all__ = [
     "KEEP_RULES", "MLP_METHODS", "DOT_COSTS", "DOT_MARGINALS", "SCALE_RULES",
     "MlpStats", "MlpStatsAccumulator", "MlpOptions", "MlpDotOptions", "MlpReduction", "MlpWeights",
-    "mlp_width", "keep_scores", "select_keep", "as_keep_set", "complement",
+    "mlp_width", "keep_scores", "select_keep", "obs_keep", "as_keep_set", "complement",
     "prune_map", "lsq_map", "dot_map", "profile_cost", "transport_rows", "row_scales", "ridge_solve",
     "reduce_mlp", "reduce_mlp_weights", "output_error",
 ]
@@ -44,7 +44,7 @@ def reduce_mlp(stats: MlpStats, down: torch.Tensor, width: int | None = None, op
     elif width is None:
         raise ValueError("reduce_mlp needs a width or an explicit keep-set")
     else:
-        kept = select_keep(stats, width, options.keep_rule, down)
+        kept = select_keep(stats, width, options.keep_rule, down, options.ridge)
     if options.method == "prune":
         reduction = prune_map(stats, kept)
     elif options.method == "lsq":

@@ -11,8 +11,9 @@ from ..bases.common import top_indices
 from ..errors import InvalidConfigError
 from .statistics import MlpStats
 
-#: ``energy``: ‖h_j‖²; ``output``: ‖h_j‖²·‖W_down[:, j]‖² (the neuron's output energy if it were alone)
-KEEP_RULES = ("output", "energy")
+#: ``energy``: ‖h_j‖²; ``output``: ‖h_j‖²·‖W_down[:, j]‖² (the neuron's output energy if it were alone);
+#: ``obs``: greedy backward elimination by the output error left after the ``lsq`` correction (Optimal Brain Surgeon)
+KEEP_RULES = ("output", "energy", "obs")
 
 
 def mlp_width(intermediate: int, ratio: float, round_to: int = 8) -> int:
@@ -42,6 +43,8 @@ def keep_scores(stats: MlpStats, rule: str = "output", down: torch.Tensor | None
             raise InvalidConfigError(f"down projection has {down.shape[-1]} inputs, the statistics {stats.dim}")
         column_norms = (down.detach().to(device=energy.device, dtype=torch.float64) ** 2).sum(0)
         return energy * column_norms
+    if rule == "obs":
+        raise InvalidConfigError("the 'obs' keep rule has no per-neuron score: it is greedy (use select_keep)")
     raise InvalidConfigError(f"mlp keep rule must be one of {', '.join(KEEP_RULES)}; got {rule!r}")
 
 
@@ -56,10 +59,44 @@ def as_keep_set(keep: Sequence[int] | torch.Tensor, dim: int) -> torch.Tensor:
     return unique
 
 
-def select_keep(stats: MlpStats, width: int, rule: str = "output", down: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``width`` top-scoring neurons under ``rule``, ascending (ties broken by index)."""
+def obs_keep(stats: MlpStats, width: int, down: torch.Tensor, ridge: float = 0.1) -> torch.Tensor:
+    """Greedy backward elimination: remove, one at a time, the neuron whose removal (with every remaining neuron's
+    down-projection column re-fitted) raises the output error least; ascending kept indices.
+
+    Optimal Brain Surgeon on W_down with Hessian H = G + λI (λ = ridge · mean diag G): removing q from the current
+    set costs ‖B_q‖² / (H⁻¹)_qq, B the current re-fitted weights (I x D, starting at W_downᵀ). For a fixed keep-set
+    the re-fitted weights are exactly ``lsq``'s W_K + W_S·Aᵀ with the same ridge, so this rule greedily minimises the
+    objective that ``lsq`` solves. Cost O(I²) per removed neuron, float64.
+    """
+    gram = stats.gram.to(torch.float64).cpu()
+    dim = gram.shape[0]
+    if not 1 <= width <= dim:
+        raise InvalidConfigError(f"MLP width must be in [1, {dim}], got {width}")
+    mean_diag = float(torch.diagonal(gram).mean())
+    lam = max(ridge, 1e-8) * (mean_diag if mean_diag > 0 else 1.0)
+    P = torch.cholesky_inverse(torch.linalg.cholesky(gram + lam * torch.eye(dim, dtype=torch.float64)))
+    B = down.detach().to(torch.float64).cpu().T.clone()
+    alive = torch.ones(dim, dtype=torch.bool)
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    for _ in range(dim - width):
+        cost = torch.where(alive, (B * B).sum(1) / torch.diagonal(P).clamp(min=1e-300), inf)
+        q = int(torch.argmin(cost))
+        column = P[:, q].clone()
+        B.sub_(torch.outer(column / column[q], B[q]))
+        P.sub_(torch.outer(column / column[q], column))
+        alive[q] = False
+    return torch.nonzero(alive).flatten()
+
+
+def select_keep(stats: MlpStats, width: int, rule: str = "output", down: torch.Tensor | None = None,
+                ridge: float = 0.1) -> torch.Tensor:
+    """The ``width`` neurons kept under ``rule``, ascending (top scores, ties broken by index; ``obs``: greedy)."""
     if not 1 <= width <= stats.dim:
         raise InvalidConfigError(f"MLP width must be in [1, {stats.dim}], got {width}")
+    if rule == "obs":
+        if down is None:
+            raise InvalidConfigError("the 'obs' keep rule needs the down projection's weight")
+        return obs_keep(stats, width, down, ridge)
     return top_indices(keep_scores(stats, rule, down).cpu(), width)
 
 
