@@ -13,15 +13,14 @@ import torch
 from accelerate import init_empty_weights
 from transformers import PreTrainedModel
 
-from .adapters import ModelAdapter, get_adapter
 from .bases import Basis, compute_basis
 from .calibration import capture_point_stats, iter_batches, sequential_bases
 from .config import CompressionConfig
 from .errors import CalibrationError, InvalidConfigError
-from .fusion import fuse_norms
+from .layerwise import LayeredModel, ResidentModel
 from .modeling import FORMAT_VERSION
 from .statistics import PointStats, pool_stats
-from .surgery import global_state_dict, per_point_state_dict
+from .surgery import compressed_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +60,10 @@ def count_parameters(model: torch.nn.Module) -> int:
     return total
 
 
-def plan_widths(adapter: ModelAdapter, config: CompressionConfig) -> list[int]:
-    """Width d_p of every slice point (method.md decision 6)."""
-    full, points = adapter.hidden_size, adapter.num_points
+def plan_widths(model, config: CompressionConfig) -> list[int]:
+    """Width d_p of every slice point (method.md decision 6); ``model`` has ``hidden_size``, ``num_points`` and
+    ``num_attention_heads`` (a :class:`~dotresize.layerwise.LayeredModel` or a record of those)."""
+    full, points = model.hidden_size, model.num_points
     if config.widths is not None:
         widths = [int(w) for w in config.widths]
         if len(widths) != points:
@@ -76,7 +76,7 @@ def plan_widths(adapter: ModelAdapter, config: CompressionConfig) -> list[int]:
     width = math.floor((1.0 - config.ratio) * full + 1e-9)
     width -= width % config.round_to
     if config.layout == "global":
-        width -= width % adapter.num_attention_heads  # stock configs need hidden_size % heads == 0
+        width -= width % model.num_attention_heads  # stock configs need hidden_size % heads == 0
         if width < 1:
             raise InvalidConfigError(f"ratio {config.ratio} leaves no width for hidden size {full}")
         return [width] * points
@@ -98,23 +98,24 @@ def make_basis_fn(config: CompressionConfig, device: str | None = None):
     return basis_fn
 
 
-def _sample_tokens(config: CompressionConfig) -> int:
+def sample_tokens(config: CompressionConfig) -> int:
+    """Raw activation rows kept per point for costs that need them (the L1 cost)."""
     return config.dot.sample_tokens if (config.method == "dot" and config.dot.cost == "l1") else 0
 
 
-def compute_bases(adapter: ModelAdapter, batches: list[torch.Tensor], widths: list[int], config: CompressionConfig,
+def compute_bases(model: LayeredModel, batches: list[torch.Tensor], widths: list[int], config: CompressionConfig,
                   *, progress: bool = True, device: str | None = None, timings: dict | None = None) -> list[Basis]:
-    """Bases of every point of a fused model, in the configured calibration mode and layout."""
+    """Bases of every point of a model, in the configured calibration mode and layout."""
     timings = timings if timings is not None else {}
     basis_fn = make_basis_fn(config, device)
-    stats_kwargs = dict(sample_tokens=_sample_tokens(config), outlier_tokens=config.outlier_tokens,
+    stats_kwargs = dict(sample_tokens=sample_tokens(config), outlier_tokens=config.outlier_tokens,
                         seed=config.seed, progress=progress)
     start = time.perf_counter()
     if config.mode == "sequential":
-        bases = sequential_bases(adapter, batches, widths, basis_fn, **stats_kwargs)
+        bases = sequential_bases(model, batches, widths, basis_fn, **stats_kwargs)
         timings["calibrate_and_bases"] = time.perf_counter() - start
         return bases
-    stats = capture_point_stats(adapter, batches, **stats_kwargs)
+    stats = capture_point_stats(model, batches, **stats_kwargs)
     timings["capture"] = time.perf_counter() - start
     start = time.perf_counter()
     if config.layout == "global":
@@ -128,24 +129,24 @@ def compute_bases(adapter: ModelAdapter, batches: list[torch.Tensor], widths: li
     return bases
 
 
-def compressed_config(adapter: ModelAdapter, widths: list[int], layout: str):
+def compressed_config(model: LayeredModel, widths: list[int], layout: str):
     """The HF config of the compressed model: the source config plus the widths (or hidden_size = d)."""
-    source = adapter.config.to_dict()
+    source = model.config.to_dict()
     for key in ("architectures", "auto_map", "model_type", "transformers_version", "quantization_config",
-                "dotresize", "_name_or_path"):
+                "dotresize", "_name_or_path", "dtype", "torch_dtype"):
         source.pop(key, None)
     source["tie_word_embeddings"] = False
-    source["head_dim"] = int(getattr(adapter.config, "head_dim", None)
-                             or adapter.hidden_size // adapter.num_attention_heads)
+    source["head_dim"] = int(getattr(model.config, "head_dim", None) or model.hidden_size // model.num_attention_heads)
     if layout == "global":
         width = widths[0]
         source["hidden_size"] = width
-        source["rms_norm_eps"] = adapter.rms_norm_eps * adapter.hidden_size / width
-        config = type(adapter.config)(**source)
-        config.architectures = [type(adapter.model).__name__]
+        source["rms_norm_eps"] = model.rms_norm_eps * model.hidden_size / width
+        config = type(model.config)(**source)
+        config.architectures = [model.model_class.__name__]
         return config
+    adapter = model.adapter_cls
     cls = adapter.compressed_config_class
-    source["dotresize"] = {"format_version": FORMAT_VERSION, "hidden_size": adapter.hidden_size,
+    source["dotresize"] = {"format_version": FORMAT_VERSION, "hidden_size": model.hidden_size,
                            "widths": [int(w) for w in widths]}
     config = cls(**source)
     config.architectures = [adapter.compressed_model_class.__name__]
@@ -156,24 +157,33 @@ def compressed_config(adapter: ModelAdapter, widths: list[int], layout: str):
     return config
 
 
-def build_compressed_model(adapter: ModelAdapter, bases: list[Basis], layout: str) -> PreTrainedModel:
-    """Instantiate the compressed model (per-point class or stock class) and load the absorbed weights."""
-    state = global_state_dict(adapter, bases[0]) if layout == "global" else per_point_state_dict(adapter, bases)
-    return assemble_model(adapter, [b.width for b in bases], layout, state)
-
-
-def assemble_model(adapter: ModelAdapter, widths: list[int], layout: str,
-                   state: dict[str, torch.Tensor]) -> PreTrainedModel:
-    """The compressed model of ``widths`` holding ``state`` (absorbed weights, e.g. assembled layer by layer)."""
-    config = compressed_config(adapter, widths, layout)
-    config._attn_implementation = adapter.config._attn_implementation
-    model_cls = type(adapter.model) if layout == "global" else adapter.compressed_model_class
+def skeleton_model(model: LayeredModel, widths: list[int], layout: str,
+                   dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The compressed model's structure with no weights (meta device): its config, classes and state-dict keys."""
+    config = compressed_config(model, widths, layout)
+    config._attn_implementation = getattr(model, "attn_implementation", None) or model.config._attn_implementation
+    if dtype is not None:
+        config.dtype = dtype
+    model_cls = model.model_class if layout == "global" else model.adapter_cls.compressed_model_class
     with init_empty_weights(include_buffers=False):
-        model = model_cls(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.generation_config = copy.deepcopy(adapter.model.generation_config)
-    model.eval()
-    return model
+        return model_cls(config)
+
+
+def assemble_model(model: LayeredModel, widths: list[int], layout: str, state: dict[str, torch.Tensor],
+                   generation_config=None) -> PreTrainedModel:
+    """The compressed model of ``widths`` holding ``state`` (absorbed weights, e.g. assembled layer by layer)."""
+    compressed = skeleton_model(model, widths, layout)
+    compressed.load_state_dict(state, strict=True, assign=True)
+    if generation_config is not None:
+        compressed.generation_config = copy.deepcopy(generation_config)
+    return compressed.eval()
+
+
+def build_compressed_model(model: LayeredModel, bases: list[Basis], layout: str,
+                           generation_config=None) -> PreTrainedModel:
+    """Instantiate the compressed model (per-point class or stock class) and load the absorbed weights."""
+    state = compressed_state_dict(model, bases, layout)
+    return assemble_model(model, [b.width for b in bases], layout, state, generation_config)
 
 
 def check_calibration(calibration: torch.Tensor, hidden_size: int) -> None:
@@ -197,27 +207,24 @@ def compress(model: PreTrainedModel, calibration: torch.Tensor, config: Compress
     """
     config = (config or CompressionConfig()).validate()
     torch.manual_seed(config.seed)
-    adapter = get_adapter(model)
-    check_calibration(calibration, adapter.hidden_size)
     timings: dict[str, float] = {}
-    parameters_before = count_parameters(model)
     start = time.perf_counter()
-    model.eval()
-    fuse_norms(adapter)
+    layered = ResidentModel(model)  # fuses the norms in place
+    check_calibration(calibration, layered.hidden_size)
     timings["fuse"] = time.perf_counter() - start
-    widths = plan_widths(adapter, config)
+    widths = plan_widths(layered, config)
     batches = iter_batches(calibration, config.batch_size)
-    bases = compute_bases(adapter, batches, widths, config, progress=progress, device=device, timings=timings)
+    bases = compute_bases(layered, batches, widths, config, progress=progress, device=device, timings=timings)
     start = time.perf_counter()
-    compressed = build_compressed_model(adapter, bases, config.layout)
+    compressed = build_compressed_model(layered, bases, config.layout, model.generation_config)
     timings["absorb"] = time.perf_counter() - start
     points = [dict(b.info) for b in bases] if config.layout == "per-point" else [dict(bases[0].info)]
     report = CompressionReport(
-        family=type(adapter).family,
-        hidden_size=adapter.hidden_size,
+        family=layered.adapter_cls.family,
+        hidden_size=layered.hidden_size,
         widths=[b.width for b in bases],
         layout=config.layout,
-        parameters_before=parameters_before,
+        parameters_before=layered.parameter_count(),
         parameters_after=count_parameters(compressed),
         calibration_tokens=int(calibration.numel()),
         points=points,

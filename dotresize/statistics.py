@@ -40,13 +40,16 @@ class StatsAccumulator:
     """Accumulates :class:`PointStats` from activation batches of shape (..., D).
 
     ``sample_tokens`` > 0 keeps a reservoir of raw rows; ``outlier_tokens`` (a multiple of the batch's median
-    token norm) drops massive-activation tokens from every statistic.
+    token norm) drops massive-activation tokens from every statistic. ``gram=False`` skips the Gram matrix (the
+    pipeline reduces it from the stored rows instead, and keeps only the sample and the outlier mask from here).
     """
 
     def __init__(self, dim: int, *, point: int = 0, sample_tokens: int = 0, outlier_tokens: float | None = None,
-                 seed: int = 0, device: torch.device | str = "cpu"):
+                 seed: int = 0, device: torch.device | str = "cpu", gram: bool = True):
         self.point = point
-        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.with_gram = gram
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device) if gram else \
+            torch.zeros(0, 0, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.count = 0
@@ -58,24 +61,30 @@ class StatsAccumulator:
         self._generator = torch.Generator().manual_seed(seed * 1_000_003 + point)
 
     @torch.no_grad()
-    def add(self, activations: torch.Tensor) -> None:
+    def add(self, activations: torch.Tensor) -> torch.Tensor | None:
+        """Accumulate a batch; returns the mask of rows kept (None when no outlier rule is set)."""
         x = activations.reshape(-1, activations.shape[-1]).to(device=self.gram.device, dtype=torch.float64)
         if not torch.isfinite(x).all():
             raise NonFiniteActivationError(
                 f"NaN or Inf in the activations at slice point {self.point}: check the model's weights and dtype "
                 "(use float32) and the calibration text"
             )
-        if self.outlier_tokens is not None and x.shape[0] > 1:
-            norms = x.norm(dim=1)
-            keep = norms <= self.outlier_tokens * norms.median()
-            self.excluded += int((~keep).sum())
-            x = x[keep]
-        self.gram.addmm_(x.T, x)
+        keep = None
+        if self.outlier_tokens is not None:
+            keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            if x.shape[0] > 1:
+                norms = x.norm(dim=1)
+                keep = norms <= self.outlier_tokens * norms.median()
+                self.excluded += int((~keep).sum())
+                x = x[keep]
+        if self.with_gram:
+            self.gram.addmm_(x.T, x)
         self.abs_sum += x.abs().sum(0)
         self.sum += x.sum(0)
         self.count += x.shape[0]
         if self.sample_tokens > 0:
             self._reservoir(x.to(torch.float32).cpu())
+        return None if keep is None else keep.cpu()
 
     def _reservoir(self, rows: torch.Tensor) -> None:
         """Keep the rows with the k smallest random priorities: a uniform, reproducible sample."""

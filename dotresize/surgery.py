@@ -13,7 +13,8 @@ import math
 import torch
 from torch import nn
 
-from .adapters import LayerModules, ModelAdapter
+from .adapters import LayerModules
+from .adapters.base import FamilyLayout
 from .bases import Basis
 from .modeling import RMSN, CompressedDecoderLayer
 
@@ -24,12 +25,18 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(F64)
 
 
-def _consume(weight: torch.Tensor, decoder: torch.Tensor | None) -> torch.Tensor:
-    return weight if decoder is None else (_f64(weight) @ decoder.T).to(weight.dtype)
+def _consume(weight: torch.Tensor, decoder: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    dtype = dtype or weight.dtype
+    if decoder is None:
+        return weight.to(dtype)
+    return (_f64(weight) @ decoder.to(weight.device).T).to(dtype)
 
 
-def _produce(weight: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
-    return weight if Q is None else (Q.T @ _f64(weight)).to(weight.dtype)
+def _produce(weight: torch.Tensor, Q: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    dtype = dtype or weight.dtype
+    if Q is None:
+        return weight.to(dtype)
+    return (Q.to(weight.device).T @ _f64(weight)).to(dtype)
 
 
 def _shortcut(decoder_in: torch.Tensor | None, Q_out: torch.Tensor | None, dtype: torch.dtype):
@@ -39,7 +46,7 @@ def _shortcut(decoder_in: torch.Tensor | None, Q_out: torch.Tensor | None, dtype
         return Q_out.to(dtype)
     if Q_out is None:
         return decoder_in.to(dtype)
-    return (decoder_in @ Q_out).to(dtype)
+    return (decoder_in @ Q_out.to(decoder_in.device)).to(dtype)
 
 
 def _linear_keys(layer: nn.Module, linear: nn.Linear) -> str:
@@ -49,25 +56,34 @@ def _linear_keys(layer: nn.Module, linear: nn.Linear) -> str:
     raise KeyError("linear not found in its layer")
 
 
+def _bias(bias: torch.Tensor, Q: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return bias.to(dtype) if Q is None else (Q.to(bias.device).T @ _f64(bias)).to(dtype)
+
+
 @torch.no_grad()
 def absorb_layer(mods: LayerModules, decoder_in: torch.Tensor | None, Q_attn: torch.Tensor | None,
-                 decoder_attn: torch.Tensor | None, Q_mlp: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The compressed tensors of one fused layer, keyed like :class:`CompressedDecoderLayer`'s state dict."""
+                 decoder_attn: torch.Tensor | None, Q_mlp: torch.Tensor | None,
+                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The compressed tensors of one fused layer, keyed like :class:`CompressedDecoderLayer`'s state dict.
+
+    Products are computed in float64 and cast once to ``dtype`` (default: the layer's own dtype).
+    """
     layer = mods.layer
-    out: dict[str, torch.Tensor] = {k: v for k, v in layer.state_dict().items()}
+    dtype = dtype or mods.attention_output.weight.dtype
+    out: dict[str, torch.Tensor] = {k: v.to(dtype) if v.is_floating_point() else v
+                                    for k, v in layer.state_dict().items()}
     for linear in mods.attention_inputs:
-        out[_linear_keys(layer, linear) + ".weight"] = _consume(linear.weight, decoder_in)
+        out[_linear_keys(layer, linear) + ".weight"] = _consume(linear.weight, decoder_in, dtype)
     name = _linear_keys(layer, mods.attention_output)
-    out[name + ".weight"] = _produce(mods.attention_output.weight, Q_attn)
-    if mods.attention_output.bias is not None and Q_attn is not None:
-        out[name + ".bias"] = (Q_attn.T @ _f64(mods.attention_output.bias)).to(mods.attention_output.bias.dtype)
+    out[name + ".weight"] = _produce(mods.attention_output.weight, Q_attn, dtype)
+    if mods.attention_output.bias is not None:
+        out[name + ".bias"] = _bias(mods.attention_output.bias, Q_attn, dtype)
     for linear in mods.mlp_inputs:
-        out[_linear_keys(layer, linear) + ".weight"] = _consume(linear.weight, decoder_attn)
+        out[_linear_keys(layer, linear) + ".weight"] = _consume(linear.weight, decoder_attn, dtype)
     name = _linear_keys(layer, mods.mlp_output)
-    out[name + ".weight"] = _produce(mods.mlp_output.weight, Q_mlp)
-    if mods.mlp_output.bias is not None and Q_mlp is not None:
-        out[name + ".bias"] = (Q_mlp.T @ _f64(mods.mlp_output.bias)).to(mods.mlp_output.bias.dtype)
-    dtype = mods.attention_output.weight.dtype
+    out[name + ".weight"] = _produce(mods.mlp_output.weight, Q_mlp, dtype)
+    if mods.mlp_output.bias is not None:
+        out[name + ".bias"] = _bias(mods.mlp_output.bias, Q_mlp, dtype)
     attn_shortcut = _shortcut(decoder_in, Q_attn, dtype)
     mlp_shortcut = _shortcut(decoder_attn, Q_mlp, dtype)
     if attn_shortcut is not None:
@@ -104,11 +120,6 @@ def build_layer(mods: LayerModules, tensors: dict[str, torch.Tensor], hidden_siz
                                   tensors.get("attn_shortcut"), tensors.get("mlp_shortcut"))
 
 
-def point_index(layer: int, where: str) -> int:
-    """Slice-point number: 0 = embeddings; 2l+1 after attention of layer l; 2l+2 after its MLP."""
-    return 2 * layer + (1 if where == "attn" else 2)
-
-
 def _encoder(basis: Basis, full: int) -> torch.Tensor | None:
     return None if _is_identity(basis, full) else basis.Q
 
@@ -117,81 +128,117 @@ def _decoder(basis: Basis, full: int) -> torch.Tensor | None:
     return None if _is_identity(basis, full) else basis.decoder
 
 
-def _prefixed(index: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"model.layers.{index}.{key}": value.contiguous() for key, value in tensors.items()}
+def _prefixed(layout: FamilyLayout, index: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = layout.layer_prefix(index)
+    return {prefix + key: value.contiguous() for key, value in tensors.items()}
+
+
+#: rows of the embedding matrix or head absorbed at once (bounds the memory of a 128k-token vocabulary)
+END_ROWS = 8192
 
 
 @torch.no_grad()
-def per_point_layer_state(adapter: ModelAdapter, index: int, b_in: Basis, b_attn: Basis,
-                          b_mlp: Basis) -> dict[str, torch.Tensor]:
-    """``model.layers.<index>.*`` of the per-point model: layer ``index`` between points 2l, 2l+1 and 2l+2."""
-    full = adapter.hidden_size
-    tensors = absorb_layer(adapter.layer_modules(index), _decoder(b_in, full), _encoder(b_attn, full),
-                           _decoder(b_attn, full), _encoder(b_mlp, full))
+def per_point_layer_state(layout: FamilyLayout, mods: LayerModules, index: int, b_in: Basis, b_attn: Basis,
+                          b_mlp: Basis, hidden_size: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``<layers>.<index>.*`` of the per-point model: fused layer ``index`` between points 2l, 2l+1 and 2l+2."""
+    full = hidden_size
+    tensors = absorb_layer(mods, _decoder(b_in, full), _encoder(b_attn, full), _decoder(b_attn, full),
+                           _encoder(b_mlp, full), dtype)
     # per-point layers always carry both shortcuts (identity written out when a point is unsliced)
-    dtype = adapter.embeddings().weight.dtype
+    dtype = dtype or mods.attention_output.weight.dtype
     tensors.setdefault("attn_shortcut", torch.eye(full, dtype=dtype))
     tensors.setdefault("mlp_shortcut", torch.eye(full, dtype=dtype))
-    return _prefixed(index, tensors)
+    return _prefixed(layout, index, tensors)
+
+
+def _rows(fetch, total: int, transform, rows: int = END_ROWS) -> torch.Tensor:
+    """``transform`` applied to ``fetch(start, stop)`` chunk by chunk, concatenated on the CPU."""
+    return torch.cat([transform(fetch(start, min(start + rows, total))).cpu()
+                      for start in range(0, total, rows)]).contiguous()
 
 
 @torch.no_grad()
-def per_point_ends_state(adapter: ModelAdapter, first: Basis, last: Basis) -> dict[str, torch.Tensor]:
+def embeddings_state(model, Q: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The embedding matrix rotated by the first point's encoder (rows in chunks)."""
+    return _rows(model.embedding_rows, model.vocab_size, lambda w: _produce(w.T, Q, dtype).T)
+
+
+@torch.no_grad()
+def head_state(model, decoder: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The fused head decoding the last point (rows in chunks)."""
+    return _rows(model.head_rows, model.vocab_size, lambda w: _consume(w, decoder, dtype))
+
+
+@torch.no_grad()
+def per_point_ends_state(model, first: Basis, last: Basis, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Embeddings (rotated by the first point's basis) and head (decoding the last point) of the per-point model."""
-    full = adapter.hidden_size
-    emb = adapter.embeddings().weight
+    full, layout = model.hidden_size, model.layout
+    dtype = dtype or model.embedding_rows(0, 1).dtype
     return {
-        "model.embed_tokens.weight": _produce(emb.T, _encoder(first, full)).T.contiguous(),
-        "lm_head.weight": _consume(adapter.lm_head().weight, _decoder(last, full)).contiguous(),
+        layout.weight(layout.embeddings): embeddings_state(model, _encoder(first, full), dtype),
+        layout.weight(layout.lm_head): head_state(model, _decoder(last, full), dtype),
     }
 
 
-@torch.no_grad()
-def per_point_state_dict(adapter: ModelAdapter, bases: list[Basis]) -> dict[str, torch.Tensor]:
-    """The state dict of the compressed per-point model, in the compressed classes' key layout."""
-    state = per_point_ends_state(adapter, bases[0], bases[-1])
-    for index in range(adapter.num_layers):
-        state.update(per_point_layer_state(adapter, index, *bases[2 * index:2 * index + 3]))
-    return state
-
-
-def _global_norm_weight(adapter: ModelAdapter, width: int) -> torch.Tensor:
+def _global_norm_weight(hidden_size: int, width: int, dtype: torch.dtype) -> torch.Tensor:
     """A stock RMSNorm over d dims with eps·D/d equals RMSN over D times √(d/D): its weight is √(D/d)."""
-    return torch.full((width,), math.sqrt(adapter.hidden_size / width), dtype=adapter.embeddings().weight.dtype)
+    return torch.full((width,), math.sqrt(hidden_size / width), dtype=dtype)
 
 
 @torch.no_grad()
-def global_layer_state(adapter: ModelAdapter, index: int, basis: Basis) -> dict[str, torch.Tensor]:
-    """``model.layers.<index>.*`` of the global-layout model (no shortcuts: QᵀQ = I)."""
+def global_layer_state(layout: FamilyLayout, mods: LayerModules, index: int, basis: Basis, hidden_size: int,
+                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``<layers>.<index>.*`` of the global-layout model (no shortcuts: QᵀQ = I)."""
     Qm, Um = basis.Q, basis.decoder
-    tensors = absorb_layer(adapter.layer_modules(index), Um, Qm, Um, Qm)
+    tensors = absorb_layer(mods, Um, Qm, Um, Qm, dtype)
     tensors.pop("attn_shortcut", None)
     tensors.pop("mlp_shortcut", None)
-    norm = _global_norm_weight(adapter, basis.width)
-    tensors["input_layernorm.weight"] = norm.clone()
-    tensors["post_attention_layernorm.weight"] = norm.clone()
-    return _prefixed(index, tensors)
+    dtype = dtype or mods.attention_output.weight.dtype
+    norm = _global_norm_weight(hidden_size, basis.width, dtype)
+    tensors[layout.weight(layout.input_norm)] = norm.clone()
+    tensors[layout.weight(layout.post_attention_norm)] = norm.clone()
+    return _prefixed(layout, index, tensors)
 
 
 @torch.no_grad()
-def global_ends_state(adapter: ModelAdapter, basis: Basis) -> dict[str, torch.Tensor]:
+def global_ends_state(model, basis: Basis, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Embeddings, final norm and head of the global-layout model."""
+    layout = model.layout
+    dtype = dtype or model.embedding_rows(0, 1).dtype
     return {
-        "model.embed_tokens.weight": _produce(adapter.embeddings().weight.T, basis.Q).T.contiguous(),
-        "model.norm.weight": _global_norm_weight(adapter, basis.width),
-        "lm_head.weight": _consume(adapter.lm_head().weight, basis.decoder).contiguous(),
+        layout.weight(layout.embeddings): embeddings_state(model, basis.Q, dtype),
+        layout.weight(layout.final_norm): _global_norm_weight(model.hidden_size, basis.width, dtype),
+        layout.weight(layout.lm_head): head_state(model, basis.decoder, dtype),
     }
 
 
 @torch.no_grad()
-def global_state_dict(adapter: ModelAdapter, basis: Basis) -> dict[str, torch.Tensor]:
-    """State dict of a stock model of the source architecture with hidden_size = d (one basis everywhere).
+def layer_state(model, index: int, layer: nn.Module, bases: list[Basis], layout_name: str,
+                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The compressed tensors of fused layer ``index`` (``bases``: the three per-point bases, or the global one)."""
+    mods = model.adapter_cls.modules_of(layer)
+    if layout_name == "global":
+        return global_layer_state(model.layout, mods, index, bases[0], model.hidden_size, dtype)
+    return per_point_layer_state(model.layout, mods, index, *bases, model.hidden_size, dtype)
 
-    Shortcuts vanish (QᵀQ = I); every norm weight is the constant √(D/d) (see :func:`_global_norm_weight`).
-    """
-    state = global_ends_state(adapter, basis)
-    for index in range(adapter.num_layers):
-        state.update(global_layer_state(adapter, index, basis))
+
+@torch.no_grad()
+def ends_state(model, bases: list[Basis], layout_name: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Embeddings and head (and the global layout's final norm); ``bases``: first and last point, or the global."""
+    if layout_name == "global":
+        return global_ends_state(model, bases[0], dtype)
+    return per_point_ends_state(model, bases[0], bases[-1], dtype)
+
+
+@torch.no_grad()
+def compressed_state_dict(model, bases: list[Basis], layout_name: str,
+                          dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The whole compressed state dict of a :class:`~dotresize.layerwise.LayeredModel` (one layer at a time)."""
+    state = ends_state(model, bases if layout_name == "global" else [bases[0], bases[-1]], layout_name, dtype)
+    for index in range(model.num_layers):
+        with model.layer(index) as layer:
+            layer_bases = bases if layout_name == "global" else bases[2 * index:2 * index + 3]
+            state.update(layer_state(model, index, layer, layer_bases, layout_name, dtype))
     return state
 
 

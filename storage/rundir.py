@@ -3,12 +3,13 @@
 This module is the only place that knows the layout of a run (see ``architecture.md``)::
 
     <run>/recipe.yaml  source.json  calibration.json  calibration/input_ids.safetensors
-         fused/               the norm-fused source model (model.safetensors, config, tokenizer)
-         activations.zarr/    point_<p>/{acts, gram, abs_sum, sum, mean, [sample]}  (+ pooled/ for global)
-         costs.zarr/          point_<p>/cost (the cost matrix of a dot basis)
+         inspect/             the source's config, generation config and tokenizer (no weights: every stage
+                              reads the source a layer at a time and fuses its norms on the fly)
+         activations.zarr/    point_<p>/{acts, [sample], [kept]}  (+ pooled/{gram, abs_sum, sum} for global)
          bases/               point_<p>.safetensors + point_<p>.json  (global.* for the global layout)
-         layers/              layer_<l>.safetensors (absorbed weights of one layer)
-         model/               the compressed HF directory (+ lineage.json)
+         layers/              layer_<l>.safetensors (one absorbed layer = one shard of the export)
+         model/               the compressed HF directory: sharded safetensors (the layer files, hard-linked
+                              where the filesystem allows) + index, config, tokenizer, lineage.json
          lineage.json  timings.json  eval/  stages/<stage>/<name>.json (manifests)
 """
 
@@ -37,11 +38,11 @@ RECIPE = "recipe.yaml"
 SOURCE = "source.json"
 CALIBRATION = "calibration.json"
 CALIBRATION_IDS = "calibration/input_ids.safetensors"
-FUSED = "fused"
+INSPECT = "inspect"
 ACTIVATIONS = "activations.zarr"
-COSTS = "costs.zarr"
 BASES = "bases"
 LAYERS = "layers"
+ENDS = "layers/ends.safetensors"
 MODEL = "model"
 LINEAGE = "lineage.json"
 TIMINGS = "timings.json"
@@ -69,6 +70,11 @@ def basis_meta_file(point: int | str) -> str:
 
 def layer_file(layer: int) -> str:
     return f"{LAYERS}/layer_{layer}.safetensors"
+
+
+def shard_name(number: int, total: int) -> str:
+    """Hugging Face's shard file name: ``model-00002-of-00031.safetensors`` (1-based)."""
+    return f"model-{number:05d}-of-{total:05d}.safetensors"
 
 
 def manifest_file(stage: str, name: str | None = None) -> str:
@@ -309,6 +315,18 @@ class RunDir:
             self.fs.mv(remote_tmp, self.path(rel), recursive=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def link_into(self, rel: str, target: Path) -> None:
+        """Put the file ``rel`` at local path ``target``: a hard link where the filesystem allows (no second
+        copy on disk), else a copy."""
+        if self.is_local:
+            try:
+                os.link(self.path(rel), target)
+                return
+            except OSError:
+                shutil.copyfile(self.path(rel), target)
+                return
+        self.fs.get(self.path(rel), str(target))
 
     @contextlib.contextmanager
     def local_copy(self, rel: str) -> Iterator[Path]:

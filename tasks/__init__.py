@@ -8,9 +8,9 @@ outputs atomically with their digests and its manifest last.
 from .assemble import absorb_task, evaluate_task, export_task, speed_task, zero_shot_task
 from .capture import capture_task, sequential_capture_task
 from .common import CODE_VERSIONS
-from .prepare import calibration_task, fuse_task, plan_task, resolve_source_task
-from .solve import cost_task, pool_task, solve_task
+from .prepare import calibration_task, inspect_task, plan_task, resolve_source_task
+from .solve import pool_task, solve_task
 
-__all__ = ["resolve_source_task", "calibration_task", "fuse_task", "plan_task", "capture_task",
-           "sequential_capture_task", "pool_task", "cost_task", "solve_task", "absorb_task", "export_task",
+__all__ = ["resolve_source_task", "calibration_task", "inspect_task", "plan_task", "capture_task",
+           "sequential_capture_task", "pool_task", "solve_task", "absorb_task", "export_task",
            "evaluate_task", "zero_shot_task", "speed_task", "CODE_VERSIONS"]

@@ -1,4 +1,11 @@
-"""Absorb the bases into the weights (one layer per task), export the HF directory, evaluate it."""
+"""Absorb the bases into the weights (one layer per task), export the HF directory, evaluate it.
+
+Each absorb task reads one layer of the source, fuses it, absorbs its bases and writes the compressed layer,
+in the export's dtype and with its final names, as ``layers/layer_<l>.safetensors``: that file is a shard of the
+exported model. The export writes the embeddings and head (a chunk of rows at a time) as one more shard, links
+the layer files into the model directory (a hard link on local disks: nothing is stored twice), and writes the
+shard index, config, tokenizer and modeling code.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +18,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dotresize import surgery
-from dotresize.api import assemble_model
 from dotresize.evaluation.precision import DEFAULT_EVAL_DTYPE, precision_label
 from storage import RunDir, load_basis
 from storage import rundir as layout
 from storage.errors import CorruptArtifactError
 
-from .common import basis_from, config_of, load_fused, load_tokenizer, run_stage, stage_key
+from .common import basis_from, config_of, export_dtype, pause_point, run_stage, stage_key, streamed_model
 
 #: packages whose versions go into lineage.json
 VERSIONED = ("dotresize", "torch", "transformers", "safetensors", "POT", "numpy", "prefect", "prefect-dask", "dask",
@@ -43,65 +49,94 @@ def _load(run: RunDir, solve: dict):
 
 
 @task(name="absorb", task_run_name="absorb-{layer}", cache_policy=NO_CACHE, persist_result=False)
-def absorb_task(run_url: str, layer: int, fuse: dict, bases: list[dict], layout_name: str) -> dict:
+def absorb_task(run_url: str, layer: int, source: dict, inspect: dict, bases: list[dict], layout_name: str,
+                dtype: str | None = None, device: str | None = None) -> dict:
     """The compressed tensors of one layer: per-point bases (2l, 2l+1, 2l+2) or the global basis."""
+    from .common import compute_device
+
     run = RunDir(run_url)
-    key = stage_key("absorb", fuse=fuse["key"], layer=layer, bases=[b["key"] for b in bases], layout=layout_name)
+    device = compute_device(device)
+    out_dtype = export_dtype(dtype, inspect)
+    key = stage_key("absorb", inspect=inspect["key"], layer=layer, bases=[b["key"] for b in bases],
+                    layout=layout_name, dtype=str(out_dtype), device=device)
 
     def compute() -> dict:
-        adapter = load_fused(run, fuse)
+        model = streamed_model(source, inspect, device)
         loaded = [_load(run, b) for b in bases]
-        if layout_name == "global":
-            state = surgery.global_layer_state(adapter, layer, loaded[0])
-        else:
-            state = surgery.per_point_layer_state(adapter, layer, *loaded)
+        with model.layer(layer) as module:
+            state = surgery.layer_state(model, layer, module, loaded, layout_name, out_dtype)
+        if layer == inspect["num_layers"] - 1:
+            pause_point(run, "absorb")
         rel = layout.layer_file(layer)
-        sha = run.save_tensors(rel, state)
-        return {"layer": layer, "files": {rel: sha}, "shapes": {k: list(v.shape) for k, v in state.items()}}
+        sha = run.save_tensors(rel, {k: v.cpu() for k, v in state.items()}, metadata={"format": "pt"})
+        return {"layer": layer, "files": {rel: sha}, "shapes": {k: list(v.shape) for k, v in state.items()},
+                "bytes": int(sum(v.numel() * v.element_size() for v in state.values()))}
 
     return run_stage(run, "absorb", str(layer), key, compute)
 
 
-def export_key(fuse: dict, recipe: dict, widths: list[int], ends: list[dict], absorbs: list[dict]) -> str:
-    return stage_key("export", fuse=fuse["key"], config=recipe["config"], widths=list(widths),
-                     ends=[b["key"] for b in ends], layers=[a["key"] for a in absorbs])
+def export_key(inspect: dict, recipe: dict, widths: list[int], ends: list[dict], absorbs: list[dict],
+               dtype: str) -> str:
+    return stage_key("export", inspect=inspect["key"], config=recipe["config"], widths=list(widths),
+                     ends=[b["key"] for b in ends], layers=[a["key"] for a in absorbs], dtype=dtype)
 
 
 @task(name="export", cache_policy=NO_CACHE, persist_result=False)
-def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibration: dict, fuse: dict,
-                widths: list[int], captures: list[dict], bases: list[dict], absorbs: list[dict]) -> dict:
-    """Assemble the compressed model from the layer files, save it under model/ and write lineage.json."""
-    from dotresize import count_parameters, save_compressed
+def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibration: dict, inspect: dict,
+                widths: list[int], captures: list[dict], bases: list[dict], absorbs: list[dict],
+                dtype: str | None = None, device: str | None = None) -> dict:
+    """The compressed model under model/: the layer files as shards, the ends as one more, the index, config,
+    tokenizer and modeling code; and lineage.json."""
+    from dotresize.api import compressed_config
+    from dotresize.shards import weights_file, write_index, write_model_files
+
+    from .common import compute_device
+    from .prepare import load_inspected
 
     run = RunDir(run_url)
     config = config_of(recipe)
+    device = compute_device(device)
+    out_dtype = export_dtype(dtype, inspect)
     ends = [bases[0]] if config.layout == "global" else [bases[0], bases[-1]]
-    key = export_key(fuse, recipe, widths, ends, absorbs)
+    key = export_key(inspect, recipe, widths, ends, absorbs, str(out_dtype))
 
     def compute() -> dict:
-        adapter = load_fused(run, fuse)
-        state: dict = {}
-        for absorb in sorted(absorbs, key=lambda a: a["layer"]):
+        model = streamed_model(source, inspect, device)
+        state = surgery.ends_state(model, [_load(run, b) for b in ends], config.layout, out_dtype)
+        ends_sha = run.save_tensors(layout.ENDS, {k: v.cpu() for k, v in state.items()}, metadata={"format": "pt"})
+        ends_params = sum(v.numel() for v in state.values())
+        del state
+        layers = sorted(absorbs, key=lambda a: a["layer"])
+        for absorb in layers:  # the layer files are this export's shards: check them before linking
             rel = layout.layer_file(absorb["layer"])
-            state.update(run.load_tensors(rel, absorb["files"][rel]))
-        if config.layout == "global":
-            state.update(surgery.global_ends_state(adapter, _load(run, bases[0])))
-        else:
-            state.update(surgery.per_point_ends_state(adapter, _load(run, bases[0]), _load(run, bases[-1])))
-        model = assemble_model(adapter, list(widths), config.layout, state)
-        points = [_point_info(run, b) for b in bases]
+            ok, why = run.check_file(rel, absorb["files"][rel])
+            if not ok:
+                raise CorruptArtifactError(f"{run.uri(rel)}: {why}; rerun the command")
+        total = len(layers) + 1
+        hf_config, generation, tokenizer = load_inspected(run, inspect)
+        compressed = compressed_config(model, list(widths), config.layout)
+        compressed.dtype = out_dtype
+        parameters_after = ends_params + sum(_numel(a) for a in layers)
         report = {
-            "family": fuse["family"], "hidden_size": fuse["hidden_size"], "widths": list(widths),
-            "layout": config.layout, "mode": config.mode, "parameters_before": fuse["parameters_before"],
-            "parameters_after": count_parameters(model), "calibration_tokens": calibration["tokens"],
-            "points": points, "config": config.to_dict(),
+            "family": inspect["family"], "hidden_size": inspect["hidden_size"], "widths": list(widths),
+            "layout": config.layout, "mode": config.mode, "parameters_before": inspect["parameters_before"],
+            "parameters_after": int(parameters_after), "calibration_tokens": calibration["tokens"],
+            "points": [_point_info(run, b) for b in bases], "config": config.to_dict(), "dtype": str(out_dtype),
         }
         report["parameter_ratio"] = report["parameters_after"] / report["parameters_before"]
         with run.staged_dir(layout.MODEL) as directory:
-            save_compressed(model, directory, tokenizer=load_tokenizer(run), compression=config.to_dict(),
-                            overwrite=True, extra_json={"compression_report.json": report,
-                                                        "source.json": source,
-                                                        "calibration.json": calibration.get("meta", {})})
+            shards = [layout.shard_name(1, total)]
+            run.link_into(layout.ENDS, directory / shards[0])
+            for number, absorb in enumerate(layers, start=2):
+                shards.append(layout.shard_name(number, total))
+                run.link_into(layout.layer_file(absorb["layer"]), directory / shards[-1])
+            write_index(directory, shards)
+            write_model_files(directory, config=compressed, generation_config=generation, tokenizer=tokenizer,
+                              per_point=config.layout == "per-point", widths=list(widths),
+                              compression=config.to_dict(),
+                              extra_json={"compression_report.json": report, "source.json": source,
+                                          "calibration.json": calibration.get("meta", {})})
+            weights = weights_file(directory)
         model_files = run.file_digests(layout.MODEL)
         lineage = {
             "lineage_version": 1,
@@ -111,28 +146,41 @@ def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibrat
             "calibration": calibration.get("meta", {}),
             "stages": {
                 "calibration": {"key": calibration["key"], "digest": calibration["digest"]},
-                "fuse": {"key": fuse["key"], "digest": fuse["digest"]},
-                "capture": [{"stage": c["stage"], "key": c["key"], "name": c.get("name"),
-                             "points": c.get("points") or {str(c.get("name") or c["stage"]): c.get("digest")}}
+                "inspect": {"key": inspect["key"], "digest": inspect["digest"]},
+                "capture": [{"stage": c["stage"], "key": c["key"], "name": c.get("name"), "points": c.get("points")}
                             for c in captures],
                 "bases": {str(b["point"]): {"key": b["key"], "sha256": b["sha256"]} for b in bases},
                 "layers": {str(a["layer"]): {"key": a["key"], "sha256": a["files"][layout.layer_file(a["layer"])]}
                            for a in absorbs},
+                "ends": {"sha256": ends_sha},
                 "export": {"key": key},
             },
             "model": model_files,
+            "weights_file": weights,
             "versions": versions(),
         }
         files = {f"{layout.MODEL}/{name}": sha for name, sha in model_files.items()}
+        files[layout.ENDS] = ends_sha
         # lineage.json (both copies) is not a stage output: tasks/lineage.py rewrites it after the evaluations
         run.write_json(f"{layout.MODEL}/{layout.LINEAGE}", lineage)
         run.write_json(layout.LINEAGE, lineage)
         return {"files": files, "lineage": lineage, "model_dir": run.uri(layout.MODEL),
-                "model_sha256": model_files["model.safetensors"],
+                "model_sha256": model_files[weights], "weights_file": weights,
                 "parameters_before": report["parameters_before"], "parameters_after": report["parameters_after"],
-                "parameter_ratio": report["parameter_ratio"], "widths": list(widths)}
+                "parameter_ratio": report["parameter_ratio"], "widths": list(widths), "dtype": str(out_dtype),
+                "shards": total}
 
     return run_stage(run, "export", None, key, compute)
+
+
+def _numel(absorb: dict) -> int:
+    total = 0
+    for shape in absorb["shapes"].values():
+        count = 1
+        for d in shape:
+            count *= int(d)
+        total += count
+    return total
 
 
 def _point_info(run: RunDir, solve: dict) -> dict:

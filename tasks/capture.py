@@ -1,190 +1,206 @@
-"""Activation capture into the Zarr store.
+"""Activation capture into the Zarr store, a decoder layer at a time.
 
-``capture_task`` (parallel mode): one forward pass of the fused, uncompressed model; every slice point's rows
-stream into its pre-created Zarr array while :class:`dotresize.statistics.StatsAccumulator` accumulates the
-float64 statistics exactly as ``dotresize.calibration.capture_point_stats`` does (same batches, same order),
-so the stored statistics are bitwise the in-memory ones. Only points that are missing, incomplete, stale or
-corrupted are written again.
+``capture_task`` (parallel mode) is one task per layer l: it takes the layer's input (the embedding output for
+layer 0, else point 2l as the previous task stored it), reads layer l from the source, fuses and runs it, and
+stores points 2l+1 and 2l+2 (and point 0 for l = 0). The hidden states go through the store from task to task,
+so a killed capture resumes at the first layer whose points are not complete, and solves of earlier points run
+beside the capture of later layers. ``sequential_capture_task`` (sequential mode) recomputes one point through
+the already compressed layers.
 
-``sequential_capture_task`` (sequential mode): the signal of one point recomputed through the already
-compressed layers (``dotresize.calibration.sequential_bases``, one point at a time), read back from and
-written to the same store, so every point is a checkpoint.
+Only raw signals are stored (plus, where the config asks for them, a reservoir sample of rows for L1 costs and
+a mask of rows kept after excluding outlier tokens); the statistics every basis needs are reduced from them out
+of core by the solve stage (:mod:`storage.statistics`).
 """
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dotresize.calibration import post_attention_signal, rebase, sequential_layer
+from dotresize.calibration import rebase, run_layer, sequential_signals
 from storage import ActivationStore, RunDir, load_basis
 
 from .common import (
     basis_from,
+    calibration_batches,
     capture_parts,
     computing,
     config_of,
     finish_manifest,
-    load_calibration,
-    load_fused,
     logger,
     pause_point,
     reused,
     stage_key,
-    stats_arrays,
     stored_or,
+    streamed_model,
 )
 
 
-def _batches(run: RunDir, calibration: dict, config, hidden_size: int):
-    from dotresize.api import check_calibration
-    from dotresize.calibration import iter_batches
+class _PointRecorder:
+    """One point's signal on its way into the store: the rows, and what the config asks to keep beside them
+    (a reservoir sample, the outlier mask), accumulated batch by batch exactly as the in-memory API does."""
 
-    ids = load_calibration(run, calibration)
-    check_calibration(ids, hidden_size)
-    return ids, iter_batches(ids, config.batch_size)
+    def __init__(self, store: ActivationStore, point: int, *, key: str, tokens: int, dim: int, config, mode: str):
+        from dotresize.statistics import StatsAccumulator
+
+        parts = capture_parts(config)
+        self.writer = store.create_point(point, key=key, tokens=tokens, dim=dim, attrs={"mode": mode})
+        self.outliers = parts["outlier_tokens"]
+        self.accumulator = None
+        if parts["sample_tokens"] or self.outliers is not None:
+            self.accumulator = StatsAccumulator(dim, point=point, sample_tokens=parts["sample_tokens"],
+                                                outlier_tokens=self.outliers, seed=parts["seed"], gram=False)
+        self.kept: list[np.ndarray] = []
+
+    def add(self, hidden: torch.Tensor) -> None:
+        rows = hidden.detach().reshape(-1, hidden.shape[-1]).to(device="cpu", dtype=torch.float32)
+        if not torch.isfinite(rows).all():
+            from dotresize.errors import NonFiniteActivationError
+
+            raise NonFiniteActivationError(f"NaN or Inf in the activations at slice point "
+                                           f"{self.writer.group.path}: check the model's weights and dtype")
+        if self.accumulator is not None:
+            mask = self.accumulator.add(rows)
+            if mask is not None:
+                self.kept.append(mask.numpy())
+        self.writer.append(rows.numpy())
+
+    def finish(self) -> None:
+        stats, attrs = {}, {}
+        if self.accumulator is not None:
+            done = self.accumulator.finalize()
+            if done.sample is not None:
+                stats["sample"] = done.sample.numpy()
+            attrs["excluded"] = int(self.accumulator.excluded)
+        if self.outliers is not None:
+            stats["kept"] = np.concatenate(self.kept) if self.kept else np.zeros(0, bool)
+        self.writer.finish(stats, attrs)
 
 
-def _accumulator(config, dim: int, point: int):
-    from dotresize.statistics import StatsAccumulator
-
-    parts = capture_parts(config)
-    return StatsAccumulator(dim, point=point, sample_tokens=parts["sample_tokens"],
-                            outlier_tokens=parts["outlier_tokens"], seed=parts["seed"])
+def _layer_points(layer: int) -> list[int]:
+    return ([0] if layer == 0 else []) + [2 * layer + 1, 2 * layer + 2]
 
 
-def _rows(hidden: torch.Tensor) -> "torch.Tensor":
-    return hidden.detach().reshape(-1, hidden.shape[-1]).to(device="cpu", dtype=torch.float32).numpy()
-
-
-def capture_key(fuse: dict, calibration: dict, recipe: dict) -> str:
-    return stage_key("capture", mode="parallel", fuse=fuse["key"], calibration=calibration["digest"],
+def capture_key(inspect: dict, calibration: dict, recipe: dict, layer: int, previous: str | None,
+                device: str) -> str:
+    return stage_key("capture", mode="parallel", layer=layer, inspect=inspect["key"],
+                     calibration=calibration["digest"], previous=previous, device=device,
                      **capture_parts(config_of(recipe)))
 
 
-@task(name="capture", cache_policy=NO_CACHE, persist_result=False)
-def capture_task(run_url: str, fuse: dict, calibration: dict, recipe: dict, progress: bool = True,
-                 verify: bool = True) -> dict:
-    """Capture every slice point in one forward pass (parallel mode); returns a manifest of per-point digests."""
-    from dotresize.calibration import run_with_point_hooks
+def _hidden_batches(store: ActivationStore, point: int, batches: list, dim: int, device) -> list[torch.Tensor]:
+    """Point ``point``'s stored rows cut back into the calibration batches."""
+    out, row = [], 0
+    for batch in batches:
+        n = batch.numel()
+        out.append(torch.from_numpy(store.read_rows(point, row, row + n)).reshape(*batch.shape, dim).to(device))
+        row += n
+    return out
+
+
+@task(name="capture", task_run_name="capture-{layer}", cache_policy=NO_CACHE, persist_result=False)
+def capture_task(run_url: str, layer: int, source: dict, inspect: dict, calibration: dict, recipe: dict,
+                 previous: dict | None = None, device: str | None = None, verify: bool = True) -> dict:
+    """Points 2l+1 and 2l+2 (and 0 for layer 0) from layer ``layer`` of the uncompressed model."""
+    from .common import compute_device
 
     run = RunDir(run_url)
     config = config_of(recipe)
-    key = capture_key(fuse, calibration, recipe)
+    device = compute_device(device)
+    name = str(layer)
+    key = capture_key(inspect, calibration, recipe, layer, previous["key"] if previous else None, device)
     store = ActivationStore(run)
-    points = list(range(fuse["num_points"]))
+    points = _layer_points(layer)
     status = {p: store.status(p, key, verify=verify) for p in points}
-    todo = [p for p in points if not status[p][0]]
-    body = {"mode": "parallel", "points": {}, "tokens": calibration["tokens"], "dim": fuse["hidden_size"]}
-    if not todo:
-        manifest = {"stage": "capture", "name": None, "key": key, "uri": run.uri(), **body, "seconds": 0.0,
-                    "points": {str(p): store.digest(p) for p in points}, "computed_points": []}
-        stored = stored_or(run, "capture", None, key, manifest)
-        return reused("capture", None, key, {**stored, "points": manifest["points"]})
-    why = "; ".join(sorted({status[p][1].split(" ", 1)[1] if " " in status[p][1] else status[p][1] for p in todo}))
-    computing("capture", None, key, f"points {_ranges(todo)} of {len(points)}: {why}")
+    if all(ok for ok, _ in status.values()):
+        fallback = {"stage": "capture", "name": name, "key": key, "uri": run.uri(), "seconds": 0.0}
+        return reused("capture", name, key, {**stored_or(run, "capture", name, key, fallback), "layer": layer,
+                                             "points": {str(p): store.digest(p) for p in points}})
+    why = "; ".join(sorted({w for ok, w in status.values() if not ok}))
+    computing("capture", name, key, why)
     started = time.time()
-    adapter = load_fused(run, fuse)
-    ids, batches = _batches(run, calibration, config, adapter.hidden_size)
-    dim, tokens = adapter.hidden_size, int(ids.numel())
-    writers = {p: store.create_point(p, key=key, tokens=tokens, dim=dim, attrs={"mode": "parallel"}) for p in todo}
-    accumulators = {p: _accumulator(config, dim, p) for p in todo}
-
-    def sink(point: int, hidden: torch.Tensor) -> None:
-        if point in writers:
-            accumulators[point].add(hidden)
-            writers[point].append(_rows(hidden))
-
-    run_with_point_hooks(adapter, batches, sink, progress=progress)
-    for index, p in enumerate(todo):
-        acc = accumulators.pop(p)
-        arrays, attrs = stats_arrays(acc.finalize(), acc.excluded)
-        writers.pop(p).finish(arrays, attrs)
-        if index == 0:
+    model = streamed_model(source, inspect, device)
+    ids, batches = calibration_batches(run, calibration, config, model.hidden_size)
+    tokens, dim = int(ids.numel()), model.hidden_size
+    recorders = {p: _PointRecorder(store, p, key=key, tokens=tokens, dim=dim, config=config, mode="parallel")
+                 for p in points}
+    if layer == 0:
+        hidden = [model.embed(batch) for batch in batches]
+        for h in hidden:
+            recorders[0].add(h)
+    else:
+        hidden = _hidden_batches(store, 2 * layer, batches, dim, model.device)
+    kwargs = [model.layer_kwargs(h) for h in hidden]
+    with model.layer(layer) as module:
+        run_layer(model, module, layer, hidden, kwargs, lambda p, h: recorders[p].add(h))
+    del hidden, kwargs
+    for index, point in enumerate(points):
+        recorders[point].finish()
+        if layer == 2 and index == 0:
             pause_point(run, "capture")
-    body["points"] = {str(p): store.digest(p) for p in points}
-    body["computed_points"] = todo
-    return finish_manifest(run, "capture", None, key, started, body)
+    return finish_manifest(run, "capture", name, key, started,
+                           {"layer": layer, "points": {str(p): store.digest(p) for p in points}})
 
 
-def sequential_capture_key(fuse: dict, calibration: dict, recipe: dict, point: int, inputs: list[str]) -> str:
+def sequential_capture_key(inspect: dict, calibration: dict, recipe: dict, point: int, inputs: list[str],
+                           device: str) -> str:
     """Key of a sequential point: it depends on the keys of the bases and signal it was computed through."""
-    return stage_key("capture", mode="sequential", point=point, fuse=fuse["key"], calibration=calibration["digest"],
-                     inputs=inputs, **capture_parts(config_of(recipe)))
+    return stage_key("capture", mode="sequential", point=point, inspect=inspect["key"],
+                     calibration=calibration["digest"], inputs=inputs, device=device,
+                     **capture_parts(config_of(recipe)))
 
 
 @task(name="capture-sequential", task_run_name="capture-{point}", cache_policy=NO_CACHE, persist_result=False)
-def sequential_capture_task(run_url: str, point: int, fuse: dict, calibration: dict, recipe: dict,
+def sequential_capture_task(run_url: str, point: int, source: dict, inspect: dict, calibration: dict, recipe: dict,
                             previous: dict | None = None, bases: list[dict] | None = None,
-                            verify: bool = True) -> dict:
+                            device: str | None = None, verify: bool = True) -> dict:
     """The signal at ``point`` through the compressed layers before it (sequential mode).
 
     ``previous`` is the capture manifest of the layer input point 2l (for points 2l+1 and 2l+2), ``bases`` the
     solve manifests of points 2l (and 2l+1 for point 2l+2).
     """
-    from dotresize.calibration import capture_layer_inputs
+    from .common import compute_device
 
     run = RunDir(run_url)
     config = config_of(recipe)
+    device = compute_device(device)
     bases = bases or []
     inputs = ([previous["key"]] if previous else []) + [b["key"] for b in bases]
-    key = sequential_capture_key(fuse, calibration, recipe, point, inputs)
+    name = str(point)
+    key = sequential_capture_key(inspect, calibration, recipe, point, inputs, device)
     store = ActivationStore(run)
     ok, why = store.status(point, key, verify=verify)
     if ok:
-        manifest = {"stage": "capture", "name": str(point), "key": key, "uri": run.uri(), "point": point,
-                    "digest": store.digest(point), "seconds": 0.0}
-        stored = stored_or(run, "capture", str(point), key, manifest)
-        return reused("capture", str(point), key, {**stored, "digest": manifest["digest"]})
-    computing("capture", str(point), key, why)
+        fallback = {"stage": "capture", "name": name, "key": key, "uri": run.uri(), "point": point, "seconds": 0.0}
+        return reused("capture", name, key, {**stored_or(run, "capture", name, key, fallback),
+                                             "points": {name: store.digest(point)}})
+    computing("capture", name, key, why)
     started = time.time()
-    adapter = load_fused(run, fuse)
-    ids, batches = _batches(run, calibration, config, adapter.hidden_size)
-    dim, tokens = adapter.hidden_size, int(ids.numel())
-    dtype = next(adapter.model.parameters()).dtype
-    layer = None
-    if point > 0:
+    model = streamed_model(source, inspect, device)
+    ids, batches = calibration_batches(run, calibration, config, model.hidden_size)
+    tokens, dim = int(ids.numel()), model.hidden_size
+    recorder = _PointRecorder(store, point, key=key, tokens=tokens, dim=dim, config=config, mode="sequential")
+    if point == 0:
+        for batch in batches:
+            recorder.add(model.embed(batch))
+    else:
         index = (point - 1) // 2
         b_in = basis_from(*load_basis(run, 2 * index))
         b_attn = basis_from(*load_basis(run, 2 * index + 1)) if point % 2 == 0 else None
-        layer = sequential_layer(adapter, index, b_in, b_attn)
-    writer = store.create_point(point, key=key, tokens=tokens, dim=dim, attrs={"mode": "sequential"})
-    acc = _accumulator(config, dim, point)
-    row = 0
-    for batch in batches:
-        layer_inputs, kwargs = capture_layer_inputs(adapter, [batch])
-        if point == 0:
-            signal = layer_inputs[0]
-        else:
-            n = batch.numel()
-            x = torch.from_numpy(store.read_rows(2 * index, row, row + n)).to(dtype).reshape(*batch.shape, dim)
-            x = rebase(x, b_in)
-            if point % 2 == 1:
-                signal = post_attention_signal(layer, x, kwargs[0])
-            else:
-                with torch.no_grad():
-                    signal = layer(x, **kwargs[0])
-        row += batch.numel()
-        acc.add(signal)
-        writer.append(_rows(signal))
-    arrays, attrs = stats_arrays(acc.finalize(), acc.excluded)
-    writer.finish(arrays, attrs)
+        hidden = _hidden_batches(store, 2 * index, batches, dim, model.device)
+        kwargs = [model.layer_kwargs(h) for h in hidden]
+        xs = [rebase(h, b_in) for h in hidden]
+        del hidden
+        with model.layer(index) as module:
+            for signal in sequential_signals(model, index, module, xs, kwargs, b_in, b_attn):
+                recorder.add(signal)
+    recorder.finish()
     logger().debug("captured point %d", point)
-    return finish_manifest(run, "capture", str(point), key, started, {"point": point, "digest": store.digest(point)})
+    return finish_manifest(run, "capture", name, key, started, {"point": point, "points": {name: store.digest(point)}})
 
 
-def _ranges(points: list[int]) -> str:
-    """'0-3,7' for [0, 1, 2, 3, 7]."""
-    out, start, prev = [], None, None
-    for p in points + [None]:
-        if start is None:
-            start = prev = p
-        elif p is not None and p == prev + 1:
-            prev = p
-        else:
-            out.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = prev = p
-    return ",".join(out)
+__all__ = ["capture_task", "sequential_capture_task", "capture_key", "sequential_capture_key"]

@@ -1,4 +1,4 @@
-"""What every task shares: code versions, the reuse-or-compute rule, the fused-model cache, small loaders."""
+"""What every task shares: code versions, the reuse-or-compute rule, the streamed source model, small loaders."""
 
 from __future__ import annotations
 
@@ -11,19 +11,18 @@ from typing import Any
 
 import torch
 
-from storage import ActivationStore, RunDir, content_key, manifest_status, write_manifest
+from storage import RunDir, content_key, manifest_status, write_manifest
 from storage import rundir as layout
 
 #: per-stage code versions: bump one when that stage's output for the same inputs changes
 CODE_VERSIONS = {
     "calibration": "1",
-    "fuse": "1",
-    "capture": "1",
-    "pool": "1",
-    "cost": "1",
-    "solve": "1",
-    "absorb": "1",
-    "export": "1",
+    "inspect": "1",
+    "capture": "2",
+    "pool": "2",
+    "solve": "2",
+    "absorb": "2",
+    "export": "2",
     "evaluate": "1",
 }
 
@@ -74,11 +73,7 @@ def run_stage(run: RunDir, stage: str, name: str | None, key: str, compute: Call
         return reused(stage, name, key, manifest)
     computing(stage, name, key, why)
     started = time.time()
-    body = compute()
-    finished = time.time()
-    manifest = {"stage": stage, "name": name, "key": key, "uri": run.uri(), **body,
-                "started": started, "finished": finished, "seconds": round(finished - started, 6)}
-    return {**write_manifest(run, manifest), "reused": False}
+    return finish_manifest(run, stage, name, key, started, compute())
 
 
 def stored_or(run: RunDir, stage: str, name: str | None, key: str, fallback: dict) -> dict:
@@ -101,7 +96,7 @@ def finish_manifest(run: RunDir, stage: str, name: str | None, key: str, started
 def pause_point(run: RunDir, where: str) -> None:
     """Test hook: when ``$DOTRESIZE_TEST_PAUSE_AT == where``, write ``<run>/.paused-<where>`` and sleep.
 
-    Lets a test SIGKILL the pipeline at a known place (mid-capture, mid-solves); a no-op otherwise.
+    Lets a test SIGKILL the pipeline at a known place (mid-capture, mid-solves, mid-absorb); a no-op otherwise.
     """
     if os.environ.get(PAUSE_ENV) != where:
         return
@@ -117,18 +112,15 @@ def config_of(recipe: dict):
 
 
 def capture_parts(config) -> dict:
-    """The part of the config that determines the captured statistics."""
+    """The part of the config that determines the captured signals."""
+    from dotresize.api import sample_tokens
+
     return {
         "batch_size": config.batch_size,
         "outlier_tokens": config.outlier_tokens,
         "sample_tokens": sample_tokens(config),
         "seed": config.seed,
     }
-
-
-def sample_tokens(config) -> int:
-    """Raw rows kept per point for costs that need them (as ``dotresize.api.compute_bases`` does)."""
-    return config.dot.sample_tokens if (config.method == "dot" and config.dot.cost == "l1") else 0
 
 
 def keep_set(config, point: int) -> list[int] | None:
@@ -152,59 +144,44 @@ def basis_parts(config, point: int, width: int, device: str) -> dict:
     return parts
 
 
-def solver_device(requested: str | None = None) -> str:
-    """Where Sinkhorn runs: the requested device, else CUDA when present, else the CPU."""
+def compute_device(requested: str | None = None) -> str:
+    """Where layers and solvers run: the requested device, else CUDA when present, else the CPU."""
     if requested:
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# --- loaders ----------------------------------------------------------------------------------------------------
-_FUSED: dict[tuple[str, str], Any] = {}
-_FUSED_LOCK = threading.Lock()
+solver_device = compute_device
 
 
-def load_fused(run: RunDir, fuse: dict):
-    """The fused model's adapter, loaded once per process from ``fused/`` (verified against its digest)."""
-    cache_key = (run.url, fuse["key"])
-    with _FUSED_LOCK:
-        if cache_key not in _FUSED:
-            _FUSED.clear()  # one fused model per process
-            _FUSED[cache_key] = _load_fused(run, fuse)
-        return _FUSED[cache_key]
+# --- the source, a layer at a time ------------------------------------------------------------------------------
+_MODELS: dict[tuple, Any] = {}
+_MODELS_LOCK = threading.Lock()
 
 
-def _load_fused(run: RunDir, fuse: dict):
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+def streamed_model(source: dict, inspect: dict, device: str | None = None):
+    """The source as a :class:`dotresize.layerwise.StreamedModel` on ``device``, opened once per process.
 
-    from dotresize.adapters import get_adapter
-    from dotresize.fusion import fuse_norms
+    Before a layer is read the weight files are checked against the sizes and modification times recorded when
+    the run resolved them (their sha256 was taken then): a source changed under a run is an error, never mixed in.
+    """
+    from dotresize.layerwise import StreamedModel
 
-    weights = f"{layout.FUSED}/model.safetensors"
-    state = run.load_tensors(weights, fuse["files"][weights])
-    with run.local_copy(layout.FUSED) as directory:
-        config = AutoConfig.from_pretrained(directory)
-        generation = None
-        if (directory / "generation_config.json").is_file():
-            generation = GenerationConfig.from_pretrained(directory)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, fuse["dtype"]),
-                                                 attn_implementation=fuse["attn_implementation"])
-    adapter = get_adapter(model)
-    fuse_norms(adapter)  # the same module structure as the fused source (weight-free norms, untied head)
-    model.load_state_dict(state, strict=True, assign=True)
-    if generation is not None:
-        model.generation_config = generation
-    model.eval()
-    return adapter
+    from .prepare import check_source_unchanged, open_source
 
+    device = compute_device(device)
+    cache_key = (source["digest"], device)
+    with _MODELS_LOCK:
+        if cache_key not in _MODELS:
+            check_source_unchanged(source)
+            src, config = open_source(source)
+            from dotresize.checkpoint import open_reader
 
-def load_tokenizer(run: RunDir):
-    from transformers import AutoTokenizer
-
-    with run.local_copy(layout.FUSED) as directory:
-        return AutoTokenizer.from_pretrained(directory)
+            reader = open_reader(src.directory, src.gguf_file, config, src.weight_files)
+            _MODELS.clear()  # one source per process
+            _MODELS[cache_key] = StreamedModel(reader, config, device=device,
+                                               attn_implementation=inspect["attn_implementation"])
+        return _MODELS[cache_key]
 
 
 def load_calibration(run: RunDir, calibration: dict) -> torch.Tensor:
@@ -212,8 +189,29 @@ def load_calibration(run: RunDir, calibration: dict) -> torch.Tensor:
     return tensors["input_ids"]
 
 
-def load_point_stats(store: ActivationStore, point: int | str):
-    """A :class:`dotresize.statistics.PointStats` from a stored point (bitwise what was accumulated)."""
+def calibration_batches(run: RunDir, calibration: dict, config, hidden_size: int) -> tuple[torch.Tensor, list]:
+    """The calibration ids and their batches (checked to hold at least ``hidden_size`` tokens)."""
+    from dotresize.api import check_calibration
+    from dotresize.calibration import iter_batches
+
+    ids = load_calibration(run, calibration)
+    check_calibration(ids, hidden_size)
+    return ids, iter_batches(ids, config.batch_size)
+
+
+def point_stats(store, point: int | str):
+    """A :class:`dotresize.statistics.PointStats` of a stored point, reduced out of core by Dask."""
+    from dotresize.statistics import PointStats
+    from storage.statistics import point_statistics
+
+    stats = point_statistics(store, point)
+    sample = None if stats.sample is None else torch.from_numpy(stats.sample)
+    return PointStats(torch.from_numpy(stats.gram), torch.from_numpy(stats.abs_sum), torch.from_numpy(stats.sum),
+                      stats.count, sample)
+
+
+def stored_stats(store, point: int | str):
+    """A :class:`dotresize.statistics.PointStats` stored whole (the pooled statistics of the global layout)."""
     from dotresize.statistics import PointStats
 
     stats = store.load_stats(point)
@@ -223,19 +221,26 @@ def load_point_stats(store: ActivationStore, point: int | str):
 
 
 def stats_arrays(stats, excluded: int = 0) -> tuple[dict, dict]:
-    """(arrays, attrs) to store a :class:`PointStats`."""
+    """(arrays, attrs) to store a :class:`PointStats` whole."""
     count = int(stats.count)
     arrays = {
         "gram": stats.gram.cpu().numpy(),
         "abs_sum": stats.abs_sum.cpu().numpy(),
         "sum": stats.sum.cpu().numpy(),
-        "mean": (stats.sum / max(count, 1)).cpu().numpy(),
         "sample": None if stats.sample is None else stats.sample.cpu().numpy(),
     }
     return arrays, {"count": count, "excluded": int(excluded)}
 
 
 def basis_from(tensors: dict, record: dict):
+    """The :class:`dotresize.bases.Basis` of a stored basis (an identity is stored as a flag, not a matrix)."""
     from dotresize.bases import Basis
 
-    return Basis(Q=tensors["Q"], U=tensors.get("U"), info=dict(record.get("info", {})))
+    info = dict(record.get("info", {}))
+    Q = torch.eye(int(info["dim"]), dtype=torch.float64) if info.get("identity") else tensors["Q"]
+    return Basis(Q=Q, U=tensors.get("U"), info=info)
+
+
+def export_dtype(name: str | None, inspect: dict) -> torch.dtype:
+    """The export's dtype: the one asked for, else the source's weights' dtype at rest."""
+    return getattr(torch, name or inspect["dtype"])

@@ -1,7 +1,12 @@
-"""Stages before calibration: resolve the source, sample the calibration set, load and fuse the model."""
+"""Stages before calibration: resolve the source, sample the calibration set, inspect the model's structure.
+
+Nothing here loads the model's weights: later stages read the source a layer at a time (fusing its norms on the
+fly), so the run directory never holds a copy of the source.
+"""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -14,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from storage import RunDir, digest_of_digests, sha256_bytes
 from storage import rundir as layout
 
-from .common import finish_manifest, load_fused, logger, run_stage, stage_key
+from .common import finish_manifest, run_stage, stage_key
 
 #: small files of a model directory that change what is loaded (besides the weights)
 _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -37,7 +42,33 @@ def _resolve(spec: str | None):
         meta["files_sha256"] = {name: sha256_bytes((source.directory / name).read_bytes())
                                 for name in _SIDE_FILES if (source.directory / name).is_file()}
     meta["digest"] = source_digest(meta)
+    meta["files_stat"] = {p.name: _stat(p) for p in source.weight_files}
     return source, meta
+
+
+def _stat(path: Path) -> list[int]:
+    stat = os.stat(path)
+    return [int(stat.st_size), int(stat.st_mtime_ns)]
+
+
+def open_source(source: dict):
+    """(ModelSource, config) of a resolved source record (no digest computed again)."""
+    from dotresize.sources import load_config, resolve_source
+
+    src = resolve_source(source["spec"])
+    return src, load_config(src, source.get("trust_remote_code", False))
+
+
+def check_source_unchanged(source: dict) -> None:
+    """The source's weight files still have the sizes and modification times they had when resolved."""
+    from dotresize.errors import SourceNotFoundError
+    from dotresize.sources import resolve_source
+
+    src = resolve_source(source["spec"])
+    now = {p.name: _stat(p) for p in src.weight_files}
+    if source.get("files_stat") and now != source["files_stat"]:
+        raise SourceNotFoundError(f"the model at {source['spec']} changed while the run was going on: "
+                                  "rerun the command")
 
 
 @task(name="resolve-source", cache_policy=NO_CACHE, persist_result=False)
@@ -50,6 +81,7 @@ def resolve_source_task(spec: str | None, calib_data: str, trust_remote_code: bo
 
     started = time.time()
     source, meta = _resolve(spec)
+    meta["trust_remote_code"] = bool(trust_remote_code)
     config = load_config(source, trust_remote_code)
     adapter = adapter_class_for_config(config)
     architecture = {"family": adapter.family, "model_type": config.model_type,
@@ -60,6 +92,7 @@ def resolve_source_task(spec: str | None, calib_data: str, trust_remote_code: bo
 
 
 def check_source(spec: str | None, expected: dict):
+    """The source resolved again, its full digest recomputed and compared with ``expected``."""
     source, meta = _resolve(spec)
     if meta["digest"] != expected["digest"]:
         from dotresize.errors import SourceNotFoundError
@@ -82,7 +115,8 @@ def calibration_task(run_url: str, source: dict, calib: dict, hidden_size: int |
 
         from dotresize.data import calibration_set
 
-        src, _ = check_source(source["spec"], source)
+        check_source_unchanged(source)
+        src, _ = open_source(source)
         tokenizer = AutoTokenizer.from_pretrained(src.directory, **src.load_kwargs())
         calibration = calibration_set(tokenizer, calib["data"], samples=calib["samples"], seqlen=calib["seqlen"],
                                       seed=calib["seed"])
@@ -101,73 +135,86 @@ def calibration_task(run_url: str, source: dict, calib: dict, hidden_size: int |
     return run_stage(run, "calibration", None, key, compute)
 
 
-@task(name="load-fuse", cache_policy=NO_CACHE, persist_result=False)
-def fuse_task(run_url: str, source: dict, trust_remote_code: bool = False) -> dict:
-    """Load the source model, fuse its norms and store the fused weights, config and tokenizer under fused/."""
+@task(name="inspect", cache_policy=NO_CACHE, persist_result=False)
+def inspect_task(run_url: str, source: dict, trust_remote_code: bool = False) -> dict:
+    """The source's structure without its weights: family, widths, layers, dtype at rest, parameter count and
+    attention implementation; its config, generation config and tokenizer go to ``inspect/`` (for the export)."""
     run = RunDir(run_url)
-    key = stage_key("fuse", source=source["digest"], dtype="float32", trust_remote_code=trust_remote_code)
+    key = stage_key("inspect", source=source["digest"], trust_remote_code=trust_remote_code)
 
     def compute() -> dict:
-        from dotresize import count_parameters
-        from dotresize.adapters import get_adapter
-        from dotresize.fusion import fuse_norms
-        from dotresize.sources import load_model
+        from transformers import AutoTokenizer, GenerationConfig
 
-        src, _ = check_source(source["spec"], source)
-        model, tokenizer = load_model(src, trust_remote_code=trust_remote_code)
-        adapter = get_adapter(model)
-        parameters_before = count_parameters(model)
-        model.eval()
-        fuse_norms(adapter)
-        weights = f"{layout.FUSED}/model.safetensors"
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        files = {weights: run.save_tensors(weights, state, metadata={"format": "pt"})}
-        with tempfile.TemporaryDirectory(prefix="dotresize-fused-") as tmp:
+        from dotresize.checkpoint import open_reader
+        from dotresize.layerwise import StreamedModel
+
+        check_source_unchanged(source)
+        src, config = open_source(source)
+        reader = open_reader(src.directory, src.gguf_file, config, src.weight_files)
+        model = StreamedModel(reader, config)
+        missing = [n for i in range(model.num_layers) for n in [model.layout.layer_prefix(i)]
+                   if not model.layer_names(i)]
+        if missing:
+            from dotresize.errors import SourceNotFoundError
+
+            raise SourceNotFoundError(f"the model at {source['spec']} has no weights for {missing[0]}*: "
+                                      "the checkpoint is incomplete")
+        tokenizer = AutoTokenizer.from_pretrained(src.directory, trust_remote_code=trust_remote_code,
+                                                  **src.load_kwargs())
+        try:
+            generation = GenerationConfig.from_pretrained(src.directory, **src.load_kwargs())
+        except (OSError, ValueError):
+            generation = GenerationConfig.from_model_config(config)
+        files = {}
+        with tempfile.TemporaryDirectory(prefix="dotresize-inspect-") as tmp:
             directory = Path(tmp)
-            model.config.save_pretrained(directory)
-            if model.generation_config is not None:
-                model.generation_config.save_pretrained(directory)
+            config.save_pretrained(directory)
+            generation.save_pretrained(directory)
             tokenizer.save_pretrained(directory)
-            for path in sorted(directory.iterdir()):  # config and tokenizer files beside the weights
-                files[f"{layout.FUSED}/{path.name}"] = run.write_bytes(f"{layout.FUSED}/{path.name}",
-                                                                       path.read_bytes())
-        config = model.config
+            for path in sorted(directory.iterdir()):
+                rel = f"{layout.INSPECT}/{path.name}"
+                files[rel] = run.write_bytes(rel, path.read_bytes())
         return {
             "files": files,
-            "digest": files[weights],
-            "family": type(adapter).family,
-            "model_class": type(model).__name__,
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "attn_implementation": config._attn_implementation,
-            "hidden_size": adapter.hidden_size,
-            "num_layers": adapter.num_layers,
-            "num_points": adapter.num_points,
-            "num_attention_heads": adapter.num_attention_heads,
-            "vocab_size": int(config.vocab_size),
-            "parameters_before": int(parameters_before),
-            "shapes": {"model.safetensors": len(state)},
+            "digest": digest_of_digests(files),
+            "family": model.adapter_cls.family,
+            "model_class": model.model_class.__name__,
+            "dtype": str(model.dtype).replace("torch.", ""),
+            "attn_implementation": model.attn_implementation,
+            "hidden_size": model.hidden_size,
+            "num_layers": model.num_layers,
+            "num_points": model.num_points,
+            "num_attention_heads": model.num_attention_heads,
+            "vocab_size": model.vocab_size,
+            "parameters_before": int(model.parameter_count()),
+            "tensors": len(reader.names()),
         }
 
-    return run_stage(run, "fuse", None, key, compute)
+    return run_stage(run, "inspect", None, key, compute)
 
 
 @task(name="plan-widths", cache_policy=NO_CACHE, persist_result=False)
-def plan_task(fuse: dict, recipe: dict) -> list[int]:
-    """Width of every slice point (``dotresize.api.plan_widths`` on the fused model's dimensions)."""
+def plan_task(inspect: dict, recipe: dict) -> list[int]:
+    """Width of every slice point (``dotresize.api.plan_widths`` on the source's dimensions)."""
     from dotresize.api import plan_widths
 
     from .common import config_of
 
-    shape = SimpleNamespace(hidden_size=fuse["hidden_size"], num_points=fuse["num_points"],
-                            num_attention_heads=fuse["num_attention_heads"])
+    shape = SimpleNamespace(hidden_size=inspect["hidden_size"], num_points=inspect["num_points"],
+                            num_attention_heads=inspect["num_attention_heads"])
     return plan_widths(shape, config_of(recipe))
 
 
-def warm_fused(run_url: str, fuse: dict) -> None:
-    """Load the fused model into this process's cache (used before fan-outs in one process)."""
-    load_fused(RunDir(run_url), fuse)
-    logger().debug("fused model loaded")
+def load_inspected(run: RunDir, inspect: dict):
+    """(config, generation config, tokenizer) of the source as stored by the inspect stage."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    with run.local_copy(layout.INSPECT) as directory:
+        config = AutoConfig.from_pretrained(directory)
+        generation = GenerationConfig.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    return config, generation, tokenizer
 
 
-__all__ = ["resolve_source_task", "calibration_task", "fuse_task", "plan_task", "source_digest",
-           "finish_manifest"]
+__all__ = ["resolve_source_task", "calibration_task", "inspect_task", "plan_task", "source_digest", "open_source",
+           "check_source", "check_source_unchanged", "load_inspected"]

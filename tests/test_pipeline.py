@@ -25,6 +25,14 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _weights_sha(model_dir: Path) -> str:
+    """The model digest: the shard index's sha256 (the index lists every shard's sha256)."""
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    for shard, sha in index["metadata"]["shard_sha256"].items():
+        assert _sha(model_dir / shard) == sha, shard
+    return _sha(model_dir / "model.safetensors.index.json")
+
+
 def _flow(model_dir: Path, run_dir: Path, **kwargs) -> dict:
     from flows.compress import compress_flow
 
@@ -68,18 +76,23 @@ def test_pipeline_equals_in_memory_and_has_the_run_layout(src, pipeline_env, met
     run = pipeline_env / "run"
     result = _flow(src, run, method=method, mode=mode, layout=layout)
     points = 7  # 3 layers -> 2L+1 slice points
-    expected = ["recipe.yaml", "source.json", "calibration.json", "lineage.json", "model/model.safetensors",
-                "model/config.json", "model/lineage.json", "activations.zarr/zarr.json", "timings.json"]
+    expected = ["recipe.yaml", "source.json", "calibration.json", "lineage.json",
+                "model/model.safetensors.index.json", "model/config.json", "model/lineage.json",
+                "activations.zarr/zarr.json", "timings.json", "inspect/config.json"]
+    expected += [f"activations.zarr/point_{p}/acts/zarr.json" for p in range(points)]
+    expected += [f"layers/layer_{layer}.safetensors" for layer in range(3)]
+    expected += [f"model/model-0000{n}-of-00004.safetensors" for n in range(1, 5)]
     if layout == "per-point":
         expected += [f"bases/point_{p}.safetensors" for p in range(points)]
         expected += [f"bases/point_{p}.json" for p in range(points)]
-        expected += [f"activations.zarr/point_{p}/acts/zarr.json" for p in range(points)]
-        expected += [f"activations.zarr/point_{p}/gram/zarr.json" for p in range(points)]
     else:
         expected += ["bases/global.safetensors", "bases/global.json", "activations.zarr/pooled/gram/zarr.json"]
     missing = [rel for rel in expected if not (run / rel).exists()]
     assert not missing, missing
-    assert result["model_sha256"] == _sha(run / "model" / "model.safetensors")
+    assert not (run / "fused").exists() and not (run / "activations.zarr" / "point_1" / "gram").exists()
+    # the layer files are the export's shards, stored once (hard links)
+    assert os.path.samefile(run / "layers" / "layer_0.safetensors", run / "model" / "model-00002-of-00004.safetensors")
+    assert result["model_sha256"] == _weights_sha(run / "model")
     point_attrs = json.loads((run / "activations.zarr" / "point_1" / "zarr.json").read_text())["attributes"]
     assert point_attrs["complete"] is True and point_attrs["tokens"] == 16 * 32
 
@@ -98,8 +111,8 @@ def test_second_run_reuses_every_stage_and_a_fresh_run_is_byte_identical(src, pi
     assert again["model_sha256"] == first["model_sha256"]
     fresh = _flow(src, pipeline_env / "b")
     assert _computed(fresh)["solve"] == [str(p) for p in range(7)]
-    assert (pipeline_env / "a" / "model" / "model.safetensors").read_bytes() == \
-        (pipeline_env / "b" / "model" / "model.safetensors").read_bytes()
+    for name in sorted(p.name for p in (pipeline_env / "a" / "model").glob("*.safetensors*")):
+        assert (pipeline_env / "a" / "model" / name).read_bytes() == (pipeline_env / "b" / "model" / name).read_bytes()
 
 
 def test_corrupted_chunk_and_deleted_basis_are_recomputed(src, pipeline_env):
@@ -114,9 +127,8 @@ def test_corrupted_chunk_and_deleted_basis_are_recomputed(src, pipeline_env):
     (run / "bases" / "point_5.safetensors").unlink()
     again = _flow(src, run)
     computed = _computed(again)
-    assert computed["capture"] == ["capture"] and computed["solve"] == ["5"], again["stages"]
-    capture = json.loads((run / "stages" / "capture.json").read_text())
-    assert capture["computed_points"] == [3]
+    # point 3 is an output of layer 1: that layer is captured again (same bytes, so nothing after it changes)
+    assert computed["capture"] == ["1"] and computed["solve"] == ["5"], again["stages"]
     assert again["model_sha256"] == first["model_sha256"]
 
 
@@ -129,7 +141,7 @@ def test_a_partial_point_is_never_used(src, pipeline_env):
     doc["attributes"]["complete"] = False
     meta.write_text(json.dumps(doc))
     again = _flow(src, run)
-    assert json.loads((run / "stages" / "capture.json").read_text())["computed_points"] == [2]
+    assert _computed(again)["capture"] == ["0"], again["stages"]  # layer 0 produces points 0, 1 and 2
     assert again["model_sha256"] == first["model_sha256"]
 
 
@@ -169,29 +181,34 @@ def _subprocess_env(pipeline_env: Path, prefect_api: str) -> dict:
     return env
 
 
-def test_kill_during_capture_then_during_solves_then_resume(src, pipeline_env, prefect_api):
+def test_kill_during_capture_then_during_absorb_then_resume(src, pipeline_env, prefect_api):
     reference = _flow(src, pipeline_env / "reference")
     run = pipeline_env / "run"
     env = _subprocess_env(pipeline_env, prefect_api)
 
     _kill_when_paused(_cli(src, run, env, pause="capture"), run / ".paused-capture")
-    partial = [json.loads((run / "activations.zarr" / f"point_{p}" / "zarr.json").read_text())["attributes"]
-               for p in range(7)]
-    assert [a["complete"] for a in partial] == [True] + [False] * 6  # killed after the first point's marker
+    complete = []
+    for p in range(7):
+        meta = run / "activations.zarr" / f"point_{p}" / "zarr.json"
+        complete.append(meta.exists() and json.loads(meta.read_text())["attributes"]["complete"])
+    assert complete == [True] * 6 + [False]  # killed in layer 2, after its first point's marker
 
-    err = _kill_when_paused(_cli(src, run, env, pause="solve"), run / ".paused-solve")
-    assert "reused calibration" in err and "reused fuse" in err, err
-    assert "points 1-6 of 7" in err, err  # only the incomplete points were captured again
-    assert (run / "stages" / "capture.json").exists() and not (run / "model").exists()
+    err = _kill_when_paused(_cli(src, run, env, pause="absorb"), run / ".paused-absorb")
+    assert "reused calibration" in err and "reused inspect" in err, err
+    assert "reused capture[0]" in err and "reused capture[1]" in err, err  # resumed at layer 2
+    assert "computing capture[2]" in err, err
+    assert (run / "stages" / "capture" / "2.json").exists() and not (run / "model").exists()
+    absorbed = [layer for layer in range(3) if (run / "stages" / "absorb" / f"{layer}.json").exists()]
+    assert 2 not in absorbed  # paused in the last layer's absorb
 
     finished = _cli(src, run, env)
     out, err = finished.communicate(timeout=300)
     assert finished.returncode == 0, err
     result = json.loads(out)
-    assert "reused capture" in err and "computing solve[2]" in err, err
-    assert result["stages"]["solve"]["computed"], result["stages"]
-    assert "capture" not in _computed(result) and "fuse" not in _computed(result)
-    assert result["model_sha256"] == reference["model_sha256"] == _sha(run / "model" / "model.safetensors")
+    assert "reused capture[2]" in err and "computing absorb[2]" in err, err
+    assert all(f"reused absorb[{layer}]" in err for layer in absorbed), (absorbed, err)
+    assert "capture" not in _computed(result) and "solve" not in _computed(result)
+    assert result["model_sha256"] == reference["model_sha256"] == _weights_sha(run / "model")
 
 
 # --- an external Dask scheduler on loopback -------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""What an adapter declares: where a family keeps its norms, linears, embeddings and head."""
+"""What an adapter declares: where a family keeps its norms, linears, embeddings and head.
+
+The names are data (:class:`FamilyLayout`): module paths inside the causal LM and inside one decoder layer.
+Everything that walks a model — fusion, capture, absorption, the layer-streamed loader reading a checkpoint
+tensor by tensor — asks the layout, so a Llama-like family is one adapter file with its layout and a tiny config.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,42 @@ from typing import ClassVar
 
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    """Module paths of a pre-norm decoder LM (dotted, as in ``named_modules`` / state-dict keys).
+
+    ``layers`` is the ModuleList of decoder layers in the causal LM; the other model-level paths are the
+    embeddings, the final norm and the head; the layer-level paths are relative to one decoder layer.
+    """
+
+    layers: str = "model.layers"
+    embeddings: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    rotary: str | None = "model.rotary_emb"
+    input_norm: str = "input_layernorm"
+    post_attention_norm: str = "post_attention_layernorm"
+    attention_inputs: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    attention_output: str = "self_attn.o_proj"
+    mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    mlp_output: str = "mlp.down_proj"
+
+    def layer_prefix(self, index: int) -> str:
+        """State-dict prefix of decoder layer ``index`` (``model.layers.3.``)."""
+        return f"{self.layers}.{index}."
+
+    def layer_index(self, key: str) -> int | None:
+        """The decoder layer a state-dict key belongs to, or None for model-level tensors."""
+        prefix = self.layers + "."
+        if not key.startswith(prefix):
+            return None
+        head = key[len(prefix):].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+
+    def weight(self, path: str) -> str:
+        return f"{path}.weight"
 
 
 @dataclass
@@ -22,10 +63,32 @@ class LayerModules:
     mlp_output: nn.Linear
 
 
-class ModelAdapter:
-    """Adapter for pre-norm decoder LMs laid out like Llama (``model.layers[i].self_attn.q_proj`` ...).
+def layer_modules_of(layout: FamilyLayout, layer: nn.Module) -> LayerModules:
+    """The :class:`LayerModules` of one decoder layer module, found by the layout's paths."""
+    return LayerModules(
+        layer=layer,
+        input_norm=layer.get_submodule(layout.input_norm),
+        post_attention_norm=layer.get_submodule(layout.post_attention_norm),
+        attention_inputs=[layer.get_submodule(p) for p in layout.attention_inputs],
+        attention_output=layer.get_submodule(layout.attention_output),
+        mlp_inputs=[layer.get_submodule(p) for p in layout.mlp_inputs],
+        mlp_output=layer.get_submodule(layout.mlp_output),
+    )
 
-    Subclasses name their model classes, model types, compressed classes and a tiny test config.
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the module at dotted ``path`` under ``root``."""
+    parent, _, name = path.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    setattr(owner, name, module)
+
+
+class ModelAdapter:
+    """Adapter for pre-norm decoder LMs; the family's names live in ``layout``.
+
+    Subclasses name their model classes, model types, compressed classes, layout and a tiny test config.
+    An instance wraps a loaded model (the in-memory path); the class-level declarations are used without one
+    (the layer-streamed path reads a checkpoint through them).
     """
 
     family: ClassVar[str] = ""
@@ -33,6 +96,7 @@ class ModelAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     compressed_model_class: ClassVar[type[PreTrainedModel]]
     compressed_config_class: ClassVar[type[PretrainedConfig]]
+    layout: ClassVar[FamilyLayout] = FamilyLayout()
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
@@ -42,6 +106,10 @@ class ModelAdapter:
     def tiny_config(cls, **overrides) -> PretrainedConfig:
         """A few-kilobyte config of this family for fast, exact tests."""
         raise NotImplementedError(f"{cls.__name__} must define tiny_config")
+
+    @classmethod
+    def modules_of(cls, layer: nn.Module) -> LayerModules:
+        return layer_modules_of(cls.layout, layer)
 
     @property
     def config(self) -> PretrainedConfig:
@@ -53,7 +121,7 @@ class ModelAdapter:
 
     @property
     def num_layers(self) -> int:
-        return len(self.model.model.layers)
+        return len(self.layers())
 
     @property
     def num_points(self) -> int:
@@ -69,34 +137,24 @@ class ModelAdapter:
         return int(self.config.num_attention_heads)
 
     def embeddings(self) -> nn.Embedding:
-        return self.model.model.embed_tokens
+        return self.model.get_submodule(self.layout.embeddings)
 
     def lm_head(self) -> nn.Linear:
-        return self.model.lm_head
+        return self.model.get_submodule(self.layout.lm_head)
 
     def final_norm(self) -> nn.Module:
-        return self.model.model.norm
+        return self.model.get_submodule(self.layout.final_norm)
 
     def set_final_norm(self, module: nn.Module) -> None:
-        self.model.model.norm = module
+        set_submodule(self.model, self.layout.final_norm, module)
 
     def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
+        return self.model.get_submodule(self.layout.layers)
 
     def layer_modules(self, index: int) -> LayerModules:
-        layer = self.model.model.layers[index]
-        attn, mlp = layer.self_attn, layer.mlp
-        return LayerModules(
-            layer=layer,
-            input_norm=layer.input_layernorm,
-            post_attention_norm=layer.post_attention_layernorm,
-            attention_inputs=[attn.q_proj, attn.k_proj, attn.v_proj],
-            attention_output=attn.o_proj,
-            mlp_inputs=[mlp.gate_proj, mlp.up_proj],
-            mlp_output=mlp.down_proj,
-        )
+        return self.modules_of(self.layers()[index])
 
     def set_layer_norms(self, index: int, input_norm: nn.Module, post_attention_norm: nn.Module) -> None:
-        layer = self.model.model.layers[index]
-        layer.input_layernorm = input_norm
-        layer.post_attention_layernorm = post_attention_norm
+        layer = self.layers()[index]
+        set_submodule(layer, self.layout.input_norm, input_norm)
+        set_submodule(layer, self.layout.post_attention_norm, post_attention_norm)
