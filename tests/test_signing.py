@@ -41,30 +41,39 @@ def _error_line(err: str) -> str:
 
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory, tiny_data_dir, prefect_api):
-    """(run model dir, keys dir): one compression, signed like an export with a signing key."""
+    """(run model dir, keys dir, MLflow home): one compression, signed before it is registered in MLflow (as an
+    export with a signing key does: the rerun re-logs the model with its signature)."""
+    import tasks.lineage
     from flows.compress import compress_flow
 
     root = tmp_path_factory.mktemp("signed")
+    keys = root / "keys"
+    keys.mkdir()
+    assert main(["keygen", str(keys / "signing.pem")]) == 0
+    assert main(["keygen", str(keys / "attacker.pem")]) == 0
     saved = {k: os.environ.get(k) for k in ("DOTRESIZE_DATA_DIR", "DOTRESIZE_HOME", "MLFLOW_TRACKING_URI")}
     os.environ.update(DOTRESIZE_DATA_DIR=str(tiny_data_dir), DOTRESIZE_HOME=str(root / "home"))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    # lineage.json records the git state of the checkout, which others may change between the two runs
+    code_version = tasks.lineage.code_version
+    tasks.lineage.code_version = lambda: {"package": "dotresize", "version": "test", "git_commit": None,
+                                          "git_dirty": None}
     try:
         src = write_model_dir(root / "ckpt" / "checkpoint-9", seed=9)
-        result = compress_flow(model=str(src), run_dir=str(root / "runs" / "tiny"), ratio=0.25, calib_samples=8,
-                               calib_seqlen=32, seed=5, register_name="tiny-signed", progress=False, n_workers=1)
+        kwargs = dict(model=str(src), run_dir=str(root / "runs" / "tiny"), ratio=0.25, calib_samples=8,
+                      calib_seqlen=32, seed=5, register_name="tiny-signed", progress=False, n_workers=1)
+        compress_flow(**kwargs)
+        assert main(["sign", kwargs["run_dir"], "--private-key", str(keys / "signing.pem")]) == 0
+        result = compress_flow(**kwargs)  # every stage reused, lineage.json rewritten byte for byte, re-logged
     finally:
+        tasks.lineage.code_version = code_version
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    assert result["mlflow_run_id"]  # there is an MLflow record, just not where the copy goes
-    keys = root / "keys"
-    keys.mkdir()
-    assert main(["keygen", str(keys / "signing.pem")]) == 0
-    assert main(["keygen", str(keys / "attacker.pem")]) == 0
-    assert main(["sign", result["run_dir"], "--private-key", str(keys / "signing.pem")]) == 0
-    return Path(result["model_dir"]), keys
+    assert result["mlflow_run_id"] and result["model_version"] == 1  # an MLflow record, not where copies go
+    return Path(result["model_dir"]), keys, root / "home"
 
 
 @pytest.fixture
@@ -85,7 +94,7 @@ def _copy(model_dir: Path, fresh: Path) -> Path:
 
 
 def test_pristine_copy_verifies_offline_and_every_one_byte_change_fails(signed, fresh, capsys):
-    model_dir, keys = signed
+    model_dir, keys, _ = signed
     public = str(keys / "signing.pem.pub")
     copy = _copy(model_dir, fresh)
     names = sorted(p.name for p in copy.iterdir())
@@ -153,7 +162,7 @@ def _tamper(copy: Path) -> None:
 
 
 def test_a_lineage_rewritten_and_resigned_with_another_key_fails(signed, fresh, capsys):
-    model_dir, keys = signed
+    model_dir, keys, _ = signed
     public = str(keys / "signing.pem.pub")
     copy = _copy(model_dir, fresh)
     _tamper(copy)
@@ -186,7 +195,7 @@ def test_a_lineage_rewritten_and_resigned_with_another_key_fails(signed, fresh, 
 
 
 def test_lineage_shows_the_signature_and_keys_stay_private(signed, fresh, capsys):
-    model_dir, keys = signed
+    model_dir, keys, _ = signed
     public_pem = (keys / "signing.pem.pub").read_bytes()
     code, out, err = _run(capsys, "lineage", str(model_dir), "--json")
     assert code == 0, err
@@ -206,7 +215,7 @@ def test_lineage_shows_the_signature_and_keys_stay_private(signed, fresh, capsys
 
 
 def test_keygen_and_sign_errors_are_one_line(signed, fresh, capsys, monkeypatch):
-    model_dir, keys = signed
+    model_dir, keys, _ = signed
     code, _, err = _run(capsys, "keygen", str(keys / "signing.pem"))
     assert code == 1 and "already exists" in _error_line(err)
     code, _, err = _run(capsys, "sign", str(model_dir), "--private-key", str(fresh / "nokey.pem"))
@@ -283,7 +292,7 @@ def _certificates(where: Path) -> tuple[Path, Path, Path, Path]:
 
 
 def test_certificate_mode(signed, fresh, capsys):
-    model_dir, _ = signed
+    model_dir, _, _ = signed
     ca, key, cert, other = _certificates(fresh)
     copy = _copy(model_dir, fresh)
     code, out, err = _run(capsys, "sign", str(copy), "--private-key", str(key), "--certificate", str(cert),
@@ -322,3 +331,33 @@ def test_sign_model_dir_api_covers_every_file(tmp_path):
     (model / ".gitattributes").write_text("**")
     check = verify_model_dir(model, public_key=public)
     assert not check.ok and [m.file for m in check.mismatches] == [".gitattributes"]
+
+
+def test_registered_signed_model_verifies_and_mlflow_records_no_key(signed, fresh, capsys, monkeypatch):
+    """The signature is logged with the model; the registry copy verifies (MLflow's MLmodel left out), and MLflow
+    holds the signature's digest and the public key's fingerprint, never key material."""
+    from mlflow import MlflowClient
+
+    model_dir, keys, home = signed
+    monkeypatch.setenv("DOTRESIZE_HOME", str(home))
+    public = str(keys / "signing.pem.pub")
+    code, out, err = _run(capsys, "verify", "models:/tiny-signed/1", "--public-key", public)
+    assert code == 0 and "model.sig: all" in out, out + err
+    code, out, err = _run(capsys, "verify", str(model_dir), "--public-key", public)
+    assert code == 0 and "matches MLflow run" in out, out + err
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    version = client.get_model_version("tiny-signed", "1")
+    assert version.tags["dotresize.signature_sha256"] == hashlib.sha256((model_dir / "model.sig").read_bytes()
+                                                                        ).hexdigest()
+    assert version.tags["dotresize.signing_key"] == hashlib.sha256((keys / "signing.pem.pub").read_bytes()
+                                                                   ).hexdigest()
+    aliases = {k: int(v) for k, v in client.get_registered_model("tiny-signed").aliases.items()}
+    assert aliases["current"] == 1 and any(a.startswith("current-dot-25-") for a in aliases)
+    private = (keys / "signing.pem").read_text()
+    body = "".join(private.splitlines()[1:-1])
+    run = client.get_run(version.run_id)
+    recorded = json.dumps([run.data.params, run.data.tags, dict(version.tags)])
+    assert body[:40] not in recorded and "signing.pem" not in recorded
+    for path in (home / "mlartifacts").rglob("*"):
+        if path.is_file():
+            assert body[:40] not in path.read_text(errors="replace"), path

@@ -340,3 +340,44 @@ def test_lock_excludes_threads_and_processes_and_dies_with_its_holder(tmp_path):
     lock = FileLock(path, blocking=True, timeout=10)
     assert lock.acquire()  # released by the OS when its holder died
     lock.release()
+
+
+# --- registry aliases (issue 12, item 7) --------------------------------------------------------------------------
+def test_recipe_alias_names(monkeypatch):
+    from flows.mlflow_logging import recipe_alias
+
+    bundle = {"recipe": {"config": {"method": "dot", "ratio": 0.2, "dot": {"epsilon": 0.2}},
+                         "calibration": {"data": "/some/where.txt", "text_sha256": "ab", "samples": 64}}}
+    alias = recipe_alias(bundle)
+    assert alias.startswith("current-dot-20-") and len(alias) == len("current-dot-20-") + 8
+    moved = {**bundle, "recipe": {**bundle["recipe"], "calibration": {**bundle["recipe"]["calibration"],
+                                                                       "data": "/elsewhere/where.txt"}}}
+    assert recipe_alias(moved) == alias  # the same text elsewhere is the same recipe
+    other = {"recipe": {**bundle["recipe"], "config": {**bundle["recipe"]["config"], "dot": {"epsilon": 0.5}}}}
+    assert recipe_alias(other) != alias
+    assert recipe_alias({**bundle, "tags": {"dotresize.recipe_label": "My Recipe/v2"}}) == "current-my-recipe-v2"
+    monkeypatch.setenv("DOTRESIZE_REGISTRY_ALIAS", "prod")
+    assert recipe_alias({**bundle, "tags": {"dotresize.recipe_label": "dot-20"}}) == "prod-dot-20"
+
+
+def test_registry_alias_is_per_recipe(checkpoints, pipeline_env):
+    """`current` follows the latest compression of any recipe; `current-<recipe>` the latest with that recipe, so
+    compressing with another recipe does not move it."""
+    from mlflow import MlflowClient
+
+    home = pipeline_env / "home"
+    shutil.rmtree(checkpoints / "checkpoint-2")
+    first = _watch(checkpoints)
+    other = {**RECIPE, "name": "wide", "ratio": 0.125}
+    from flows.watch import watch_flow
+
+    second = watch_flow(source=str(checkpoints), recipe=other, settle_seconds=0, register_name="tiny-watch",
+                        n_workers=1)
+    assert len(first["compressed"]) == 1 and len(second["compressed"]) == 1
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    model = client.get_registered_model("tiny-watch")
+    aliases = {k: int(v) for k, v in model.aliases.items()}
+    assert aliases["current-recipe"] == 1          # the first recipe (a mapping: named "recipe")
+    assert aliases["current-wide"] == 2
+    assert aliases["current"] == 2                 # the latest of any recipe, as documented
+    assert client.get_model_version("tiny-watch", "1").tags["dotresize.recipe_label"] == "recipe"
