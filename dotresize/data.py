@@ -66,13 +66,34 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def _read_file(path: Path, dataset_id: str) -> TextSource:
-    raw = path.read_bytes()
-    text = raw.decode("utf-8").replace("\r\n", "\n")
+    """A local text: UTF-8 (a ``.jsonl`` file: one JSON object with a string ``text`` per non-blank line, the
+    rows joined by blank lines). Anything else is a one-line :class:`CalibrationError` naming the place."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataNotFoundError(f"{path} cannot be read ({error.strerror}): fix its permissions") from None
+    try:
+        text = raw.decode("utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as error:
+        raise CalibrationError(f"{path} is not UTF-8 text (byte {error.start} is 0x{raw[error.start]:02x}): save it "
+                               "as UTF-8") from None
+    if not text.strip():
+        raise CalibrationError(f"{path} holds no text: pass a file with text in it")
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        if not rows or not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
-            raise CalibrationError(f"{path}: every JSONL row must be an object with a string 'text' field")
-        text = "\n\n".join(r["text"] for r in rows)
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise CalibrationError(f"{path}: line {number} is not JSON; every JSONL row must be an object with a "
+                                       "string 'text' field") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise CalibrationError(f"{path}: line {number} is not an object with a string 'text' field, as every "
+                                       "JSONL row must be")
+            rows.append(row["text"])
+        text = "\n\n".join(rows)
     elif path.name == "wiki.test.raw":
         # the raw test split: one row per line, joined with blank lines as the standard protocol does
         text = "\n\n".join(line for line in text.split("\n") if line)
@@ -108,6 +129,9 @@ def load_text(name_or_path: str) -> TextSource:
             return _read_file(data_dir / relative, name_or_path)
         return _from_hub(name_or_path, hub)
     path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        raise DataNotFoundError(f"{name_or_path} is a directory: pass a .txt or .jsonl file or one of "
+                                f"{', '.join(NAMED_TEXTS)}")
     if not path.is_file():
         raise DataNotFoundError(
             f"no data file {name_or_path}: pass an existing .txt or .jsonl file or one of {', '.join(NAMED_TEXTS)}"
@@ -122,7 +146,11 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 def sample_windows(token_ids: torch.Tensor, samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``samples`` distinct non-overlapping windows of ``seqlen`` tokens, chosen reproducibly from ``seed``."""
+    """``samples`` distinct non-overlapping windows of ``seqlen`` tokens, chosen reproducibly from ``seed``.
+
+    The text is cut into ``len // seqlen`` windows. Asking for more windows than that is an error naming the
+    number available (never silently fewer: the recipe records what was asked for, and the run must be that).
+    """
     if samples < 1 or seqlen < 2:
         raise CalibrationError("calibration needs at least 1 sample of at least 2 tokens")
     windows = token_ids.numel() // seqlen
@@ -131,8 +159,13 @@ def sample_windows(token_ids: torch.Tensor, samples: int, seqlen: int, seed: int
             f"the calibration text has {token_ids.numel()} tokens, fewer than one sequence of {seqlen}: "
             "use a longer text or a shorter --calib-seqlen"
         )
+    if samples > windows:
+        raise CalibrationError(
+            f"{samples} calibration samples asked for, but the text holds {windows} windows of {seqlen} tokens "
+            f"({token_ids.numel()} tokens): ask for {windows} or fewer, use a longer text or a shorter sequence"
+        )
     generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(windows, generator=generator)[: min(samples, windows)]
+    chosen = torch.randperm(windows, generator=generator)[:samples]
     chosen = torch.sort(chosen).values
     grid = token_ids[: windows * seqlen].view(windows, seqlen)
     return grid[chosen].clone()

@@ -7,6 +7,7 @@ directory behind. Heavy libraries are imported only once the arguments are known
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -59,8 +60,12 @@ def _add_compress(sub) -> None:
                    help="run directory (local path or fsspec URL; default ./runs/<model>-<method>-<key>): every "
                         "stage is checkpointed there and the same command resumes it")
     p.add_argument("--out", default=None,
-                   help="also copy the compressed model directory here (must not exist or be empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+                   help="also copy the compressed model directory here (must not exist or be empty; never the run "
+                        "directory, the MLflow store or the source, nor inside or around them)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that is a previous dotresize export (never any other directory)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="refuse at once, instead of waiting, when another process is computing in the run directory")
     p.add_argument("--in-memory", action="store_true",
                    help="compress in this process with the in-memory API (no Prefect, run directory or MLflow); "
                         "needs --out")
@@ -92,6 +97,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--ctx", type=_positive_int, default=256)
     p.add_argument("--max-windows", type=int, default=100)
     _add_eval_dtype(p, "--eval-dtype", "precision of the evaluations (see evaluate --dtype; default float32)")
+    p.add_argument("--export-dtype", choices=EVAL_DTYPE_NAMES, default=None,
+                   help="dtype of the exported weights (default: the source's dtype at rest; float32 for a "
+                        "quantised GGUF)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the source model's own code")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_compress)
@@ -324,15 +332,17 @@ def _eval_ppl(model, tokenizer, args, progress: bool) -> dict:
 
 
 def cmd_compress(args) -> dict:
-    from dotresize.export import check_output_dir
-
-    config = _compression_config(args)
     if args.in_memory and not args.out:
         raise UsageError("--in-memory writes only --out: pass --out DIR")
     if args.in_memory and args.eval_dtype != "float32":
         raise UsageError("--eval-dtype applies to the pipeline's evaluate stage: drop --in-memory, or evaluate "
                          "the --out directory with `dotresize evaluate DIR --dtype ...`")
-    out = check_output_dir(args.out, args.overwrite) if args.out else None
+    from . import preflight, runlock
+
+    # every input checked before any work (one line each, nothing created): flows/preflight.py
+    out = preflight.check_compress(args).paths.out
+    runlock.configure(wait=not args.no_wait)
+    config = _compression_config(args)
     if args.in_memory:
         return _compress_in_memory(args, config, out)
     return _compress_pipeline(args, config, out)
@@ -362,7 +372,7 @@ def _compress_pipeline(args, config, out: Path | None) -> dict:
         progress=not args.quiet, ppl=args.ppl, ppl_source=args.ppl, ppl_ctx=args.ctx,
         ppl_max_windows=args.max_windows, device=args.device, trust_remote_code=args.trust_remote_code,
         tasks=[t.strip() for t in (args.tasks or "").split(",") if t.strip()] or None, limit=args.limit,
-        eval_dtype=args.eval_dtype)
+        eval_dtype=args.eval_dtype, export_dtype=args.export_dtype)
     if out is not None:
         result["out"] = str(_copy_model(Path(result["model_dir"]), out, args.overwrite))
     if not args.json:
@@ -391,14 +401,51 @@ def _compress_pipeline(args, config, out: Path | None) -> dict:
 
 
 def _copy_model(model_dir: Path, out: Path, overwrite: bool) -> Path:
-    """Copy the run's model directory to ``out`` under a temporary name, then rename it into place."""
+    """Copy the run's model directory to ``out``: filled under a temporary sibling name, then renamed into place.
+
+    An existing ``out`` is replaced only when empty or, with ``overwrite``, a previous dotresize export -- checked
+    again here, as it may have changed while the run went on. A failure (a full disk) leaves nothing new behind
+    and the old ``out`` in place.
+    """
+    import os
     import shutil
+    import tempfile
+    import uuid
 
-    from dotresize.export import staged_directory
+    from .preflight import PreflightError, is_export
 
-    with staged_directory(out, overwrite) as tmp:
-        shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-    return out.resolve()
+    out = Path(os.path.realpath(out))
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (overwrite and is_export(out)))):
+        raise PreflightError(f"--out {out} was changed by something else during the run and is not replaceable "
+                             f"now: the model is in {model_dir}")
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
+    try:
+        for directory, _, files in os.walk(model_dir):  # file by file: an OSError names the file (not shutil.Error)
+            target = tmp / Path(directory).relative_to(model_dir)
+            target.mkdir(exist_ok=True)
+            for name in files:
+                shutil.copy2(Path(directory) / name, target / name)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        for parent in created:  # innermost first
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def _compress_in_memory(args, config, out: Path) -> dict:
@@ -427,6 +474,8 @@ def _compress_in_memory(args, config, out: Path) -> dict:
     torch.manual_seed(args.seed)
     compressed, report = compress(model, calibration.input_ids, config, progress=progress)
     del model
+    if args.export_dtype:
+        compressed = compressed.to(getattr(torch, args.export_dtype))
     path = save_compressed(compressed, out, tokenizer=tokenizer, compression=config.to_dict(), overwrite=args.overwrite,
                            extra_json={"compression_report.json": report.to_dict(),
                                        "source.json": source.meta(), "calibration.json": calibration.meta()})
@@ -665,29 +714,67 @@ def cmd_keygen(args) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    """The command line. As the program itself (``argv`` None) it also owns the process's signals: Ctrl-C and
+    SIGTERM print one line, stop every child process and exit 130/143 within seconds (:mod:`flows.interrupts`)."""
     apply_offline_defaults()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is not None:  # called from Python (tests, notebooks): the caller's signal handling stays
+        return _main(parser, args)
+    from .interrupts import guard
+
+    # serve's flow runs are subprocesses that Prefect cancels with SIGTERM: they must not inherit a blocked mask
+    with guard(block=args.func is not cmd_serve):
+        return _main(parser, args)
+
+
+def _main(parser: argparse.ArgumentParser, args) -> int:
     from .logs import configure_cli_logging
 
     configure_cli_logging(logging.DEBUG if args.verbose else logging.INFO)
     for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        from dotresize.errors import DotResizeError
-
         result = args.func(args)
     except UsageError as error:
         parser.exit(2, f"dotresize: error: {error}\n")
-    except DotResizeError as error:
-        print(f"dotresize: error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("dotresize: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        message = _user_error_message(error)
+        if message is None:
+            raise
+        print(f"dotresize: error: {message}", file=sys.stderr)
+        return 1
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _user_error_message(error: Exception) -> str | None:
+    """The one line of an error that is the user's to fix; None for a bug (its traceback is shown).
+
+    A :class:`dotresize.DotResizeError` or a failed preflight check says itself what to change. An OSError of a
+    full disk, a read-only filesystem or a refused permission -- found however late -- is named with its path.
+    """
+    import errno
+
+    from .logs import is_user_error
+    from .preflight import PreflightError
+
+    errors = sys.modules.get("dotresize.errors")  # loaded by then if the error is one of them
+    if isinstance(error, PreflightError) or (errors is not None and isinstance(error, errors.DotResizeError)):
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if not is_user_error(error):
+        return None
+    where = error.filename or error.filename2 or "a file"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device holding {where}: free some space, or choose another --run-dir/--out, "
+                "then run the same command again (finished stages are reused)")
+    if error.errno == errno.EROFS:
+        return f"{where} is on a read-only filesystem: choose a writable location (--run-dir, --out, DOTRESIZE_HOME)"
+    return f"permission denied on {where}: make it writable, or choose another location (--run-dir, --out)"
 
 
 if __name__ == "__main__":

@@ -2,19 +2,43 @@
 
 A :class:`dotresize.DotResizeError` raised inside a task is a bad input, not a crash: the CLI prints it as one
 ``dotresize: error: ...`` line, so the console drops Prefect's traceback and "Failed" lines about it (they still
-reach the Prefect API and the task's state).
+reach the Prefect API and the task's state). So is an :class:`OSError` the CLI reports in one line (disk full,
+read-only filesystem, permission denied: :data:`USER_ERRNOS`).
+
+Nothing here imports :mod:`dotresize` (which loads torch and transformers): the command line sets this up first,
+and a bad input is refused before any heavy import. :class:`DotResizeError` is looked up once it is loaded.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import re
 import sys
 
-from dotresize.errors import DotResizeError
+#: OSErrors that are the user's to fix (the CLI prints them as one line naming the path)
+USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+_ERRNO_TEXT = re.compile(r"\[Errno (%s)\]" % "|".join(str(n) for n in sorted(USER_ERRNOS)))
+
+
+def _dotresize_error() -> type | None:
+    module = sys.modules.get("dotresize.errors")
+    return getattr(module, "DotResizeError", None)
+
+
+def is_user_error(error: BaseException | None) -> bool:
+    """A :class:`DotResizeError` or an OSError in :data:`USER_ERRNOS`: printed as one line, never a traceback."""
+    base = _dotresize_error()
+    if base is not None and isinstance(error, base):
+        return True
+    return isinstance(error, OSError) and error.errno in USER_ERRNOS
 
 
 def _error_names() -> tuple[str, ...]:
-    names, todo = set(), [DotResizeError]
+    base = _dotresize_error()
+    if base is None:
+        return ()
+    names, todo = set(), [base]
     while todo:
         cls = todo.pop()
         names.add(cls.__name__)
@@ -30,11 +54,11 @@ class UserErrorFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, DotResizeError):
+        if is_user_error(exc):
             return self._drop()
         if record.levelno >= logging.WARNING or "Failed" in str(record.msg):
             message = record.getMessage()
-            if any(name in message for name in _error_names()):
+            if any(name in message for name in _error_names()) or _ERRNO_TEXT.search(message):
                 return self._drop()
             if UserErrorFilter.seen_user_error and ("did not reach a 'COMPLETED' state" in message
                                                     or record.name.startswith("distributed.")):
@@ -54,7 +78,7 @@ class CliFormatter(logging.Formatter):
         name = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
         where = f"dotresize[{name}]" if name else "dotresize"
         line = f"{self.formatTime(record, '%H:%M:%S')} {where}: {record.getMessage()}"
-        if record.exc_info and not isinstance(record.exc_info[1], DotResizeError):
+        if record.exc_info and not is_user_error(record.exc_info[1]):
             line += "\n" + self.formatException(record.exc_info)
         return line
 

@@ -1,0 +1,163 @@
+"""A local Prefect server for one command, when ``PREFECT_API_URL`` names none.
+
+Prefect's own ephemeral server is a child in the caller's process group: a terminal's Ctrl-C kills it while the
+flow still runs (the client then retries a dead server for minutes), and a SIGTERM of the caller leaves it
+running. This one is the same uvicorn app, started
+
+* in its own session, so that only this process decides when it stops (the interrupt cleanup, or the end of the
+  block);
+* with ``PR_SET_PDEATHSIG`` on Linux, so that the kernel stops it if this process dies without cleaning up
+  (``kill -9``); start it from the main thread (the signal follows the thread that started it);
+* with the default signal mask (see :func:`flows.interrupts.unblocked_child_argv`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from . import interrupts
+
+log = logging.getLogger("dotresize")
+
+
+class ServerStartError(RuntimeError):
+    """The local Prefect server did not come up."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalPrefectServer:
+    """``with LocalPrefectServer() as server: server.api_url``; see the module docstring."""
+
+    def __init__(self, timeout: float | None = None):
+        self.timeout = timeout
+        self.port: int | None = None
+        self.process: subprocess.Popen | None = None
+        self._log: Path | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> str:
+        import prefect
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings
+
+        timeout = self.timeout or max(60.0, float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+        env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+               "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        env.pop("PREFECT_API_URL", None)
+        fd, log_path = tempfile.mkstemp(prefix="dotresize-prefect-server-", suffix=".log")
+        self._log = Path(log_path)
+        deadline = time.monotonic() + timeout
+        for _ in range(5):  # a port taken between choosing and binding: choose again
+            self.port = _free_port()
+            argv = interrupts.unblocked_child_argv(
+                "uvicorn", "--app-dir", str(Path(prefect.__file__).resolve().parent.parent), "--factory",
+                "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                "--log-level", "error", "--lifespan", "on")
+            self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                            start_new_session=True)
+            if self._wait_healthy(deadline):
+                os.close(fd)
+                return self.api_url
+            if self.process.poll() != 3:  # uvicorn's "address in use"
+                break
+        os.close(fd)
+        tail = self._log_tail()
+        self.stop()
+        raise ServerStartError(f"the local Prefect server did not start within {timeout:.0f} s"
+                               + (f": {tail}" if tail else "") + "; set PREFECT_API_URL to a running server")
+
+    def _wait_healthy(self, deadline: float) -> bool:
+        import httpx
+
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    return False
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{self.api_url}/health").status_code == 200:
+                        return True
+                time.sleep(0.1)
+        return False
+
+    def _log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            lines = [line for line in self._log.read_text(errors="replace").splitlines() if line.strip()]
+            return lines[-1][:300] if lines else ""
+        return ""
+
+    def stop(self, grace: float = 3.0) -> None:
+        """Stop the server (its whole session): SIGTERM, then SIGKILL after ``grace`` seconds. Idempotent."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=grace)
+        if self._log is not None:
+            self._log.unlink(missing_ok=True)
+            self._log = None
+
+    def __enter__(self) -> LocalPrefectServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _drain_prefect_services(timeout: float = 5.0) -> None:
+    """Send the logs and events Prefect still holds before their server goes away."""
+    with contextlib.suppress(Exception):
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=timeout)
+    with contextlib.suppress(Exception):
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=timeout)
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str]:
+    """``$PREFECT_API_URL`` when set; else a :class:`LocalPrefectServer` for the block (stopped on an interrupt
+    too), with the setting pointing at it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    configured = PREFECT_API_URL.value()
+    if configured:
+        yield configured
+        return
+    server = LocalPrefectServer()
+    with interrupts.cleanup(server.stop, "stop the local Prefect server"):
+        try:
+            url = server.start()
+            with temporary_settings({PREFECT_API_URL: url}):
+                try:
+                    yield url
+                finally:
+                    _drain_prefect_services()
+        finally:
+            server.stop()
+
+
+__all__ = ["LocalPrefectServer", "prefect_api", "ServerStartError"]
