@@ -9,7 +9,7 @@ or a registered model in MLflow, ``models:/<name>/<version>`` (or ``models:/<nam
   logged to the MLflow run;
 * ``lineage.json`` itself (it cannot hold its own digest) against the ``dotresize.lineage_sha256`` tag of the
   MLflow run and of the model version, and against the ``lineage.json`` artifacts logged with the run;
-* ``model.safetensors`` against the model version's ``model_sha256`` tag;
+* the weights (``model.safetensors``, or a sharded export's index) against the version's ``model_sha256`` tag;
 * the source checkpoint's files and the run directory's stage outputs and evaluation files against
   ``lineage.json``, where they still exist (a deleted intermediate is reported as not checked).
 
@@ -158,6 +158,18 @@ def _search_versions(client, filter_string: str) -> list:
         return []
 
 
+def weights_file(lineage: dict, model_dir: Path) -> str:
+    """The file whose sha256 is the model's digest (the MLflow tag ``model_sha256``): ``model.safetensors``, or
+    for a sharded export its index (which records every shard's sha256); lineage.json names it when it can."""
+    named = lineage.get("weights_file")
+    if named:
+        return str(named)
+    for candidate in ("model.safetensors", "model.safetensors.index.json"):
+        if candidate in (lineage.get("model") or {}) or (model_dir / candidate).is_file():
+            return candidate
+    return "model.safetensors"
+
+
 def _find_record(model_dir: Path, run_dir: Path | None, lineage: dict, lineage_sha: str, tracking_uri: str | None,
                  temp: list) -> MlflowRecord | None:
     """The MLflow run that logged this model: ``<run>/mlflow.json`` if any, else a run tagged with the same
@@ -173,9 +185,10 @@ def _find_record(model_dir: Path, run_dir: Path | None, lineage: dict, lineage_s
                                saved.get("version"))
         except Exception:
             pass
-    model_sha = (lineage.get("model") or {}).get("model.safetensors")
-    if not model_sha and (model_dir / "model.safetensors").is_file():  # lineage.json unreadable
-        model_sha = sha256_file(model_dir / "model.safetensors")
+    weights = weights_file(lineage, model_dir)
+    model_sha = (lineage.get("model") or {}).get(weights)
+    if not model_sha and (model_dir / weights).is_file():  # lineage.json unreadable
+        model_sha = sha256_file(model_dir / weights)
     if not model_sha:
         return None
     for uri in _default_uris(tracking_uri, model_dir):
@@ -395,14 +408,14 @@ def _verify_against_mlflow(report: Report, target: Target, record: MlflowRecord)
     label = record.label()
     artifacts = record.artifact_dir
     version_sha = record.version_tags.get("model_sha256")
-    actual = sha256_file(target.model_dir / "model.safetensors") if (target.model_dir / "model.safetensors").is_file() \
-        else "missing"
+    weights = weights_file(target.lineage, target.model_dir)
+    actual = sha256_file(target.model_dir / weights) if (target.model_dir / weights).is_file() else "missing"
     if version_sha is not None:
         report.add([] if version_sha == actual else
-                   [Mismatch("model.safetensors", version_sha, actual,
+                   [Mismatch(weights, version_sha, actual,
                              f"{record.registered_model} v{record.version} tag model_sha256")],
-                   "model.safetensors matches the registered version's model_sha256",
-                   "model.safetensors disagrees with the registered version")
+                   f"{weights} matches the registered version's model_sha256",
+                   f"{weights} disagrees with the registered version")
     if artifacts is None or not (artifacts / "model").is_dir():
         report.add([Mismatch("model/", "logged model files", "none readable", label)], "",
                    f"the model files logged to {label} cannot be read")

@@ -55,7 +55,8 @@ def test_verify_passes_then_fails_naming_the_changed_file(artifact, capsys, pipe
     code, out, err = _run(capsys, "verify", f"models:/tiny-lineage/{artifact['model_version']}")
     assert code == 0, out + err
 
-    for name, where in (("model.safetensors", 0.5), ("config.json", 0.5), ("tokenizer.json", 0.5),
+    weights = json.loads((model_dir / "lineage.json").read_text()).get("weights_file", "model.safetensors")
+    for name, where in ((weights, 0.5), ("config.json", 0.5), ("tokenizer.json", 0.5),
                         ("lineage.json", 0.5), ("lineage.json", 0.0)):  # the last one leaves invalid JSON
         path = model_dir / name
         original = path.read_bytes()
@@ -117,7 +118,8 @@ def test_lineage_shows_the_chain(artifact, capsys):
     assert lineage["recipe"]["config"]["method"] == "dot" and len(lineage["recipe_sha256"]) == 64
     assert lineage["code"]["version"] and "git_commit" in lineage["code"]
     assert {"torch", "transformers", "POT", "lm-eval"} <= set(lineage["versions"])
-    assert {"calibration", "fuse", "capture", "export"} <= set(lineage["stage_outputs"])
+    stages = set(lineage["stage_outputs"])
+    assert {"calibration", "export"} <= stages and any(s.split("/")[0] == "capture" for s in stages), stages
     assert lineage["evaluation"]["ppl"]["result"]["ppl"] == pytest.approx(artifact["ppl"]["ppl"])
     model_files = {p.name for p in Path(artifact["model_dir"]).iterdir() if p.name != "lineage.json"}
     assert set(lineage["model"]) == model_files

@@ -81,7 +81,7 @@ def test_pipeline_out_copy_honours_the_umask(pipeline_env, capsys):
                      "--calib-seqlen", "32", "--run-dir", str(pipeline_env / "runs" / "perm"), "--out", str(out),
                      "--no-mlflow", "--workers", "1"])
     assert code == 0, capsys.readouterr().err[-3000:]
-    assert (out / "lineage.json").is_file() and (out / "model.safetensors").is_file()
+    assert (out / "lineage.json").is_file() and (out / "config.json").is_file()
     _assert_tree(out, 0o027)  # 0750 directory, 0640 files (not 0700 / 0600)
     model_dir = pipeline_env / "runs" / "perm" / "model"
     # the run's model directory and what dotresize.export wrote into it
