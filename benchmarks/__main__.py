@@ -16,6 +16,8 @@ PARTS = {
     "compression": "wall time and peak RSS of a compression: in-memory vs orchestrated, parallel vs sequential",
     "speed": "tokens/s and per-token latency of the original vs the compressed models",
     "resume_check": "kill -9 and resume of a real pipeline run (the pipeline's crash-safety check)",
+    "large": "memory and time of the layer-streamed pipeline on synthetic 8B / 70B-shaped checkpoints",
+    "synthetic": "write a seeded random-weight checkpoint with real shapes (llama-8b, llama-70b)",
 }
 
 

@@ -42,9 +42,17 @@ def _output(result) -> torch.Tensor:
 
 
 @torch.no_grad()
+def embed_batches(model: LayeredModel, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The embedding output of every batch, looked up in one call (a streamed model reads the matrix once)."""
+    if len({tuple(b.shape[1:]) for b in batches}) != 1:
+        return [model.embed(batch) for batch in batches]
+    return list(model.embed(torch.cat(list(batches))).split([b.shape[0] for b in batches]))
+
+
+@torch.no_grad()
 def layer_inputs(model: LayeredModel, batches: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
     """The embedding output of every batch and every layer's keyword arguments for it."""
-    hidden = [model.embed(batch) for batch in batches]
+    hidden = embed_batches(model, batches)
     kwargs = [model.layer_kwargs(h) for h in hidden]
     return hidden, kwargs
 

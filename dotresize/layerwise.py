@@ -287,6 +287,7 @@ class StreamedModel(LayeredModel):
 
     # --- calibration ----------------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of ``ids`` (the matrix is read for the call and dropped: embed all batches at once)."""
         weight = self.reader.read([self._embedding])[self._embedding]
         rows = weight[ids.reshape(-1)].to(torch.float32)
         del weight

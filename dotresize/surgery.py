@@ -9,6 +9,8 @@ All products are computed in float64 and cast back to the model dtype once.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,18 +27,34 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(F64)
 
 
+#: float64 elements of a weight transformed at once (bounds the temporaries of an 8B layer's MLP to ~64 MB)
+BLOCK_ELEMENTS = 1 << 23
+
+
 def _consume(weight: torch.Tensor, decoder: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``weight @ decoderᵀ`` (a consumer's input side), in float64 a block of rows at a time, cast once."""
     dtype = dtype or weight.dtype
     if decoder is None:
         return weight.to(dtype)
-    return (_f64(weight) @ decoder.to(weight.device).T).to(dtype)
+    decoder_t = decoder.to(weight.device).T
+    step = max(1, BLOCK_ELEMENTS // max(weight.shape[1], 1))
+    out = torch.empty(weight.shape[0], decoder_t.shape[1], dtype=dtype, device=weight.device)
+    for start in range(0, weight.shape[0], step):
+        out[start:start + step] = (_f64(weight[start:start + step]) @ decoder_t).to(dtype)
+    return out
 
 
 def _produce(weight: torch.Tensor, Q: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``Qᵀ @ weight`` (a producer's output side), in float64 a block of columns at a time, cast once."""
     dtype = dtype or weight.dtype
     if Q is None:
         return weight.to(dtype)
-    return (Q.to(weight.device).T @ _f64(weight)).to(dtype)
+    q_t = Q.to(weight.device).T
+    step = max(1, BLOCK_ELEMENTS // max(weight.shape[0], 1))
+    out = torch.empty(q_t.shape[0], weight.shape[1], dtype=dtype, device=weight.device)
+    for start in range(0, weight.shape[1], step):
+        out[:, start:start + step] = (q_t @ _f64(weight[:, start:start + step])).to(dtype)
+    return out
 
 
 def _shortcut(decoder_in: torch.Tensor | None, Q_out: torch.Tensor | None, dtype: torch.dtype):
@@ -151,33 +169,53 @@ def per_point_layer_state(layout: FamilyLayout, mods: LayerModules, index: int, 
     return _prefixed(layout, index, tensors)
 
 
-def _rows(fetch, total: int, transform, rows: int = END_ROWS) -> torch.Tensor:
-    """``transform`` applied to ``fetch(start, stop)`` chunk by chunk, concatenated on the CPU."""
-    return torch.cat([transform(fetch(start, min(start + rows, total))).cpu()
-                      for start in range(0, total, rows)]).contiguous()
+@dataclass(frozen=True)
+class TensorChunks:
+    """A tensor of the compressed model produced a block of rows at a time (the embedding matrix and head of a
+    128k-token vocabulary never need to be whole in memory): ``chunks()`` yields its rows in order."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunks: Callable[[], Iterator[torch.Tensor]]
+
+    def materialise(self) -> torch.Tensor:
+        return torch.cat([c.cpu() for c in self.chunks()]).contiguous()
 
 
-@torch.no_grad()
-def embeddings_state(model, Q: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The embedding matrix rotated by the first point's encoder (rows in chunks)."""
-    return _rows(model.embedding_rows, model.vocab_size, lambda w: _produce(w.T, Q, dtype).T)
+def _row_chunks(fetch, total: int, transform, rows: int = END_ROWS):
+    def chunks():
+        for start in range(0, total, rows):
+            yield transform(fetch(start, min(start + rows, total))).contiguous()
+    return chunks
 
 
-@torch.no_grad()
-def head_state(model, decoder: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The fused head decoding the last point (rows in chunks)."""
-    return _rows(model.head_rows, model.vocab_size, lambda w: _consume(w, decoder, dtype))
+def embeddings_chunks(model, Q: torch.Tensor | None, dtype: torch.dtype) -> TensorChunks:
+    """The embedding matrix rotated by the first point's encoder."""
+    width = model.hidden_size if Q is None else Q.shape[1]
+    return TensorChunks(model.layout.weight(model.layout.embeddings), (model.vocab_size, width), dtype,
+                        _row_chunks(model.embedding_rows, model.vocab_size, lambda w: _produce(w.T, Q, dtype).T))
 
 
-@torch.no_grad()
-def per_point_ends_state(model, first: Basis, last: Basis, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def head_chunks(model, decoder: torch.Tensor | None, dtype: torch.dtype) -> TensorChunks:
+    """The fused head decoding the last point."""
+    width = model.hidden_size if decoder is None else decoder.shape[0]
+    return TensorChunks(model.layout.weight(model.layout.lm_head), (model.vocab_size, width), dtype,
+                        _row_chunks(model.head_rows, model.vocab_size, lambda w: _consume(w, decoder, dtype)))
+
+
+def _constant(name: str, value: torch.Tensor) -> TensorChunks:
+    return TensorChunks(name, tuple(value.shape), value.dtype, lambda: iter([value]))
+
+
+def _ends_dtype(model, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype or model.embedding_rows(0, 1).dtype
+
+
+def per_point_ends(model, first: Basis, last: Basis, dtype: torch.dtype | None = None) -> list[TensorChunks]:
     """Embeddings (rotated by the first point's basis) and head (decoding the last point) of the per-point model."""
-    full, layout = model.hidden_size, model.layout
-    dtype = dtype or model.embedding_rows(0, 1).dtype
-    return {
-        layout.weight(layout.embeddings): embeddings_state(model, _encoder(first, full), dtype),
-        layout.weight(layout.lm_head): head_state(model, _decoder(last, full), dtype),
-    }
+    full, dtype = model.hidden_size, _ends_dtype(model, dtype)
+    return [embeddings_chunks(model, _encoder(first, full), dtype), head_chunks(model, _decoder(last, full), dtype)]
 
 
 def _global_norm_weight(hidden_size: int, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -200,16 +238,12 @@ def global_layer_state(layout: FamilyLayout, mods: LayerModules, index: int, bas
     return _prefixed(layout, index, tensors)
 
 
-@torch.no_grad()
-def global_ends_state(model, basis: Basis, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def global_ends(model, basis: Basis, dtype: torch.dtype | None = None) -> list[TensorChunks]:
     """Embeddings, final norm and head of the global-layout model."""
-    layout = model.layout
-    dtype = dtype or model.embedding_rows(0, 1).dtype
-    return {
-        layout.weight(layout.embeddings): embeddings_state(model, basis.Q, dtype),
-        layout.weight(layout.final_norm): _global_norm_weight(model.hidden_size, basis.width, dtype),
-        layout.weight(layout.lm_head): head_state(model, basis.decoder, dtype),
-    }
+    dtype = _ends_dtype(model, dtype)
+    norm = _global_norm_weight(model.hidden_size, basis.width, dtype)
+    return [embeddings_chunks(model, basis.Q, dtype), _constant(model.layout.weight(model.layout.final_norm), norm),
+            head_chunks(model, basis.decoder, dtype)]
 
 
 @torch.no_grad()
@@ -222,12 +256,18 @@ def layer_state(model, index: int, layer: nn.Module, bases: list[Basis], layout_
     return per_point_layer_state(model.layout, mods, index, *bases, model.hidden_size, dtype)
 
 
+def ends(model, bases: list[Basis], layout_name: str, dtype: torch.dtype | None = None) -> list[TensorChunks]:
+    """Embeddings and head (and the global layout's final norm), produced in chunks of rows; ``bases``: the first
+    and last point's, or the global one."""
+    if layout_name == "global":
+        return global_ends(model, bases[0], dtype)
+    return per_point_ends(model, bases[0], bases[-1], dtype)
+
+
 @torch.no_grad()
 def ends_state(model, bases: list[Basis], layout_name: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Embeddings and head (and the global layout's final norm); ``bases``: first and last point, or the global."""
-    if layout_name == "global":
-        return global_ends_state(model, bases[0], dtype)
-    return per_point_ends_state(model, bases[0], bases[-1], dtype)
+    """:func:`ends` materialised (the in-memory API's path)."""
+    return {t.name: t.materialise() for t in ends(model, bases, layout_name, dtype)}
 
 
 @torch.no_grad()

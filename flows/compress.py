@@ -1,13 +1,18 @@
 """The orchestrated compression: a Prefect flow over the stage tasks, resumable stage by stage.
 
-``compress_flow`` resolves the source, samples the calibration set, fuses the model, captures activations into
-Zarr and then fans out, with Prefect's ``DaskTaskRunner``:
+``compress_flow`` resolves the source, samples the calibration set, inspects the model's structure (no weights
+are loaded: every stage reads the source a layer at a time, fusing its norms on the fly) and then fans out, with
+Prefect's ``DaskTaskRunner``:
 
-* ``parallel`` mode: capture (one forward pass) -> per point, in parallel, cost (Dask over Zarr) -> solve
-  (Sinkhorn + QR) -> per layer, as soon as its three bases exist, absorb -> export;
-* ``sequential`` mode: per point, capture through the already compressed layers -> cost -> solve, with the
-  absorption of layer l running while layer l+1 is calibrated;
+* ``parallel`` mode: capture layer 0, 1, ... (each task runs one layer over the calibration hidden states and
+  stores its slice points in Zarr) -> per point, as soon as its layer is captured, solve (its statistics reduced
+  by Dask over the Zarr chunks, then Sinkhorn + QR) -> per layer, as soon as its three bases exist, absorb (the
+  layer's compressed weights, which are a shard of the export) -> export (the ends, the index, the metadata);
+* ``sequential`` mode: per point, capture through the already compressed layers -> solve, with the absorption
+  of layer l running while layer l+1 is calibrated;
 * ``global`` layout: pooled statistics -> one basis -> per-layer absorption -> a stock model.
+
+Memory is a function of one layer: at most two decoder layers are materialised at once per process.
 
 Every stage has a content key and reuses a complete, verified output with that key: rerunning the same
 command resumes a killed run and recomputes only what is missing, stale or corrupted.
@@ -28,16 +33,16 @@ from prefect.futures import as_completed
 from dotresize.errors import DotResizeError
 from storage import RunDir, content_key
 
+from .runlock import hold_run
 from .settings import OFFLINE_DEFAULTS, apply_offline_defaults  # noqa: F401  (re-exported)
 from storage import rundir as paths
 from tasks import (
     absorb_task,
     calibration_task,
     capture_task,
-    cost_task,
     evaluate_task,
     export_task,
-    fuse_task,
+    inspect_task,
     plan_task,
     pool_task,
     resolve_source_task,
@@ -138,7 +143,7 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
                   ppl_source: bool = False, device: str | None = None, verify: bool = True,
                   trust_remote_code: bool = False, tags: dict | None = None,
                   expect_source_digest: str | None = None, tasks: list[str] | None = None, limit: int | None = None,
-                  tasks_source: bool = False, eval_dtype: str = "float32") -> dict:
+                  tasks_source: bool = False, eval_dtype: str = "float32", export_dtype: str | None = None) -> dict:
     """Compress ``model`` into ``run_dir`` (default ``./runs/<model>-<method>-<key>``); returns a small manifest:
     run_dir, model_dir, model_sha256, widths, parameter counts, which stages were reused, MLflow run and version.
 
@@ -149,7 +154,8 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
     WikiText-2; ``tasks`` (``["piqa", "arc_easy"]``, first ``limit`` examples each) runs the zero-shot tasks on
     the compressed model (and ``tasks_source`` on the source) into ``eval/lm_eval*.json``; every evaluation is
     logged as metrics of the compression's MLflow run. ``eval_dtype`` is the evaluations' precision
-    (:mod:`dotresize.evaluation.precision`; the model itself is exported in float32). A user-facing error
+    (:mod:`dotresize.evaluation.precision`). ``export_dtype`` (``float32``, ``bfloat16``, ``float16``) is the
+    exported weights' dtype, by default the source's dtype at rest (float32 for quantised GGUF). A user-facing error
     (:class:`dotresize.DotResizeError`) in a run directory this call created removes it again; an existing run
     directory is never removed.
     """
@@ -174,24 +180,27 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
                 config.layout, config.ratio)
     fresh = not run.exists("")
     run.makedirs()
-    try:
-        return _run_stages(run, config, recipe, run_key, source, calib, resolved["architecture"], started,
-                           dask_address=dask_address, n_workers=n_workers, mlflow=mlflow, register_name=register_name,
-                           progress=progress, ppl=ppl, ppl_ctx=ppl_ctx, ppl_max_windows=ppl_max_windows,
-                           ppl_source=ppl_source, device=device, verify=verify, trust_remote_code=trust_remote_code,
-                           tags=tags,
-                           tasks=list(tasks or []), limit=limit, tasks_source=tasks_source, eval_dtype=eval_dtype)
-    except DotResizeError:
-        if fresh:
-            logger.info("removing %s: the run failed before producing anything reusable", run.uri())
-            run.remove("")
-        raise
+    # one process at a time in a run directory, for the whole run (evaluations and MLflow included); a failed
+    # fresh run is removed while the lease is still held (flows/runlock.py, storage/lease.py)
+    with hold_run(run):
+        try:
+            return _run_stages(run, config, recipe, run_key, source, calib, resolved["architecture"], started,
+                               dask_address=dask_address, n_workers=n_workers, mlflow=mlflow,
+                               register_name=register_name, progress=progress, ppl=ppl, ppl_ctx=ppl_ctx,
+                               ppl_max_windows=ppl_max_windows, ppl_source=ppl_source, device=device, verify=verify,
+                               trust_remote_code=trust_remote_code, tags=tags, tasks=list(tasks or []), limit=limit,
+                               tasks_source=tasks_source, eval_dtype=eval_dtype, export_dtype=export_dtype)
+        except DotResizeError:
+            if fresh:
+                logger.info("removing %s: the run failed before producing anything reusable", run.uri())
+                run.remove("")
+            raise
 
 
 def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, calib: dict, architecture: dict,
                 started: float, *, dask_address, n_workers, mlflow, register_name, progress, ppl, ppl_ctx,
                 ppl_max_windows, ppl_source, device, verify, trust_remote_code, tags=None, tasks, limit, tasks_source,
-                eval_dtype="float32") -> dict:
+                eval_dtype="float32", export_dtype=None) -> dict:
     logger = get_run_logger()
     run.write_text(paths.RECIPE, _yaml(recipe))
     run.write_json(paths.SOURCE, source)
@@ -201,65 +210,31 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
         quiet_dask_logs()
         calibration_f = runner.submit(calibration_task, {**common, "source": source, "calib": calib,
                                                          "hidden_size": architecture["hidden_size"]})
-        fuse_f = runner.submit(fuse_task, {**common, "source": source, "trust_remote_code": trust_remote_code})
-        fuse, calibration = fuse_f.result(), calibration_f.result()
-        widths = plan_task(fuse, recipe)
-        num_points, num_layers = fuse["num_points"], fuse["num_layers"]
-        stage_args = {**common, "recipe": recipe, "verify": verify}
-        captures: list[Any]
+        inspect_f = runner.submit(inspect_task, {**common, "source": source, "trust_remote_code": trust_remote_code})
+        inspect, calibration = inspect_f.result(), calibration_f.result()
+        widths = plan_task(inspect, recipe)
+        layers = inspect["num_layers"]
+        streamed = {**common, "source": source, "inspect": inspect, "device": device}
+        solve_args = {**common, "recipe": recipe, "verify": verify, "device": device}
         if config.mode == "parallel":
-            capture_f = runner.submit(capture_task, {**common, "fuse": fuse, "calibration": calibration,
-                                                     "recipe": recipe, "progress": progress, "verify": verify})
-            captures = [capture_f]
-            if config.layout == "global":
-                pool_f = runner.submit(pool_task, {**common, "captures": [capture_f], "recipe": recipe,
-                                                   "num_points": num_points, "verify": verify})
-                cost_f = runner.submit(cost_task, {**stage_args, "point": "global", "capture": pool_f,
-                                                   "width": widths[0]})
-                solves = [runner.submit(solve_task, {**stage_args, "point": "global", "capture": pool_f,
-                                                     "width": widths[0], "cost": cost_f, "device": device})]
-                costs = [cost_f]
-            else:
-                costs, solves = [], []
-                for p in range(num_points):
-                    cost_f = runner.submit(cost_task, {**stage_args, "point": p, "capture": capture_f,
-                                                       "width": widths[p]})
-                    costs.append(cost_f)
-                    solves.append(runner.submit(solve_task, {**stage_args, "point": p, "capture": capture_f,
-                                                             "width": widths[p], "cost": cost_f, "device": device}))
+            captures, solves = _parallel_graph(runner, streamed, calibration, recipe, widths, layers, solve_args,
+                                               config.layout, verify)
         else:
-            captures, costs, solves = [], [], []
-            for p in range(num_points):
-                if p == 0:
-                    previous, bases = None, []
-                else:
-                    index = (p - 1) // 2
-                    previous = captures[2 * index]
-                    bases = [solves[2 * index]] + ([solves[2 * index + 1]] if p % 2 == 0 else [])
-                capture_f = runner.submit(sequential_capture_task, {
-                    **common, "point": p, "fuse": fuse, "calibration": calibration, "recipe": recipe,
-                    "previous": previous, "bases": bases, "verify": verify})
-                captures.append(capture_f)
-                cost_f = runner.submit(cost_task, {**stage_args, "point": p, "capture": capture_f,
-                                                   "width": widths[p]})
-                costs.append(cost_f)
-                solves.append(runner.submit(solve_task, {**stage_args, "point": p, "capture": capture_f,
-                                                         "width": widths[p], "cost": cost_f, "device": device}))
-        absorbs = []
-        for layer in range(num_layers):
-            bases = solves if config.layout == "global" else solves[2 * layer:2 * layer + 3]
-            absorbs.append(runner.submit(absorb_task, {**common, "layer": layer, "fuse": fuse, "bases": bases,
-                                                       "layout_name": config.layout}))
+            captures, solves = _sequential_graph(runner, streamed, calibration, recipe, widths, layers, solve_args,
+                                                 verify)
+        absorbs = [runner.submit(absorb_task, {**streamed, "layer": layer, "layout_name": config.layout,
+                                               "dtype": export_dtype,
+                                               "bases": solves if config.layout == "global"
+                                               else solves[2 * layer:2 * layer + 3]})
+                   for layer in range(layers)]
         _progress(solves, "bases" if config.mode == "parallel" else "sequential", progress)
         captures_m = [c.result() for c in captures]
-        if config.layout == "global":
-            captures_m.append(pool_f.result())
-        costs_m = [c.result() for c in costs]
         solves_m = [s.result() for s in solves]
         absorbs_m = [a.result() for a in absorbs]
         export = runner.submit(export_task, {
             **common, "run_key": run_key, "recipe": recipe, "source": source, "calibration": calibration,
-            "fuse": fuse, "widths": widths, "captures": captures_m, "bases": solves_m, "absorbs": absorbs_m}).result()
+            "inspect": inspect, "widths": widths, "captures": captures_m, "bases": solves_m, "absorbs": absorbs_m,
+            "dtype": export_dtype, "device": device}).result()
         evaluation = evaluation_source = None
         eval_args = {**common, "ctx": ppl_ctx, "max_windows": ppl_max_windows, "progress": progress,
                      "dtype": eval_dtype}
@@ -275,7 +250,7 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
                                                               "target": "source"}).result()
         if tasks:
             zero_shot = runner.submit(zero_shot_task, {**zs_args, "export": export, "target": "model"}).result()
-    manifests = [calibration, fuse, *captures_m, *costs_m, *solves_m, *absorbs_m, export]
+    manifests = [calibration, inspect, *captures_m, *solves_m, *absorbs_m, export]
     manifests += [m for m in (evaluation_source, evaluation, zero_shot_source, zero_shot) if m is not None]
     stages = _stage_summary(manifests)
     stage_seconds = {stage: round(info["seconds"], 6) for stage, info in stages.items()}
@@ -332,6 +307,45 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
     return result
 
 
+def _parallel_graph(runner, streamed: dict, calibration: dict, recipe: dict, widths: list[int], layers: int,
+                    solve_args: dict, layout_name: str, verify: bool) -> tuple[list, list]:
+    """Capture one layer after another (each task hands its output point to the next through the store); each
+    point's solve starts as soon as the layer producing it is captured; the global layout pools them first."""
+    captures, previous = [], None
+    for layer in range(layers):
+        previous = runner.submit(capture_task, {**streamed, "layer": layer, "calibration": calibration,
+                                                "recipe": recipe, "previous": previous, "verify": verify})
+        captures.append(previous)
+    if layout_name == "global":
+        pool = runner.submit(pool_task, {"run_url": streamed["run_url"], "captures": captures, "recipe": recipe,
+                                         "num_points": 2 * layers + 1, "verify": verify})
+        return captures + [pool], [runner.submit(solve_task, {**solve_args, "point": "global", "capture": pool,
+                                                               "width": widths[0]})]
+    solves = [runner.submit(solve_task, {**solve_args, "point": p, "capture": captures[max(0, (p - 1) // 2)],
+                                         "width": widths[p]})
+              for p in range(2 * layers + 1)]
+    return captures, solves
+
+
+def _sequential_graph(runner, streamed: dict, calibration: dict, recipe: dict, widths: list[int], layers: int,
+                      solve_args: dict, verify: bool) -> tuple[list, list]:
+    """SliceGPT's order: point p is captured through the layers compressed with the bases before it."""
+    captures, solves = [], []
+    for p in range(2 * layers + 1):
+        if p == 0:
+            previous, bases = None, []
+        else:
+            index = (p - 1) // 2
+            previous = captures[2 * index]
+            bases = [solves[2 * index]] + ([solves[2 * index + 1]] if p % 2 == 0 else [])
+        capture = runner.submit(sequential_capture_task, {**streamed, "point": p, "calibration": calibration,
+                                                          "recipe": recipe, "previous": previous, "bases": bases,
+                                                          "verify": verify})
+        captures.append(capture)
+        solves.append(runner.submit(solve_task, {**solve_args, "point": p, "capture": capture, "width": widths[p]}))
+    return captures, solves
+
+
 def _label(manifest: dict) -> str:
     name = manifest.get("name")
     return manifest["stage"] if name is None else f"{manifest['stage']}[{name}]"
@@ -353,21 +367,17 @@ def _stage_summary(manifests: list[dict]) -> dict[str, dict]:
 def run_compress(**kwargs: Any) -> dict:
     """Run :func:`compress_flow` with offline defaults; the CLI calls this.
 
-    With ``dask_address`` and no ``PREFECT_API_URL``, a local Prefect server is started first so that remote
-    Dask workers can report their task runs to it (an ephemeral in-process API is not reachable from them).
+    Without ``PREFECT_API_URL`` a local Prefect server is started for the run (:mod:`flows.local_server`: its own
+    session, stopped at the end, on Ctrl-C/SIGTERM through :mod:`flows.interrupts`, and by the kernel if this
+    process dies), rather than Prefect's ephemeral one, which a terminal's Ctrl-C kills mid-run. Remote Dask
+    workers (``dask_address``) report to it as well.
     """
     apply_offline_defaults()
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from .local_server import prefect_api
 
-    if kwargs.get("dask_address") and not PREFECT_API_URL.value():
-        from prefect.server.api.server import SubprocessASGIServer
-
-        server = SubprocessASGIServer()
-        server.start()
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            return compress_flow(**kwargs)
-    return compress_flow(**kwargs)
+    with prefect_api():
+        return compress_flow(**kwargs)
 
 
 __all__ = ["compress_flow", "run_compress", "build_config", "make_task_runner", "default_run_dir"]

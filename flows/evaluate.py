@@ -41,7 +41,10 @@ def _export_manifest(run_dir: Path) -> dict:
     export = read_manifest(run, "export")
     if export and export.get("model_sha256") and export.get("complete", True):
         return export
-    return {"model_sha256": run.sha256(f"{layout.MODEL}/model.safetensors")}
+    from dotresize.shards import model_digest, weights_file
+
+    model_dir = run.local_path(layout.MODEL)
+    return {"model_sha256": model_digest(model_dir), "weights_file": weights_file(model_dir)}
 
 
 def _precision_args(args) -> dict:
@@ -89,7 +92,8 @@ def _evaluate_run(run_dir: Path, args, tasks: list[str]) -> dict:
     export = _export_manifest(run_dir)
     progress = not args.quiet
     result: dict = {"model": str(run_dir / "model"), "run_dir": str(run_dir),
-                    "weights_sha256": {"model.safetensors": export["model_sha256"]}, "reused": {}}
+                    "weights_sha256": {export.get("weights_file", "model.safetensors"): export["model_sha256"]},
+                    "reused": {}}
     precision = _precision_args(args)
     try:
         if args.ppl or not tasks:

@@ -251,6 +251,56 @@ class RunDir:
             return self.sha256(rel)
         return self.write_bytes(rel, save(tensors, metadata=metadata))
 
+    def save_tensor_stream(self, rel: str, entries: list, metadata: dict[str, str] | None = None) -> str:
+        """A safetensors file written a chunk of rows at a time (its header first, from the entries' names,
+        shapes and dtypes), atomically; ``entries`` have ``name``, ``shape``, ``dtype`` and ``chunks()`` yielding
+        the tensor's rows in order. Returns the file's sha256. Nothing but one chunk is ever in memory."""
+        import hashlib
+        import struct
+
+        header, offset = {}, 0
+        for entry in entries:
+            nbytes = _numel(entry.shape) * _itemsize(entry.dtype)
+            header[entry.name] = {"dtype": _SAFETENSORS_DTYPES[entry.dtype], "shape": list(entry.shape),
+                                  "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * ((8 - len(text) % 8) % 8)
+        local_dir = os.path.dirname(self.path(rel)) if self.is_local else tempfile.mkdtemp(prefix="dotresize-put-")
+        os.makedirs(local_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{posixpath.basename(rel)}.tmp-", dir=local_dir)
+        digest = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                for block in (struct.pack("<Q", len(text)), text):
+                    handle.write(block)
+                    digest.update(block)
+                for entry in entries:
+                    written = 0
+                    for chunk in entry.chunks():
+                        data = chunk.detach().cpu().contiguous().to(entry.dtype).reshape(-1).view(torch_uint8()).numpy()
+                        handle.write(data)
+                        digest.update(data)
+                        written += data.nbytes
+                    if written != _numel(entry.shape) * _itemsize(entry.dtype):
+                        raise ValueError(f"{entry.name}: {written} bytes produced for shape {entry.shape}")
+                handle.flush()
+                os.fsync(handle.fileno())
+            if self.is_local:
+                os.replace(tmp, self.path(rel))
+            else:
+                self.write_bytes(rel, Path(tmp).read_bytes())
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        finally:
+            if not self.is_local:
+                shutil.rmtree(local_dir, ignore_errors=True)
+        return digest.hexdigest()
+
     def load_tensors(self, rel: str, sha256: str | None = None) -> dict:
         """Tensors of a safetensors file; with ``sha256`` the file is verified first."""
         from safetensors.torch import load, load_file
@@ -355,6 +405,39 @@ class RunDir:
                 continue
             out[name] = self.sha256(f"{rel}/{name}")
         return out
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
+
+
+def _numel(shape) -> int:
+    total = 1
+    for d in shape:
+        total *= int(d)
+    return total
+
+
+def _itemsize(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class _SafetensorsDtypes(dict):
+    def __missing__(self, dtype):
+        import torch
+
+        names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                 torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                 torch.bool: "BOOL"}
+        self[dtype] = names[dtype]
+        return self[dtype]
+
+
+_SAFETENSORS_DTYPES = _SafetensorsDtypes()
 
 
 def _json_default(value: Any) -> Any:

@@ -10,6 +10,7 @@ shard index, config, tokenizer and modeling code.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import threading
 from importlib.metadata import PackageNotFoundError, version
@@ -101,11 +102,13 @@ def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibrat
     key = export_key(inspect, recipe, widths, ends, absorbs, str(out_dtype))
 
     def compute() -> dict:
+        import torch
+
         model = streamed_model(source, inspect, device)
-        state = surgery.ends_state(model, [_load(run, b) for b in ends], config.layout, out_dtype)
-        ends_sha = run.save_tensors(layout.ENDS, {k: v.cpu() for k, v in state.items()}, metadata={"format": "pt"})
-        ends_params = sum(v.numel() for v in state.values())
-        del state
+        parts = surgery.ends(model, [_load(run, b) for b in ends], config.layout, out_dtype)
+        with torch.no_grad():  # embeddings and head streamed to disk a block of rows at a time
+            ends_sha = run.save_tensor_stream(layout.ENDS, parts, metadata={"format": "pt"})
+        ends_params = sum(math.prod(p.shape) for p in parts)
         layers = sorted(absorbs, key=lambda a: a["layer"])
         for absorb in layers:  # the layer files are this export's shards: check them before linking
             rel = layout.layer_file(absorb["layer"])

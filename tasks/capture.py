@@ -21,7 +21,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dotresize.calibration import rebase, run_layer, sequential_signals
+from dotresize.calibration import embed_batches, rebase, run_layer, sequential_signals
 from storage import ActivationStore, RunDir, load_basis
 
 from .common import (
@@ -129,7 +129,7 @@ def capture_task(run_url: str, layer: int, source: dict, inspect: dict, calibrat
     recorders = {p: _PointRecorder(store, p, key=key, tokens=tokens, dim=dim, config=config, mode="parallel")
                  for p in points}
     if layer == 0:
-        hidden = [model.embed(batch) for batch in batches]
+        hidden = embed_batches(model, batches)
         for h in hidden:
             recorders[0].add(h)
     else:
@@ -185,8 +185,8 @@ def sequential_capture_task(run_url: str, point: int, source: dict, inspect: dic
     tokens, dim = int(ids.numel()), model.hidden_size
     recorder = _PointRecorder(store, point, key=key, tokens=tokens, dim=dim, config=config, mode="sequential")
     if point == 0:
-        for batch in batches:
-            recorder.add(model.embed(batch))
+        for h in embed_batches(model, batches):
+            recorder.add(h)
     else:
         index = (point - 1) // 2
         b_in = basis_from(*load_basis(run, 2 * index))

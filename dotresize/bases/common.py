@@ -53,7 +53,7 @@ def reconstruction_error(stats: PointStats, Q: torch.Tensor, U: torch.Tensor | N
     if total <= 0:
         return 0.0
     if U is None:
-        kept = torch.trace(Q.T @ gram @ Q)
+        kept = ((gram @ Q) * Q).sum()  # trace(QᵀGQ) with one product
         return float(torch.clamp((total - kept) / total, min=0.0))
     residual = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device) - Q @ U
     return float(torch.trace(residual.T @ gram @ residual) / total)

@@ -80,9 +80,9 @@ def least_squares_decoder(stats: PointStats, Q: torch.Tensor, damping: float = 1
     return torch.linalg.solve(projected, Q.T @ gram)
 
 
-def effective_rank(matrix: torch.Tensor) -> float:
+def effective_rank(matrix: torch.Tensor | None = None, *, singular_values: torch.Tensor | None = None) -> float:
     """exp(entropy of the normalised singular values): ~1 for a rank-1 plan, ~d for a well-spread one."""
-    s = torch.linalg.svdvals(matrix)
+    s = torch.linalg.svdvals(matrix) if singular_values is None else singular_values
     p = s / s.sum()
     p = p[p > 0]
     return float(torch.exp(-(p * torch.log(p)).sum()))
@@ -125,7 +125,9 @@ def dot_basis(stats: PointStats, width: int, *, options: DotOptions, keep: torch
     signs = torch.sign(torch.diagonal(R))
     signs[signs == 0] = 1
     Q, R = Q * signs[None, :], R * signs[:, None]
-    cond = float(torch.linalg.cond(R))
+    # one SVD for both diagnostics: R's singular values are the plan's (compress = QR, Q orthonormal)
+    singular = torch.linalg.svdvals(R)
+    cond = float(singular.max() / singular.min()) if singular.numel() and singular.min() > 0 else math.inf
     if not math.isfinite(cond) or cond > options.max_cond:
         raise BasisError(
             f"the transport plan at point {point} is near rank-deficient (cond(R) = {cond:.3g} > "
@@ -148,7 +150,7 @@ def dot_basis(stats: PointStats, width: int, *, options: DotOptions, keep: torch
         "starved_targets": starved,
         "marginal_error": float(result.marginal_error),
         "cond_r": cond,
-        "effective_rank": effective_rank(compress),
+        "effective_rank": effective_rank(singular_values=singular),
         "solver": result.solver,
     }
     return Basis(Q=Q, U=U, info=info)
