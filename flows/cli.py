@@ -337,10 +337,12 @@ def cmd_compress(args) -> dict:
     if args.in_memory and args.eval_dtype != "float32":
         raise UsageError("--eval-dtype applies to the pipeline's evaluate stage: drop --in-memory, or evaluate "
                          "the --out directory with `dotresize evaluate DIR --dtype ...`")
-    from . import preflight, runlock
+    from . import preflight
 
     # every input checked before any work (one line each, nothing created): flows/preflight.py
     out = preflight.check_compress(args).paths.out
+    from . import runlock
+
     runlock.configure(wait=not args.no_wait)
     config = _compression_config(args)
     if args.in_memory:
@@ -412,6 +414,8 @@ def _copy_model(model_dir: Path, out: Path, overwrite: bool) -> Path:
     import tempfile
     import uuid
 
+    from dotresize.permissions import apply_umask_tree
+
     from .preflight import PreflightError, is_export
 
     out = Path(os.path.realpath(out))
@@ -428,9 +432,7 @@ def _copy_model(model_dir: Path, out: Path, overwrite: bool) -> Path:
             target.mkdir(exist_ok=True)
             for name in files:
                 shutil.copy2(Path(directory) / name, target / name)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700
+        apply_umask_tree(tmp)  # mkdtemp made it 0700, and the run's files may be 0600
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
             os.replace(out, old)
@@ -724,7 +726,8 @@ def main(argv: list[str] | None = None) -> int:
     from .interrupts import guard
 
     # serve's flow runs are subprocesses that Prefect cancels with SIGTERM: they must not inherit a blocked mask
-    with guard(block=args.func is not cmd_serve):
+    serving = args.func is cmd_serve
+    with guard(block=not serving, what_next="the deployments are no longer served" if serving else None):
         return _main(parser, args)
 
 

@@ -88,8 +88,13 @@ def interrupted() -> bool:
 
 # --- installing the guard ---------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def guard(block: bool = True) -> Iterator[None]:
-    """Handle SIGINT/SIGTERM as described in the module docstring while inside the block (main thread only)."""
+def guard(block: bool = True, what_next: str | None = None) -> Iterator[None]:
+    """Handle SIGINT/SIGTERM as described in the module docstring while inside the block (main thread only);
+    ``what_next`` replaces the interrupt line's default advice (see :func:`hint`)."""
+    if what_next is not None:
+        with hint(what_next), guard(block):
+            yield
+        return
     stop = threading.Event()
     if block:
         previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)

@@ -353,13 +353,23 @@ def check_model_files(path: Path) -> dict[str, TensorInfo] | None:
 def _check_gguf(path: Path) -> None:
     if path.is_dir():
         raise PreflightError(f"{path} is a directory, not a GGUF file: pass the .gguf file itself")
-    if path.stat().st_size == 0:
-        raise _problem(path, "is empty")
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as error:
+        raise PreflightError(f"model file {path} cannot be read ({error.strerror}): fix its permissions") from None
+    if len(magic) < 4:
+        raise _problem(path, f"is truncated ({len(magic)} bytes)")
+    if magic != b"GGUF":
+        raise _problem(path, "is not a GGUF file (no GGUF magic at its start)")
     from storage.checkpoints import gguf_problem
 
     problem = gguf_problem(path)
     if problem is not None:
-        raise _problem(path, f"is not a complete GGUF file ({problem.removeprefix(path.name).lstrip(': ')})")
+        detail = problem.removeprefix(path.name).lstrip(": ")
+        if "incomplete" in detail:
+            raise _problem(path, f"is truncated: {detail.removeprefix('is ')}")
+        raise _problem(path, "is not a complete GGUF file (its header, metadata or tensor table cannot be read)")
 
 
 # --- calibration file ------------------------------------------------------------------------------------------
@@ -523,8 +533,10 @@ def _check_space(args, paths: Paths, parameters: int | None, hidden: int, layers
 
     if parameters is None:
         return None
+    # the export's dtype: --export-dtype, else the source's at rest (most of its floating tensors; GGUF: float32)
     dtypes = [t.dtype for t in (tensors or {}).values() if t.dtype in ("F32", "F16", "BF16", "F64")]
-    export_bytes = dtype_bytes(max(set(dtypes), key=dtypes.count) if dtypes else None, default=4)
+    export_dtype = getattr(args, "export_dtype", None) or (max(set(dtypes), key=dtypes.count) if dtypes else None)
+    export_bytes = dtype_bytes(export_dtype, default=4)
     estimate = estimate_run_bytes(num_layers=layers, hidden_size=hidden, kept_width=_kept_width(hidden, args),
                                   calibration_tokens=args.calib_samples * args.calib_seqlen, parameters=parameters,
                                   export_bytes_per_parameter=export_bytes)
