@@ -66,7 +66,7 @@ def obs_keep(stats: MlpStats, width: int, down: torch.Tensor, ridge: float = 0.1
     Optimal Brain Surgeon on W_down with Hessian H = G + λI (λ = ridge · mean diag G): removing q from the current
     set costs ‖B_q‖² / (H⁻¹)_qq, B the current re-fitted weights (I x D, starting at W_downᵀ). For a fixed keep-set
     the re-fitted weights are exactly ``lsq``'s W_K + W_S·Aᵀ with the same ridge, so this rule greedily minimises the
-    objective that ``lsq`` solves. Cost O(I²) per removed neuron, float64.
+    objective that ``lsq`` solves. Float64; O(I·(k + D)) per removal after one I x I inverse.
     """
     gram = stats.gram.to(torch.float64).cpu()
     dim = gram.shape[0]
@@ -75,15 +75,20 @@ def obs_keep(stats: MlpStats, width: int, down: torch.Tensor, ridge: float = 0.1
     mean_diag = float(torch.diagonal(gram).mean())
     lam = max(ridge, 1e-8) * (mean_diag if mean_diag > 0 else 1.0)
     P = torch.cholesky_inverse(torch.linalg.cholesky(gram + lam * torch.eye(dim, dtype=torch.float64)))
+    # the inverse after removals is P − C·Cᵀ (C: one scaled column per removal), so a step costs O(I·(t + D))
+    C = torch.zeros(dim - width, dim, dtype=torch.float64)
+    diag = torch.diagonal(P).clone()
     B = down.detach().to(torch.float64).cpu().T.clone()
     alive = torch.ones(dim, dtype=torch.bool)
     inf = torch.tensor(float("inf"), dtype=torch.float64)
-    for _ in range(dim - width):
-        cost = torch.where(alive, (B * B).sum(1) / torch.diagonal(P).clamp(min=1e-300), inf)
+    for t in range(dim - width):
+        cost = torch.where(alive, (B * B).sum(1) / diag.clamp(min=1e-300), inf)
         q = int(torch.argmin(cost))
-        column = P[:, q].clone()
-        B.sub_(torch.outer(column / column[q], B[q]))
-        P.sub_(torch.outer(column / column[q], column))
+        column = P[:, q] - C[:t].T @ C[:t, q]
+        pivot = float(column[q])
+        C[t] = column / pivot ** 0.5
+        diag.sub_(C[t] ** 2)
+        B.sub_(torch.outer(column / pivot, B[q]))
         alive[q] = False
     return torch.nonzero(alive).flatten()
 
