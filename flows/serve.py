@@ -141,15 +141,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the server gets SIGTERM if the serve process dies without stopping it (kill -9)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+#: runs ``python -m prefect ARGS`` after asking Linux to SIGTERM it when its parent dies (``kill -9`` of serve);
+#: done in the child's own Python rather than a ``preexec_fn`` (not safe once threads run)
+_PREFECT_DYING_WITH_PARENT = (
+    "import runpy, signal, sys\n"
+    "if sys.platform == 'linux':\n"
+    "    try:\n"
+    "        import ctypes\n"
+    "        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "    except Exception:\n"
+    "        pass\n"
+    "sys.argv = ['prefect', *sys.argv[1:]]\n"
+    "runpy.run_module('prefect', run_name='__main__', alter_sys=True)\n"
+)
 
 
 def _healthy(url: str) -> bool:
@@ -168,14 +172,13 @@ def local_server(log_file: Path, timeout: float = SERVER_STARTUP_SECONDS) -> Ite
     log_file.parent.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-               "--no-ui", "--analytics-off", "--log-level", "WARNING"]
+    command = [sys.executable, "-c", _PREFECT_DYING_WITH_PARENT, "server", "start", "--host", "127.0.0.1",
+               "--port", str(port), "--no-ui", "--analytics-off", "--log-level", "WARNING"]
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     with open(log_file, "ab") as output:
         # its own session: a terminal's Ctrl-C reaches serve, which stops the server after its flow runs
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=env, start_new_session=True,
-                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                   env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while not _healthy(url):
