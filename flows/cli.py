@@ -431,7 +431,12 @@ def _copy_model(model_dir: Path, out: Path, overwrite: bool) -> Path:
             target = tmp / Path(directory).relative_to(model_dir)
             target.mkdir(exist_ok=True)
             for name in files:
-                shutil.copy2(Path(directory) / name, target / name)
+                try:
+                    shutil.copy2(Path(directory) / name, target / name)
+                except OSError as error:
+                    if not error.filename2:  # a failed write may name no file, or only the source
+                        error.filename2 = str(target / name)
+                    raise
         apply_umask_tree(tmp)  # mkdtemp made it 0700, and the run's files may be 0600
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
@@ -771,12 +776,14 @@ def _user_error_message(error: Exception) -> str | None:
         return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if not is_user_error(error):
         return None
-    where = error.filename or error.filename2 or "a file"
+    unknown = "a file this command writes (run directory, --out, MLflow home)"
+    written = error.filename2 or error.filename or unknown  # a copy or rename names its destination second
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"no space left on the device holding {where}: free some space, or choose another --run-dir/--out, "
+        return (f"no space left on the device holding {written}: free some space, or choose another --run-dir/--out, "
                 "then run the same command again (finished stages are reused)")
     if error.errno == errno.EROFS:
-        return f"{where} is on a read-only filesystem: choose a writable location (--run-dir, --out, DOTRESIZE_HOME)"
+        return f"{written} is on a read-only filesystem: choose a writable location (--run-dir, --out, DOTRESIZE_HOME)"
+    where = " or ".join(str(f) for f in (error.filename, error.filename2) if f) or unknown
     return f"permission denied on {where}: make it writable, or choose another location (--run-dir, --out)"
 
 
