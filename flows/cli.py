@@ -730,9 +730,12 @@ def main(argv: list[str] | None = None) -> int:
         return _main(parser, args)
     from .interrupts import guard
 
-    # serve's flow runs are subprocesses that Prefect cancels with SIGTERM: they must not inherit a blocked mask
+    # compress: signals blocked in every thread, taken by a watcher (its one child, the local Prefect server, is
+    # started with the default mask). Other commands start children that must keep the default mask (serve's flow
+    # runs, which Prefect cancels with SIGTERM; Prefect's own ephemeral server): plain handlers there.
     serving = args.func is cmd_serve
-    with guard(block=not serving, what_next="the deployments are no longer served" if serving else None):
+    with guard(block=args.func is cmd_compress,
+               what_next="the deployments are no longer served" if serving else None):
         return _main(parser, args)
 
 

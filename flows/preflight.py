@@ -171,12 +171,8 @@ def check_paths(args) -> Paths:
         _check_writable_dir(run, "run directory")
         if run.is_dir():
             _check_tree_writable(run, f"run directory {run}")
-    elif not in_memory and not remote_run:
+    elif not in_memory and not remote_run:  # ./runs/<model>-<method>-<key>: the key is known once the run starts
         _check_writable_dir(runs_parent, "run directory parent")
-        if runs_parent.is_dir():
-            for existing in runs_parent.iterdir():
-                if pattern and fnmatch.fnmatchcase(existing.name, pattern) and existing.is_dir():
-                    _check_tree_writable(existing, f"run directory {existing}")
     if home is not None:
         _check_writable_dir(home, "MLflow home (DOTRESIZE_HOME, else the run directory's parent)")
         database = home / "mlflow.db"

@@ -331,3 +331,43 @@ def test_the_run_size_estimate():
     assert estimate.export == 134_515_008 * 2
     assert estimate.total == pytest.approx(1.1 * (estimate.activations + estimate.bases + estimate.export), abs=1)
     assert dtype_bytes(None) == 4 and dtype_bytes("torch.float16") == 2 and dtype_bytes("F32") == 4
+
+
+_DISK_FULL_AT = """
+import errno, os
+import storage.rundir
+
+_save = storage.rundir.RunDir.save_tensors
+
+
+def save_tensors(self, rel, *args, **kwargs):
+    full_at = os.environ.get("DOTRESIZE_TEST_DISK_FULL_AT")
+    if full_at and rel.startswith(full_at):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path(rel))
+    return _save(self, rel, *args, **kwargs)
+
+
+storage.rundir.RunDir.save_tensors = save_tensors
+"""
+
+
+def test_a_disk_full_inside_a_stage_is_one_line_and_the_run_resumes(model_dir, pipeline_env, prefect_api):
+    """The last resort: an ENOSPC raised in a Dask worker thread (here: writing the absorbed layers) reaches the
+    command line as one line naming the file; Prefect's tracebacks of it are not shown; finished stages stay."""
+    hook = pipeline_env / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_DISK_FULL_AT)
+    run = pipeline_env / "run"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": f"{hook}{os.pathsep}{ROOT}",
+           "DOTRESIZE_TEST_DISK_FULL_AT": "layers/"}
+    argv = [sys.executable, "-m", "flows.cli", "-q", *_compress("--model", str(model_dir), "--run-dir", str(run),
+                                                                "--no-mlflow", "--json")]
+    full = subprocess.run(argv, env=env, cwd=pipeline_env, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    errors = [line for line in full.stderr.splitlines() if "error" in line.lower() or "Errno" in line]
+    assert len(errors) == 1 and errors[0] == full.stderr.strip().splitlines()[-1], errors
+    assert errors[0].startswith(f"dotresize: error: no space left on the device holding {run / 'layers'}")
+    env.pop("DOTRESIZE_TEST_DISK_FULL_AT")
+    again = subprocess.run(argv, env=env, cwd=pipeline_env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["stages"]["calibration"]["reused"] == ["calibration"]
