@@ -4,6 +4,10 @@ The lock is held by an open file description, so two threads of one process and 
 other alike, and the operating system releases it when its holder dies (a crashed run never leaves a stale
 lock). Lock files are never deleted: deleting one while another process waits on it would let a third take a
 fresh lock beside it.
+
+For short critical sections on one machine (creating the MLflow database, one watch identity). A run directory,
+local or on an object store, is held with :mod:`storage.lease` instead (no ``flock`` on S3; an owner and a
+heartbeat that outlive one call).
 """
 
 from __future__ import annotations
