@@ -130,11 +130,11 @@ def _drain_prefect_services(timeout: float = 5.0) -> None:
     with contextlib.suppress(Exception):
         from prefect.logging.handlers import APILogWorker
 
-        APILogWorker.drain_all(timeout=timeout)
+        APILogWorker.drain_all(timeout=timeout, at_exit=False)
     with contextlib.suppress(Exception):
         from prefect.events.worker import EventsWorker
 
-        EventsWorker.drain_all(timeout=timeout)
+        EventsWorker.drain_all(timeout=timeout, at_exit=False)
 
 
 @contextlib.contextmanager
