@@ -224,10 +224,14 @@ def is_export(path: Path) -> bool:
     return path.is_dir() and any((path / marker).is_file() for marker in EXPORT_MARKERS)
 
 
+def busy_message(run, record) -> str:
+    """The one line of ``--no-wait`` for a run directory whose lease ``record`` another process holds."""
+    return (f"run {run.uri()} is in use by {record.describe()}: wait for it to finish, or run without --no-wait "
+            "to wait for it")
+
+
 def _check_not_busy(run_url: str) -> None:
     from storage.lease import RunLease
-
-    from .runlock import busy_message
 
     lease = RunLease(run_url)
     holder = lease.holder()
@@ -567,5 +571,5 @@ def _check_space(args, paths: Paths, parameters: int | None, hidden: int, layers
     return estimate.total
 
 
-__all__ = ["check_compress", "check_paths", "check_model_files", "check_calibration_file", "read_safetensors_header",
-           "is_export", "PreflightError", "Checked", "EXPORT_MARKERS"]
+__all__ = ["check_compress", "check_paths", "check_model_files", "check_calibration_file",
+           "read_safetensors_header", "is_export", "busy_message", "PreflightError", "Checked", "EXPORT_MARKERS"]

@@ -17,6 +17,7 @@ from storage import RunDir
 from storage.lease import DEFAULT_TTL, LeaseHeldError, LeaseRecord, RunLease
 
 from . import interrupts
+from .preflight import busy_message
 
 log = logging.getLogger("dotresize")
 
@@ -44,11 +45,6 @@ def _announce(run: RunDir):
         log.info("run %s is in use by %s: waiting for it to finish (Ctrl-C to stop; --no-wait refuses instead)",
                  run.uri(), record.describe())
     return on_wait
-
-
-def busy_message(run: RunDir, record: LeaseRecord) -> str:
-    return (f"run {run.uri()} is in use by {record.describe()}: wait for it to finish, or run without --no-wait "
-            "to wait for it")
 
 
 def _flow_run_canceller():
@@ -104,4 +100,4 @@ def hold_run(run: RunDir) -> Iterator[RunLease]:
             lease.release()
 
 
-__all__ = ["hold_run", "configure", "RunBusyError", "settings", "busy_message"]
+__all__ = ["hold_run", "configure", "RunBusyError", "settings"]

@@ -120,8 +120,8 @@ def test_overwrite_replaces_a_previous_export_atomically(model_dir, pipeline_env
                            timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert json.loads((out / "dotresize.json").read_text())["compression"]["ratio"] == 0.25
-    again = subprocess.run([*base, *_compress(*tail, ratio="0.5")], env=env, cwd=pipeline_env, capture_output=True, text=True,
-                           timeout=600)
+    again = subprocess.run([*base, *_compress(*tail, ratio="0.5")], env=env, cwd=pipeline_env,
+                           capture_output=True, text=True, timeout=600)
     assert again.returncode == 1 and "--overwrite" in again.stderr.strip().splitlines()[-1]
     replaced = subprocess.run([*base, *_compress(*tail, "--overwrite", ratio="0.5")], env=env, cwd=pipeline_env,
                               capture_output=True, text=True, timeout=600)
