@@ -97,6 +97,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--ctx", type=_positive_int, default=256)
     p.add_argument("--max-windows", type=int, default=100)
     _add_eval_dtype(p, "--eval-dtype", "precision of the evaluations (see evaluate --dtype; default float32)")
+    p.add_argument("--signing-key", default=None, metavar="KEY",
+                   help="sign the exported model (every file, lineage.json included) with this private key "
+                        "(see `dotresize keygen`); verify with `dotresize verify MODEL --public-key KEY.pub`")
     p.add_argument("--export-dtype", choices=EVAL_DTYPE_NAMES, default=None,
                    help="dtype of the exported weights (default: the source's dtype at rest; float32 for a "
                         "quantised GGUF)")
@@ -350,6 +353,15 @@ def cmd_compress(args) -> dict:
     return _compress_pipeline(args, config, out)
 
 
+def _signing_key(args) -> str | None:
+    """The private key of ``--signing-key``, checked (an unreadable or wrong key is one line before any work)."""
+    if not args.signing_key:
+        return None
+    from storage.signing import check_signing_key
+
+    return str(check_signing_key(args.signing_key))
+
+
 def _compress_pipeline(args, config, out: Path | None) -> dict:
     """The orchestrated run (Prefect flow, checkpointed stages, MLflow); --out gets a copy of the model."""
     from dotresize.sources import resolve_source
@@ -359,6 +371,7 @@ def _compress_pipeline(args, config, out: Path | None) -> dict:
 
     # a missing path, an offline hub id or an unsupported architecture fails here, before Prefect starts
     adapter_class_for_config(load_config(resolve_source(args.model), args.trust_remote_code))
+    signing_key = _signing_key(args)
     from .compress import run_compress
     from .logs import install_user_error_filter
 
@@ -374,7 +387,7 @@ def _compress_pipeline(args, config, out: Path | None) -> dict:
         progress=not args.quiet, ppl=args.ppl, ppl_source=args.ppl, ppl_ctx=args.ctx,
         ppl_max_windows=args.max_windows, device=args.device, trust_remote_code=args.trust_remote_code,
         tasks=[t.strip() for t in (args.tasks or "").split(",") if t.strip()] or None, limit=args.limit,
-        eval_dtype=args.eval_dtype, export_dtype=args.export_dtype)
+        eval_dtype=args.eval_dtype, export_dtype=args.export_dtype, signing_key=signing_key)
     if out is not None:
         result["out"] = str(_copy_model(Path(result["model_dir"]), out, args.overwrite))
     if not args.json:
@@ -469,6 +482,7 @@ def _compress_in_memory(args, config, out: Path) -> dict:
     started = time.perf_counter()
     source = resolve_source(args.model)
     adapter_class_for_config(load_config(source, args.trust_remote_code))
+    signing_key = _signing_key(args)
     log.info("loading %s (%s)", source.spec, source.kind)
     model, tokenizer = load_model(source, trust_remote_code=args.trust_remote_code, check_architecture=False)
     calibration = calibration_set(tokenizer, args.calib_data, samples=args.calib_samples, seqlen=args.calib_seqlen,
@@ -486,6 +500,10 @@ def _compress_in_memory(args, config, out: Path) -> dict:
     path = save_compressed(compressed, out, tokenizer=tokenizer, compression=config.to_dict(), overwrite=args.overwrite,
                            extra_json={"compression_report.json": report.to_dict(),
                                        "source.json": source.meta(), "calibration.json": calibration.meta()})
+    if signing_key:
+        from storage.signing import sign_model_dir
+
+        result["signature"] = str(sign_model_dir(path, signing_key))
     result.update(out=str(path), model_dir=str(path), widths=report.widths,
                   parameters_before=report.parameters_before, parameters_after=report.parameters_after,
                   stage_seconds=report.seconds)

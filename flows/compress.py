@@ -5,8 +5,8 @@ are loaded: every stage reads the source a layer at a time, fusing its norms on 
 Prefect's ``DaskTaskRunner``:
 
 * ``parallel`` mode: capture layer 0, 1, ... (each task runs one layer over the calibration hidden states and
-  stores its slice points in Zarr) -> per point, as soon as its layer is captured, solve (its statistics reduced
-  by Dask over the Zarr chunks, then Sinkhorn + QR) -> per layer, as soon as its three bases exist, absorb (the
+  stores its slice points in Zarr) -> per point, as soon as its layer is captured, solve (its statistics streamed
+  from the store out of core, then Sinkhorn + QR) -> per layer, as soon as its three bases exist, absorb (the
   layer's compressed weights, which are a shard of the export) -> export (the ends, the index, the metadata);
 * ``sequential`` mode: per point, capture through the already compressed layers -> solve, with the absorption
   of layer l running while layer l+1 is calibrated;
@@ -143,7 +143,8 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
                   ppl_source: bool = False, device: str | None = None, verify: bool = True,
                   trust_remote_code: bool = False, tags: dict | None = None,
                   expect_source_digest: str | None = None, tasks: list[str] | None = None, limit: int | None = None,
-                  tasks_source: bool = False, eval_dtype: str = "float32", export_dtype: str | None = None) -> dict:
+                  tasks_source: bool = False, eval_dtype: str = "float32", export_dtype: str | None = None,
+                  signing_key: str | None = None) -> dict:
     """Compress ``model`` into ``run_dir`` (default ``./runs/<model>-<method>-<key>``); returns a small manifest:
     run_dir, model_dir, model_sha256, widths, parameter counts, which stages were reused, MLflow run and version.
 
@@ -155,7 +156,9 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
     the compressed model (and ``tasks_source`` on the source) into ``eval/lm_eval*.json``; every evaluation is
     logged as metrics of the compression's MLflow run. ``eval_dtype`` is the evaluations' precision
     (:mod:`dotresize.evaluation.precision`). ``export_dtype`` (``float32``, ``bfloat16``, ``float16``) is the
-    exported weights' dtype, by default the source's dtype at rest (float32 for quantised GGUF). A user-facing error
+    exported weights' dtype, by default the source's dtype at rest (float32 for quantised GGUF). ``signing_key``
+    (a private key file) signs the model directory, lineage.json included (``model.sig``, OpenSSF model signing)
+    before it is registered. A user-facing error
     (:class:`dotresize.DotResizeError`) in a run directory this call created removes it again; an existing run
     directory is never removed.
     """
@@ -189,7 +192,8 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
                                register_name=register_name, progress=progress, ppl=ppl, ppl_ctx=ppl_ctx,
                                ppl_max_windows=ppl_max_windows, ppl_source=ppl_source, device=device, verify=verify,
                                trust_remote_code=trust_remote_code, tags=tags, tasks=list(tasks or []), limit=limit,
-                               tasks_source=tasks_source, eval_dtype=eval_dtype, export_dtype=export_dtype)
+                               tasks_source=tasks_source, eval_dtype=eval_dtype, export_dtype=export_dtype,
+                               signing_key=signing_key)
         except DotResizeError:
             if fresh:
                 logger.info("removing %s: the run failed before producing anything reusable", run.uri())
@@ -200,7 +204,7 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
 def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, calib: dict, architecture: dict,
                 started: float, *, dask_address, n_workers, mlflow, register_name, progress, ppl, ppl_ctx,
                 ppl_max_windows, ppl_source, device, verify, trust_remote_code, tags=None, tasks, limit, tasks_source,
-                eval_dtype="float32", export_dtype=None) -> dict:
+                eval_dtype="float32", export_dtype=None, signing_key=None) -> dict:
     logger = get_run_logger()
     run.write_text(paths.RECIPE, _yaml(recipe))
     run.write_json(paths.SOURCE, source)
@@ -215,7 +219,7 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
         widths = plan_task(inspect, recipe)
         layers = inspect["num_layers"]
         streamed = {**common, "source": source, "inspect": inspect, "device": device}
-        solve_args = {**common, "recipe": recipe, "verify": verify, "device": device}
+        solve_args = {**common, "recipe": recipe, "calibration": calibration, "verify": verify, "device": device}
         if config.mode == "parallel":
             captures, solves = _parallel_graph(runner, streamed, calibration, recipe, widths, layers, solve_args,
                                                config.layout, verify)
@@ -285,6 +289,11 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
 
     lineage = lineage_task(run_url, export, tags)  # + evaluations, stage digests, code version, tags
     result["lineage_sha256"] = lineage["sha256"]
+    if signing_key:  # before registration, so the signature is logged with the model and tagged
+        from storage.signing import sign_run_model
+
+        result["signature"] = sign_run_model(run, signing_key)
+        logger.info("signed %s", result["signature"])
     if mlflow:
         from .mlflow_logging import register_task
 
@@ -318,7 +327,8 @@ def _parallel_graph(runner, streamed: dict, calibration: dict, recipe: dict, wid
         captures.append(previous)
     if layout_name == "global":
         pool = runner.submit(pool_task, {"run_url": streamed["run_url"], "captures": captures, "recipe": recipe,
-                                         "num_points": 2 * layers + 1, "verify": verify})
+                                         "calibration": calibration, "num_points": 2 * layers + 1,
+                                         "verify": verify})
         return captures + [pool], [runner.submit(solve_task, {**solve_args, "point": "global", "capture": pool,
                                                                "width": widths[0]})]
     solves = [runner.submit(solve_task, {**solve_args, "point": p, "capture": captures[max(0, (p - 1) // 2)],

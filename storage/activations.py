@@ -231,6 +231,13 @@ class ActivationStore:
     def read_rows(self, point: int | str, start: int, stop: int, name: str = "acts") -> np.ndarray:
         return np.asarray(self._group(point)[name][start:stop])
 
+    def iter_rows(self, point: int | str, sizes: list[int], name: str = "acts"):
+        """The stored rows in consecutive blocks of ``sizes`` rows (e.g. the calibration batches), one at a time."""
+        array, start = self._group(point)[name], 0
+        for size in sizes:
+            yield np.asarray(array[start:start + size])
+            start += size
+
     def has(self, point: int | str, name: str) -> bool:
         try:
             self._group(point)[name]

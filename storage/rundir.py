@@ -30,6 +30,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from dotresize.permissions import apply_umask, apply_umask_tree
+
 from .digests import sha256_bytes
 from .errors import CorruptArtifactError, MissingArtifactError
 
@@ -152,6 +154,7 @@ class RunDir:
                     handle.write(data)
                     handle.flush()
                     os.fsync(handle.fileno())
+                apply_umask(tmp)  # mkstemp made it 0600
                 os.replace(tmp, final)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
@@ -243,6 +246,7 @@ class RunDir:
                 save_file(tensors, tmp, metadata=metadata)
                 with open(tmp, "rb+") as handle:
                     os.fsync(handle.fileno())
+                apply_umask(tmp)
                 os.replace(tmp, final)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
@@ -289,6 +293,7 @@ class RunDir:
                 handle.flush()
                 os.fsync(handle.fileno())
             if self.is_local:
+                apply_umask(tmp)
                 os.replace(tmp, self.path(rel))
             else:
                 self.write_bytes(rel, Path(tmp).read_bytes())
@@ -346,6 +351,7 @@ class RunDir:
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
             try:
                 yield tmp
+                apply_umask_tree(tmp)  # mkdtemp made it 0700; files written through mkstemp are 0600
                 old = None
                 if final.exists():
                     old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"

@@ -7,16 +7,14 @@ so a killed capture resumes at the first layer whose points are not complete, an
 beside the capture of later layers. ``sequential_capture_task`` (sequential mode) recomputes one point through
 the already compressed layers.
 
-Only raw signals are stored (plus, where the config asks for them, a reservoir sample of rows for L1 costs and
-a mask of rows kept after excluding outlier tokens); the statistics every basis needs are reduced from them out
-of core by the solve stage (:mod:`storage.statistics`).
+Only raw signals are stored; the statistics every basis needs (Gram matrix, sums, outlier exclusion, the
+reservoir sample of an L1 cost) are accumulated from them by the solve stage, a calibration batch at a time.
 """
 
 from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -41,44 +39,23 @@ from .common import (
 
 
 class _PointRecorder:
-    """One point's signal on its way into the store: the rows, and what the config asks to keep beside them
-    (a reservoir sample, the outlier mask), accumulated batch by batch exactly as the in-memory API does."""
+    """One point's signal on its way into the store, batch by batch (checked finite)."""
 
-    def __init__(self, store: ActivationStore, point: int, *, key: str, tokens: int, dim: int, config, mode: str):
-        from dotresize.statistics import StatsAccumulator
-
-        parts = capture_parts(config)
+    def __init__(self, store: ActivationStore, point: int, *, key: str, tokens: int, dim: int, mode: str):
+        self.point = point
         self.writer = store.create_point(point, key=key, tokens=tokens, dim=dim, attrs={"mode": mode})
-        self.outliers = parts["outlier_tokens"]
-        self.accumulator = None
-        if parts["sample_tokens"] or self.outliers is not None:
-            self.accumulator = StatsAccumulator(dim, point=point, sample_tokens=parts["sample_tokens"],
-                                                outlier_tokens=self.outliers, seed=parts["seed"], gram=False)
-        self.kept: list[np.ndarray] = []
 
     def add(self, hidden: torch.Tensor) -> None:
         rows = hidden.detach().reshape(-1, hidden.shape[-1]).to(device="cpu", dtype=torch.float32)
         if not torch.isfinite(rows).all():
             from dotresize.errors import NonFiniteActivationError
 
-            raise NonFiniteActivationError(f"NaN or Inf in the activations at slice point "
-                                           f"{self.writer.group.path}: check the model's weights and dtype")
-        if self.accumulator is not None:
-            mask = self.accumulator.add(rows)
-            if mask is not None:
-                self.kept.append(mask.numpy())
+            raise NonFiniteActivationError(f"NaN or Inf in the activations at slice point {self.point}: check the "
+                                           "model's weights and dtype")
         self.writer.append(rows.numpy())
 
     def finish(self) -> None:
-        stats, attrs = {}, {}
-        if self.accumulator is not None:
-            done = self.accumulator.finalize()
-            if done.sample is not None:
-                stats["sample"] = done.sample.numpy()
-            attrs["excluded"] = int(self.accumulator.excluded)
-        if self.outliers is not None:
-            stats["kept"] = np.concatenate(self.kept) if self.kept else np.zeros(0, bool)
-        self.writer.finish(stats, attrs)
+        self.writer.finish({})
 
 
 def _layer_points(layer: int) -> list[int]:
@@ -126,8 +103,7 @@ def capture_task(run_url: str, layer: int, source: dict, inspect: dict, calibrat
     model = streamed_model(source, inspect, device)
     ids, batches = calibration_batches(run, calibration, config, model.hidden_size)
     tokens, dim = int(ids.numel()), model.hidden_size
-    recorders = {p: _PointRecorder(store, p, key=key, tokens=tokens, dim=dim, config=config, mode="parallel")
-                 for p in points}
+    recorders = {p: _PointRecorder(store, p, key=key, tokens=tokens, dim=dim, mode="parallel") for p in points}
     if layer == 0:
         hidden = embed_batches(model, batches)
         for h in hidden:
@@ -183,7 +159,7 @@ def sequential_capture_task(run_url: str, point: int, source: dict, inspect: dic
     model = streamed_model(source, inspect, device)
     ids, batches = calibration_batches(run, calibration, config, model.hidden_size)
     tokens, dim = int(ids.numel()), model.hidden_size
-    recorder = _PointRecorder(store, point, key=key, tokens=tokens, dim=dim, config=config, mode="sequential")
+    recorder = _PointRecorder(store, point, key=key, tokens=tokens, dim=dim, mode="sequential")
     if point == 0:
         for h in embed_batches(model, batches):
             recorder.add(h)

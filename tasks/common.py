@@ -112,15 +112,16 @@ def config_of(recipe: dict):
 
 
 def capture_parts(config) -> dict:
-    """The part of the config that determines the captured signals."""
+    """The part of the config that determines the captured signals (the calibration batches they run in)."""
+    return {"batch_size": config.batch_size}
+
+
+def statistics_parts(config) -> dict:
+    """The part of the config that determines a point's statistics from its signal."""
     from dotresize.api import sample_tokens
 
-    return {
-        "batch_size": config.batch_size,
-        "outlier_tokens": config.outlier_tokens,
-        "sample_tokens": sample_tokens(config),
-        "seed": config.seed,
-    }
+    return {"batch_size": config.batch_size, "outlier_tokens": config.outlier_tokens,
+            "sample_tokens": sample_tokens(config), "seed": config.seed}
 
 
 def keep_set(config, point: int) -> list[int] | None:
@@ -199,15 +200,25 @@ def calibration_batches(run: RunDir, calibration: dict, config, hidden_size: int
     return ids, iter_batches(ids, config.batch_size)
 
 
-def point_stats(store, point: int | str):
-    """A :class:`dotresize.statistics.PointStats` of a stored point, reduced out of core by Dask."""
-    from dotresize.statistics import PointStats
-    from storage.statistics import point_statistics
+def batch_rows(calibration: dict, config) -> list[int]:
+    """Rows of every calibration batch, in order (the blocks statistics are accumulated in)."""
+    samples, seqlen = calibration["shapes"]["input_ids"]
+    return [min(config.batch_size, samples - start) * seqlen for start in range(0, samples, config.batch_size)]
 
-    stats = point_statistics(store, point)
-    sample = None if stats.sample is None else torch.from_numpy(stats.sample)
-    return PointStats(torch.from_numpy(stats.gram), torch.from_numpy(stats.abs_sum), torch.from_numpy(stats.sum),
-                      stats.count, sample)
+
+def point_stats(store, point: int, calibration: dict, config):
+    """The :class:`dotresize.statistics.PointStats` of a stored point, streamed from the store a calibration batch
+    at a time through the accumulator the in-memory API uses (same blocks, same order: bitwise its statistics)."""
+    from dotresize.statistics import StatsAccumulator
+
+    parts = statistics_parts(config)
+    accumulator = None
+    for rows in store.iter_rows(point, batch_rows(calibration, config)):
+        if accumulator is None:
+            accumulator = StatsAccumulator(rows.shape[1], point=point, sample_tokens=parts["sample_tokens"],
+                                           outlier_tokens=parts["outlier_tokens"], seed=parts["seed"])
+        accumulator.add(torch.from_numpy(rows))
+    return accumulator.finalize()
 
 
 def stored_stats(store, point: int | str):

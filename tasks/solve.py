@@ -1,6 +1,7 @@
-"""Per-point bases: the point's statistics reduced out of core by Dask from its stored signal, then the basis
-(Sinkhorn + QR, PCA, pruning) — one source of truth: the solver consumes exactly the Gram matrix and sums the
-Dask reduction produced, and nothing else is computed from the signal.
+"""Per-point bases: the point's statistics streamed from its stored signal a calibration batch at a time (the
+Gram matrix, sums, outlier exclusion and reservoir sample of :class:`dotresize.statistics.StatsAccumulator`, in
+the in-memory API's order, so bitwise its statistics), then the basis (Sinkhorn + QR, PCA, pruning). One source of
+truth: the cost and everything else the solver uses come from those statistics; nothing else is computed.
 
 An unsliced point whose basis is the identity (``dot`` and ``prune`` at full width) stores no matrix.
 """
@@ -25,6 +26,7 @@ from .common import (
     reused,
     solver_device,
     stage_key,
+    statistics_parts,
     stats_arrays,
     stored_or,
     stored_stats,
@@ -38,13 +40,15 @@ def _basis_index(point: int | str) -> int:
 
 # --- pooling (global layout) ----------------------------------------------------------------------------------
 @task(name="pool", cache_policy=NO_CACHE, persist_result=False)
-def pool_task(run_url: str, captures: list[dict], recipe: dict, num_points: int, verify: bool = True) -> dict:
+def pool_task(run_url: str, captures: list[dict], calibration: dict, recipe: dict, num_points: int,
+              verify: bool = True) -> dict:
     """Pool every point's statistics into one (``dotresize.statistics.pool_stats``) for the global basis."""
     from dotresize.statistics import pool_stats
 
     run = RunDir(run_url)
     config = config_of(recipe)
-    key = stage_key("pool", captures=sorted({c["key"] for c in captures}), pooling=config.global_pooling)
+    key = stage_key("pool", captures=sorted({c["key"] for c in captures}), pooling=config.global_pooling,
+                    statistics=statistics_parts(config))
     store = ActivationStore(run)
     ok, why = store.status("pooled", key, verify=verify)
     if ok:
@@ -53,7 +57,8 @@ def pool_task(run_url: str, captures: list[dict], recipe: dict, num_points: int,
                                           "digest": store.digest("pooled")})
     computing("pool", None, key, why)
     started = time.time()
-    pooled = pool_stats([point_stats(store, p) for p in range(num_points)], config.global_pooling)
+    pooled = pool_stats([point_stats(store, p, calibration, config) for p in range(num_points)],
+                        config.global_pooling)
     arrays, attrs = stats_arrays(pooled)
     store.create_stats_group("pooled", key=key, stats=arrays, attrs=attrs)
     return finish_manifest(run, "pool", None, key, started, {"digest": store.digest("pooled")})
@@ -61,7 +66,9 @@ def pool_task(run_url: str, captures: list[dict], recipe: dict, num_points: int,
 
 # --- solve ----------------------------------------------------------------------------------------------------
 def solve_key(capture_key: str, recipe: dict, point: int | str, width: int, device: str) -> str:
-    return stage_key("solve", capture=capture_key, **basis_parts(config_of(recipe), _basis_index(point), width, device))
+    config = config_of(recipe)
+    return stage_key("solve", capture=capture_key, statistics=statistics_parts(config),
+                     **basis_parts(config, _basis_index(point), width, device))
 
 
 _INFO_METRICS = ("reconstruction_error", "transport_cost", "sinkhorn_iterations", "cond_r", "effective_rank",
@@ -73,9 +80,9 @@ def _is_identity(Q: torch.Tensor) -> bool:
 
 
 @task(name="solve", task_run_name="solve-{point}", cache_policy=NO_CACHE, persist_result=False)
-def solve_task(run_url: str, point: int | str, capture: dict, width: int, recipe: dict, device: str | None = None,
-               verify: bool = True) -> dict:
-    """The basis of one point, stored under bases/: statistics by Dask over the Zarr chunks, then the solver
+def solve_task(run_url: str, point: int | str, capture: dict, calibration: dict, width: int, recipe: dict,
+               device: str | None = None, verify: bool = True) -> dict:
+    """The basis of one point, stored under bases/: its statistics streamed from the store, then the solver
     (Sinkhorn + QR on CUDA when present, else the CPU)."""
     from dotresize.api import make_basis_fn
 
@@ -97,7 +104,7 @@ def solve_task(run_url: str, point: int | str, capture: dict, width: int, recipe
     started = time.time()
     torch.manual_seed(config.seed)
     store = ActivationStore(run)
-    stats = stored_stats(store, "pooled") if point == "global" else point_stats(store, point)
+    stats = stored_stats(store, "pooled") if point == "global" else point_stats(store, point, calibration, config)
     reduced = time.time()
     basis = make_basis_fn(config, None if device == "cpu" else device)(stats, int(width), _basis_index(point))
     Q = basis.Q.detach().cpu().contiguous()

@@ -85,11 +85,9 @@ def test_pipeline_out_copy_honours_the_umask(pipeline_env, capsys):
     _assert_tree(out, 0o027)  # 0750 directory, 0640 files (not 0700 / 0600)
     model_dir = pipeline_env / "runs" / "perm" / "model"
     # the run's model directory and what dotresize.export wrote into it
-    _assert_tree(model_dir, 0o027, skip=("lineage.json",))
+    _assert_tree(model_dir, 0o027)
 
 
-@pytest.mark.xfail(strict=True, reason="storage/rundir.py writes files through mkstemp (0600): RunDir.write_bytes "
-                                       "and save_tensors need dotresize.permissions.apply_umask before the rename")
 def test_run_directory_files_honour_the_umask(tmp_path):
     from storage import RunDir
 

