@@ -186,15 +186,20 @@ def build_compressed_model(model: LayeredModel, bases: list[Basis], layout: str,
     return assemble_model(model, [b.width for b in bases], layout, state, generation_config)
 
 
-def check_calibration(calibration: torch.Tensor, hidden_size: int) -> None:
+def check_calibration(calibration: torch.Tensor, hidden_size: int) -> str | None:
+    """Refuse anything but an (n, L) tensor of token ids; a set of fewer tokens than the hidden size is allowed
+    (its statistics have rank at most the token count: enough to time a run, poor for quality) with a warning,
+    which is also returned."""
     if calibration.dim() != 2 or calibration.dtype not in (torch.long, torch.int32, torch.int64):
         raise CalibrationError("calibration must be a (samples, seqlen) tensor of token ids")
     tokens = calibration.numel()
     if tokens < hidden_size:
-        raise CalibrationError(
-            f"the calibration set has {tokens} tokens, fewer than the hidden size {hidden_size}: "
-            f"use more samples or longer sequences (at least {hidden_size} tokens; thousands recommended)"
-        )
+        warning = (f"the calibration set has {tokens} tokens, fewer than the hidden size {hidden_size}: its "
+                   f"statistics have rank at most {tokens}, so the bases are poorly determined; use at least "
+                   f"{hidden_size} tokens (thousands recommended) unless you are only timing a run")
+        log.warning(warning)
+        return warning
+    return None
 
 
 def compress(model: PreTrainedModel, calibration: torch.Tensor, config: CompressionConfig | None = None, *,

@@ -504,9 +504,6 @@ def _check_windows(source, text, args, tokenize, hidden_size: int) -> int:
         raise PreflightError(f"--calib-samples {args.calib_samples} asks for more windows than the calibration text "
                              f"{name} holds: {windows} windows of {args.calib_seqlen} tokens ({tokens} tokens); pass "
                              f"--calib-samples {windows} or fewer, a longer text, or a shorter --calib-seqlen")
-    if args.calib_samples * args.calib_seqlen < hidden_size:
-        raise PreflightError(f"the calibration set has {args.calib_samples * args.calib_seqlen} tokens, fewer than "
-                             f"the hidden size {hidden_size}: raise --calib-samples or --calib-seqlen")
     return windows
 
 

@@ -101,7 +101,7 @@ def capture_task(run_url: str, layer: int, source: dict, inspect: dict, calibrat
     computing("capture", name, key, why)
     started = time.time()
     model = streamed_model(source, inspect, device)
-    ids, batches = calibration_batches(run, calibration, config, model.hidden_size)
+    ids, batches = calibration_batches(run, calibration, config)
     tokens, dim = int(ids.numel()), model.hidden_size
     recorders = {p: _PointRecorder(store, p, key=key, tokens=tokens, dim=dim, mode="parallel") for p in points}
     if layer == 0:
@@ -157,7 +157,7 @@ def sequential_capture_task(run_url: str, point: int, source: dict, inspect: dic
     computing("capture", name, key, why)
     started = time.time()
     model = streamed_model(source, inspect, device)
-    ids, batches = calibration_batches(run, calibration, config, model.hidden_size)
+    ids, batches = calibration_batches(run, calibration, config)
     tokens, dim = int(ids.numel()), model.hidden_size
     recorder = _PointRecorder(store, point, key=key, tokens=tokens, dim=dim, mode="sequential")
     if point == 0:

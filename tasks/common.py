@@ -190,13 +190,11 @@ def load_calibration(run: RunDir, calibration: dict) -> torch.Tensor:
     return tensors["input_ids"]
 
 
-def calibration_batches(run: RunDir, calibration: dict, config, hidden_size: int) -> tuple[torch.Tensor, list]:
-    """The calibration ids and their batches (checked to hold at least ``hidden_size`` tokens)."""
-    from dotresize.api import check_calibration
+def calibration_batches(run: RunDir, calibration: dict, config) -> tuple[torch.Tensor, list]:
+    """The calibration ids (checked by the calibration stage) and their batches."""
     from dotresize.calibration import iter_batches
 
     ids = load_calibration(run, calibration)
-    check_calibration(ids, hidden_size)
     return ids, iter_batches(ids, config.batch_size)
 
 

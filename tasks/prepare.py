@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from storage import RunDir, digest_of_digests, sha256_bytes
 from storage import rundir as layout
 
-from .common import finish_manifest, run_stage, stage_key
+from .common import finish_manifest, logger, run_stage, stage_key
 
 #: small files of a model directory that change what is loaded (besides the weights)
 _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -103,9 +103,8 @@ def check_source(spec: str | None, expected: dict):
 
 @task(name="calibration", cache_policy=NO_CACHE, persist_result=False)
 def calibration_task(run_url: str, source: dict, calib: dict, hidden_size: int | None = None) -> dict:
-    """Tokenise and sample the calibration windows; store the ids and calibration.json.
-
-    A set of fewer tokens than ``hidden_size`` is refused before anything is written."""
+    """Tokenise and sample the calibration windows; store the ids and calibration.json (a set of fewer tokens
+    than ``hidden_size`` is recorded and logged with a warning)."""
     run = RunDir(run_url)
     key = stage_key("calibration", source=source["digest"], text=calib["text_sha256"], data=calib["data"],
                     samples=calib["samples"], seqlen=calib["seqlen"], seed=calib["seed"])
@@ -120,11 +119,14 @@ def calibration_task(run_url: str, source: dict, calib: dict, hidden_size: int |
         tokenizer = AutoTokenizer.from_pretrained(src.directory, **src.load_kwargs())
         calibration = calibration_set(tokenizer, calib["data"], samples=calib["samples"], seqlen=calib["seqlen"],
                                       seed=calib["seed"])
+        meta = calibration.meta()
         if hidden_size is not None:
             from dotresize.api import check_calibration
 
-            check_calibration(calibration.input_ids, hidden_size)
-        meta = calibration.meta()
+            warning = check_calibration(calibration.input_ids, hidden_size)
+            if warning:
+                logger().warning(warning)
+                meta["warning"] = warning
         ids_sha = run.save_tensors(layout.CALIBRATION_IDS,
                                    {"input_ids": calibration.input_ids.to(torch.int64).contiguous()})
         meta_sha = run.write_json(layout.CALIBRATION, meta)

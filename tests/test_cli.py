@@ -52,8 +52,8 @@ def test_compress_and_evaluate_a_local_directory(capsys, model_dir, tiny_env):
     assert result["widths"][0] == 48 and result["widths"][-1] == 64
     assert result["ppl_source"]["ppl"] > 1 and math.isfinite(result["ppl"]["ppl"])
     assert result["source"]["weights_sha256"]["model.safetensors"] == _sha(model_dir / "model.safetensors")
-    assert {"config.json", "model.safetensors", "dotresize.json", "compression_report.json", "source.json",
-            "calibration.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "dotresize.json", "compression_report.json",
+            "source.json", "calibration.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     code, stdout, err = _run(capsys, "-q", "evaluate", str(out), "--ppl", "--ctx", "32", "--json")
     assert code == 0, err
     assert json.loads(stdout)["ppl"]["ppl"] == pytest.approx(result["ppl"]["ppl"], rel=1e-5)
@@ -105,11 +105,15 @@ def test_pickle_only_weights_are_refused(capsys, tiny_env):
     _assert_clean_failure(code, err, out, "pickle")
 
 
-def test_calibration_with_fewer_tokens_than_hidden_size(capsys, model_dir, tiny_env):
+def test_calibration_with_fewer_tokens_than_hidden_size_is_allowed_with_a_warning(capsys, model_dir, tiny_env,
+                                                                                   caplog):
+    """A timing run on a large model (8 x 128 tokens for hidden size 4096) is legitimate: warned, not refused."""
     out = tiny_env / "out"
     code, _, err = _run(capsys, "compress", "--model", str(model_dir), "--ratio", "0.2", "--calib-samples", "2",
-                        "--calib-seqlen", "16", "--out", str(out))
-    _assert_clean_failure(code, err, out, "fewer than the hidden size")
+                        "--calib-seqlen", "16", "--in-memory", "--out", str(out))
+    assert code == 0, err
+    assert "fewer than the hidden size" in err + caplog.text
+    assert (out / "config.json").is_file()
 
 
 def test_nan_in_activations(capsys, tiny_env):
