@@ -138,6 +138,7 @@ import sys, time
 sys.path.insert(0, {root!r})
 from storage.lease import LeaseHeldError, RunLease
 start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time() - 0.05))
 while time.time() < start:
     pass
 try:
@@ -146,20 +147,24 @@ except LeaseHeldError:
     print("refused", flush=True)
 else:
     print("held", lease.generation, flush=True)
-    time.sleep(2)
-    lease.release()
+    time.sleep(120)  # keep it: a late starter must be refused too
 """
 
 
 def test_processes_racing_for_a_free_lease_get_exactly_one_holder(tmp_path):
-    """Create-if-absent is what makes it exclusive: eight processes started at one instant, one wins."""
+    """Create-if-absent is what makes it exclusive: eight processes started at one instant, one holds it."""
     run = tmp_path / "run"
-    start = time.time() + 3
+    start = time.time() + 8  # every process is up and waiting by then, even on a loaded machine
     script = _CONTENDER.format(root=str(ROOT))
     processes = [subprocess.Popen([sys.executable, "-c", script, str(run), str(start)], stdout=subprocess.PIPE,
                                   text=True) for _ in range(8)]
-    outputs = [p.communicate(timeout=60)[0].strip() for p in processes]
-    assert sorted(o.split()[0] for o in outputs) == ["held"] + ["refused"] * 7, outputs
+    try:
+        outputs = [p.stdout.readline().strip() for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+            p.wait()
+    assert sorted(o.split()[0] for o in outputs if o) == ["held"] + ["refused"] * 7, outputs
 
 
 # --- two compressions of one run directory at once, through the command line -------------------------------------
