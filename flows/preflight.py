@@ -426,7 +426,7 @@ def _check_with_transformers(args, paths: Paths, tensors: dict[str, TensorInfo] 
     parameters = _check_shapes(source, config, tensors, args.trust_remote_code)
     hidden, layers = int(config.hidden_size), int(config.num_hidden_layers)
     text = load_text(args.calib_data)  # the authoritative decoding (one-line CalibrationError / DataNotFoundError)
-    windows = _check_windows(source, text, args, tokenize, hidden)
+    windows = _check_windows(source, text, args, tokenize)
     estimate = _check_space(args, paths, parameters, hidden, layers, tensors)
     return Checked(paths, parameters, hidden, layers, windows, estimate)
 
@@ -486,7 +486,7 @@ def _check_shapes(source, config, tensors: dict[str, TensorInfo] | None, trust_r
     return parameters
 
 
-def _check_windows(source, text, args, tokenize, hidden_size: int) -> int:
+def _check_windows(source, text, args, tokenize) -> int:
     from transformers import AutoTokenizer
 
     try:
