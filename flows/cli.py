@@ -387,9 +387,8 @@ def _compress_pipeline(args, config, out: Path | None) -> dict:
         progress=not args.quiet, ppl=args.ppl, ppl_source=args.ppl, ppl_ctx=args.ctx,
         ppl_max_windows=args.max_windows, device=args.device, trust_remote_code=args.trust_remote_code,
         tasks=[t.strip() for t in (args.tasks or "").split(",") if t.strip()] or None, limit=args.limit,
-        eval_dtype=args.eval_dtype, export_dtype=args.export_dtype, signing_key=signing_key)
-    if out is not None:
-        result["out"] = str(_copy_model(Path(result["model_dir"]), out, args.overwrite))
+        eval_dtype=args.eval_dtype, export_dtype=args.export_dtype, signing_key=signing_key,
+        out=str(out) if out is not None else None, overwrite=args.overwrite)
     if not args.json:
         stages = result["stages"]
         reused = sum(len(v["reused"]) for v in stages.values())
@@ -413,59 +412,6 @@ def _compress_pipeline(args, config, out: Path | None) -> dict:
         print(f"  model written to {result.get('out') or result['model_dir']}  (sha256 "
               f"{result['model_sha256'][:16]}, {result['seconds']:.1f} s)")
     return result
-
-
-def _copy_model(model_dir: Path, out: Path, overwrite: bool) -> Path:
-    """Copy the run's model directory to ``out``: filled under a temporary sibling name, then renamed into place.
-
-    An existing ``out`` is replaced only when empty or, with ``overwrite``, a previous dotresize export -- checked
-    again here, as it may have changed while the run went on. A failure (a full disk) leaves nothing new behind
-    and the old ``out`` in place.
-    """
-    import os
-    import shutil
-    import tempfile
-    import uuid
-
-    from dotresize.permissions import apply_umask_tree
-
-    from .preflight import PreflightError, is_export
-
-    out = Path(os.path.realpath(out))
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (overwrite and is_export(out)))):
-        raise PreflightError(f"--out {out} was changed by something else during the run and is not replaceable "
-                             f"now: the model is in {model_dir}")
-    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
-    try:
-        for directory, _, files in os.walk(model_dir):  # file by file: an OSError names the file (not shutil.Error)
-            target = tmp / Path(directory).relative_to(model_dir)
-            target.mkdir(exist_ok=True)
-            for name in files:
-                try:
-                    shutil.copy2(Path(directory) / name, target / name)
-                except OSError as error:
-                    if not error.filename2:  # a failed write may name no file, or only the source
-                        error.filename2 = str(target / name)
-                    raise
-        apply_umask_tree(tmp)  # mkdtemp made it 0700, and the run's files may be 0600
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old, out)
-        for parent in created:  # innermost first
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
 
 
 def _compress_in_memory(args, config, out: Path) -> dict:

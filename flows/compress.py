@@ -144,7 +144,7 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
                   trust_remote_code: bool = False, tags: dict | None = None,
                   expect_source_digest: str | None = None, tasks: list[str] | None = None, limit: int | None = None,
                   tasks_source: bool = False, eval_dtype: str = "float32", export_dtype: str | None = None,
-                  signing_key: str | None = None) -> dict:
+                  signing_key: str | None = None, out: str | None = None, overwrite: bool = False) -> dict:
     """Compress ``model`` into ``run_dir`` (default ``./runs/<model>-<method>-<key>``); returns a small manifest:
     run_dir, model_dir, model_sha256, widths, parameter counts, which stages were reused, MLflow run and version.
 
@@ -158,7 +158,8 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
     (:mod:`dotresize.evaluation.precision`). ``export_dtype`` (``float32``, ``bfloat16``, ``float16``) is the
     exported weights' dtype, by default the source's dtype at rest (float32 for quantised GGUF). ``signing_key``
     (a private key file) signs the model directory, lineage.json included (``model.sig``, OpenSSF model signing)
-    before it is registered. A user-facing error
+    before it is registered. ``out`` (checked beforehand, see :mod:`flows.preflight`) gets a copy of the model
+    directory, also before registration (a copy that fails registers nothing). A user-facing error
     (:class:`dotresize.DotResizeError`) in a run directory this call created removes it again; an existing run
     directory is never removed.
     """
@@ -185,7 +186,7 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
     run.makedirs()
     # one process at a time in a run directory, for the whole run (evaluations and MLflow included); a failed
     # fresh run is removed while the lease is still held (flows/runlock.py, storage/lease.py)
-    with hold_run(run):
+    with hold_run(run) as lease:
         try:
             return _run_stages(run, config, recipe, run_key, source, calib, resolved["architecture"], started,
                                dask_address=dask_address, n_workers=n_workers, mlflow=mlflow,
@@ -193,9 +194,9 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
                                ppl_max_windows=ppl_max_windows, ppl_source=ppl_source, device=device, verify=verify,
                                trust_remote_code=trust_remote_code, tags=tags, tasks=list(tasks or []), limit=limit,
                                tasks_source=tasks_source, eval_dtype=eval_dtype, export_dtype=export_dtype,
-                               signing_key=signing_key)
+                               signing_key=signing_key, out=out, overwrite=overwrite)
         except DotResizeError:
-            if fresh:
+            if fresh and not lease.waited:  # a run another process created while this one waited is not ours
                 logger.info("removing %s: the run failed before producing anything reusable", run.uri())
                 run.remove("")
             raise
@@ -204,7 +205,7 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
 def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, calib: dict, architecture: dict,
                 started: float, *, dask_address, n_workers, mlflow, register_name, progress, ppl, ppl_ctx,
                 ppl_max_windows, ppl_source, device, verify, trust_remote_code, tags=None, tasks, limit, tasks_source,
-                eval_dtype="float32", export_dtype=None, signing_key=None) -> dict:
+                eval_dtype="float32", export_dtype=None, signing_key=None, out=None, overwrite=False) -> dict:
     logger = get_run_logger()
     run.write_text(paths.RECIPE, _yaml(recipe))
     run.write_json(paths.SOURCE, source)
@@ -294,6 +295,11 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
 
         result["signature"] = sign_run_model(run, signing_key)
         logger.info("signed %s", result["signature"])
+    if out:  # before registration: a failed copy (a full disk) leaves no registered version behind
+        from .outputs import copy_model
+
+        with run.local_copy(paths.MODEL) as model_dir:
+            result["out"] = str(copy_model(model_dir, Path(out), overwrite))
     if mlflow:
         from .mlflow_logging import register_task
 

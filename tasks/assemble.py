@@ -24,7 +24,8 @@ from storage import RunDir, load_basis
 from storage import rundir as layout
 from storage.errors import CorruptArtifactError
 
-from .common import basis_from, config_of, export_dtype, pause_point, run_stage, stage_key, streamed_model
+from .common import (basis_from, config_of, export_dtype, pause_point, release_memory, run_stage, stage_key,
+                     streamed_model)
 
 #: packages whose versions go into lineage.json
 VERSIONED = ("dotresize", "torch", "transformers", "safetensors", "POT", "numpy", "prefect", "prefect-dask", "dask",
@@ -70,8 +71,11 @@ def absorb_task(run_url: str, layer: int, source: dict, inspect: dict, bases: li
             pause_point(run, "absorb")
         rel = layout.layer_file(layer)
         sha = run.save_tensors(rel, {k: v.cpu() for k, v in state.items()}, metadata={"format": "pt"})
-        return {"layer": layer, "files": {rel: sha}, "shapes": {k: list(v.shape) for k, v in state.items()},
-                "bytes": int(sum(v.numel() * v.element_size() for v in state.values()))}
+        shapes = {k: list(v.shape) for k, v in state.items()}
+        nbytes = int(sum(v.numel() * v.element_size() for v in state.values()))
+        del state
+        release_memory()
+        return {"layer": layer, "files": {rel: sha}, "shapes": shapes, "bytes": nbytes}
 
     return run_stage(run, "absorb", str(layer), key, compute)
 

@@ -31,6 +31,7 @@ from .common import (
     finish_manifest,
     logger,
     pause_point,
+    release_memory,
     reused,
     stage_key,
     stored_or,
@@ -118,6 +119,7 @@ def capture_task(run_url: str, layer: int, source: dict, inspect: dict, calibrat
         recorders[point].finish()
         if layer == 2 and index == 0:
             pause_point(run, "capture")
+    release_memory()
     return finish_manifest(run, "capture", name, key, started,
                            {"layer": layer, "points": {str(p): store.digest(p) for p in points}})
 
@@ -175,6 +177,7 @@ def sequential_capture_task(run_url: str, point: int, source: dict, inspect: dic
             for signal in sequential_signals(model, index, module, xs, kwargs, b_in, b_attn):
                 recorder.add(signal)
     recorder.finish()
+    release_memory()
     logger().debug("captured point %d", point)
     return finish_manifest(run, "capture", name, key, started, {"point": point, "points": {name: store.digest(point)}})
 

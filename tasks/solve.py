@@ -23,6 +23,7 @@ from .common import (
     finish_manifest,
     pause_point,
     point_stats,
+    release_memory,
     reused,
     solver_device,
     stage_key,
@@ -114,6 +115,8 @@ def solve_task(run_url: str, point: int | str, capture: dict, calibration: dict,
         tensors["U"] = basis.U.detach().cpu().contiguous()
     info = {**basis.info, "device": device, "identity": identity, "dim": int(Q.shape[0]),
             "statistics_seconds": round(reduced - started, 6)}
+    del stats
+    release_memory()
     finished = time.time()
     record = save_basis(run, point, tensors, key=key, info=info,
                         extra={"started": started, "finished": finished, "seconds": round(finished - started, 6)})

@@ -246,7 +246,7 @@ def _export(path: Path, marker: str = "old") -> Path:
 def test_a_copy_to_out_that_fails_midway_leaves_the_old_export_and_nothing_else(monkeypatch, tiny_env):
     import shutil
 
-    from flows.cli import _copy_model
+    from flows.outputs import copy_model as _copy_model
 
     model, out = _export(tiny_env / "run" / "model", "new"), _export(tiny_env / "out", "old")
     calls = []
@@ -278,12 +278,13 @@ def test_a_full_disk_at_the_copy_to_out_is_one_line_and_nothing_is_left(capsys, 
         pytest.skip("mounting a tmpfs needs root with CAP_SYS_ADMIN")
     try:
         import flows.cli
+        from flows.outputs import copy_model
 
         model = _export(tiny_env / "run" / "model", "new")
         (model / "weights.bin").write_bytes(os.urandom(200_000))  # more than the 64 kB device holds
 
         def copy_only(args):
-            return {"out": str(flows.cli._copy_model(model, full / "out", overwrite=False))}
+            return {"out": str(copy_model(model, full / "out", overwrite=False))}
 
         monkeypatch.setattr(flows.cli, "cmd_compress", copy_only)
         status, lines = _run(capsys, "compress", "--ratio", "0.2")
