@@ -132,64 +132,179 @@ class SafetensorsReader(TensorReader):
             return handle.get_slice(name)[start:stop]
 
 
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One entry of a GGUF file's tensor table: where its bytes are and how to view them."""
+
+    name: str
+    qtype: int
+    dims: tuple[int, ...]      # GGUF order (fastest first); the HF shape is reversed
+    offset: int                # absolute offset of its data in the file
+    nbytes: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.dims))
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}
+
+
+def _gguf_string(handle) -> str:
+    (length,) = struct.unpack("<Q", handle.read(8))
+    if length > 1 << 30:
+        raise ValueError("string too long")
+    data = handle.read(length)
+    if len(data) != length:
+        raise EOFError
+    return data.decode("utf-8", errors="replace")
+
+
+def _gguf_value(handle, kind: int, keep: bool):
+    """Read (``keep``) or skip one metadata value; arrays are always skipped (the tokenizer's 100k strings are
+    never materialised)."""
+    if kind in _GGUF_SCALARS:
+        fmt = _GGUF_SCALARS[kind]
+        data = handle.read(struct.calcsize(fmt))
+        if len(data) != struct.calcsize(fmt):
+            raise EOFError
+        return struct.unpack(fmt, data)[0]
+    if kind == 8:
+        if keep:
+            return _gguf_string(handle)
+        (length,) = struct.unpack("<Q", handle.read(8))
+        handle.seek(length, os.SEEK_CUR)
+        return None
+    if kind == 9:
+        (item, count) = struct.unpack("<IQ", handle.read(12))
+        if item in _GGUF_SCALARS:
+            handle.seek(count * struct.calcsize(_GGUF_SCALARS[item]), os.SEEK_CUR)
+        else:
+            for _ in range(count):
+                _gguf_value(handle, item, False)
+        return None
+    raise ValueError(f"unknown GGUF value type {kind}")
+
+
+def gguf_tensor_table(path: str | os.PathLike) -> tuple[dict[str, object], list[GGUFTensor], int]:
+    """(scalar and string metadata, tensor table, file size) of a GGUF file, reading only its header.
+
+    Raises ``ValueError``/``EOFError``/``struct.error`` on a file that is not (a complete header of) GGUF.
+    """
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ValueError("no GGUF magic")
+        version, count, kvs = struct.unpack("<IQQ", handle.read(20))
+        if version not in (2, 3):
+            raise ValueError(f"unsupported GGUF version {version}")
+        meta: dict[str, object] = {}
+        for _ in range(kvs):
+            key = _gguf_string(handle)
+            (kind,) = struct.unpack("<I", handle.read(4))
+            value = _gguf_value(handle, kind, keep=True)
+            if value is not None:
+                meta[key] = value
+        entries = []
+        for _ in range(count):
+            name = _gguf_string(handle)
+            (ndims,) = struct.unpack("<I", handle.read(4))
+            dims = struct.unpack(f"<{ndims}Q", handle.read(8 * ndims))
+            qtype, offset = struct.unpack("<IQ", handle.read(12))
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+            numel = 1
+            for d in dims:
+                numel *= int(d)
+            entries.append((name, qtype, tuple(int(d) for d in dims), offset, numel * type_size // block))
+        alignment = int(meta.get("general.alignment", 32) or 32)
+        start = handle.tell()
+        start += (-start) % alignment
+    return meta, [GGUFTensor(n, q, d, start + o, b) for n, q, d, o, b in entries], size
+
+
 class GGUFReader(TensorReader):
     """One GGUF file, tensor by tensor: ``gguf`` dequantises each on its own; transformers' tables map names.
 
-    The per-architecture fixes transformers applies on load (q/k row permutation for Llama, ``norm − 1`` for
-    Gemma) are applied to every tensor read, so a tensor equals what ``from_pretrained(gguf_file=...)`` gives.
+    Only the header is parsed (no metadata array is materialised) and a tensor's bytes are read only when it is
+    dequantised (no mapping of the file stays resident), so a reader costs a few kilobytes however large the file. The per-architecture fixes
+    transformers applies on load (q/k row permutation for Llama, ``norm − 1`` for Gemma) are applied to every
+    tensor read, so a tensor equals what ``from_pretrained(gguf_file=...)`` gives.
     """
 
     def __init__(self, path: str | os.PathLike, config: PretrainedConfig):
         from accelerate import init_empty_weights
-        from gguf import GGUFReader as _Reader
         from transformers import AutoModelForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
         self.path = Path(path)
-        self._reader = _Reader(self.path)
-        architecture = read_field(self._reader, "general.architecture")[0]
+        try:
+            meta, table, size = gguf_tensor_table(self.path)
+        except (ValueError, EOFError, struct.error, KeyError) as error:
+            raise SourceNotFoundError(f"{self.path} is not a readable GGUF file ({error}): re-download it") from None
+        architecture = str(meta.get("general.architecture", ""))
         self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
         with init_empty_weights():
             skeleton = AutoModelForCausalLM.from_config(config)
         self._mapping = _gguf_name_map(skeleton, self._processor, config)
-        self._tensors = {}
+        self._tensors: dict[str, GGUFTensor] = {}
         self._infos: dict[str, TensorInfo] = {}
-        plain = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-        for tensor in self._reader.tensors:
+        plain = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
+        for tensor in table:
             hf = self._mapping.get(tensor.name)
             if hf is None:
                 continue
-            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+            if tensor.offset + tensor.nbytes > size:
+                raise SourceNotFoundError(f"{self.path} is truncated ({size} bytes; tensor {tensor.name} ends at "
+                                          f"{tensor.offset + tensor.nbytes}): re-download it")
             self._tensors[hf] = tensor
-            self._infos[hf] = TensorInfo(hf, shape, plain.get(tensor.tensor_type.name), self.path.name)
+            self._infos[hf] = TensorInfo(hf, tensor.shape, plain.get(tensor.qtype), self.path.name)
 
     def infos(self) -> dict[str, TensorInfo]:
         return self._infos
 
-    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    def _data(self, tensor: GGUFTensor, rows: slice | None = None):
+        """The tensor's bytes (or a block of its rows), read from the file as ``gguf.dequantize`` expects them."""
+        import numpy as np
+        from gguf.constants import GGMLQuantizationType
+        from gguf.quants import quant_shape_to_byte_shape
+
+        qtype = GGMLQuantizationType(tensor.qtype)
+        items = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64,
+                 28: np.float64}
+        if tensor.qtype in items:
+            dtype, shape = items[tensor.qtype], tensor.shape
+        else:
+            dtype, shape = np.uint8, quant_shape_to_byte_shape(tensor.shape, qtype)
+        row_items = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        first, last = (0, shape[0]) if rows is None else (rows.start, min(rows.stop, shape[0]))
+        itemsize = np.dtype(dtype).itemsize
+        data = np.fromfile(self.path, dtype=dtype, count=(last - first) * row_items,
+                           offset=tensor.offset + first * row_items * itemsize)
+        return data.reshape((last - first, *shape[1:])), qtype
+
+    def _dequantised(self, tensor: GGUFTensor, rows: slice | None = None) -> torch.Tensor:
         import numpy as np
         from gguf import dequantize
 
-        out = {}
-        for name in names:
-            tensor = self._tensors[name]
-            weights = dequantize(tensor.data, tensor.tensor_type)
-            weights = self._processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self._mapping,
-                                              parsed_parameters={}).weights
-            out[name] = torch.from_numpy(np.array(weights, copy=True))
-        return out
-
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        import numpy as np
-        from gguf import dequantize
-
-        tensor = self._tensors[name]
-        if tensor.data.ndim != 2 or tensor.name not in _ROW_SLICEABLE:  # processors may permute other rows
-            return super().read_rows(name, start, stop)
-        weights = dequantize(tensor.data[start:stop], tensor.tensor_type)  # quantised blocks never span rows
+        data, qtype = self._data(tensor, rows)
+        weights = dequantize(data, qtype)
         weights = self._processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self._mapping,
                                           parsed_parameters={}).weights
-        return torch.from_numpy(np.array(weights, copy=True))
+        out = torch.from_numpy(np.array(weights, copy=True))
+        return out
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        return {name: self._dequantised(self._tensors[name]) for name in names}
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        tensor = self._tensors[name]
+        if len(tensor.dims) != 2 or tensor.name not in _ROW_SLICEABLE:  # processors may permute other rows
+            return super().read_rows(name, start, stop)
+        return self._dequantised(tensor, slice(start, stop))  # quantised blocks never span rows
 
 
 def _gguf_name_map(skeleton, processor, config: PretrainedConfig) -> dict[str, str]:

@@ -7,7 +7,6 @@ directory behind. Heavy libraries are imported only once the arguments are known
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys

@@ -34,7 +34,7 @@ from dotresize.errors import DotResizeError
 from storage import RunDir, content_key
 
 from .runlock import hold_run
-from .settings import OFFLINE_DEFAULTS, apply_offline_defaults  # noqa: F401  (re-exported)
+from .settings import apply_offline_defaults
 from storage import rundir as paths
 from tasks import (
     absorb_task,

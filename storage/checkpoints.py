@@ -208,84 +208,21 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def _read_string(handle) -> str:
-    (length,) = struct.unpack("<Q", handle.read(8))
-    if length > MAX_HEADER:
-        raise ValueError("string too long")
-    data = handle.read(length)
-    if len(data) != length:
-        raise EOFError
-    return data.decode("utf-8", errors="replace")
-
-
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                 12: "<d"}
-
-
-def _read_value(handle, kind: int):
-    if kind in _GGUF_SCALARS:
-        fmt = _GGUF_SCALARS[kind]
-        data = handle.read(struct.calcsize(fmt))
-        if len(data) != struct.calcsize(fmt):
-            raise EOFError
-        return struct.unpack(fmt, data)[0]
-    if kind == 8:
-        return _read_string(handle)
-    if kind == 9:
-        (item_kind,) = struct.unpack("<I", handle.read(4))
-        (count,) = struct.unpack("<Q", handle.read(8))
-        if item_kind in _GGUF_SCALARS:  # skip fixed-size items without decoding them
-            handle.seek(count * struct.calcsize(_GGUF_SCALARS[item_kind]), os.SEEK_CUR)
-            return None
-        for _ in range(count):
-            _read_value(handle, item_kind)
-        return None
-    raise ValueError(f"unknown GGUF value type {kind}")
-
-
 def gguf_problem(path: Path) -> str | None:
     """None when ``path`` is a complete GGUF file (header, metadata, tensor table and every tensor's bytes)."""
-    try:
-        from gguf.constants import GGML_QUANT_SIZES
-    except ImportError:  # pragma: no cover - gguf is a dependency
-        GGML_QUANT_SIZES = None
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            if handle.read(4) != GGUF_MAGIC:
-                return f"{path.name}: no GGUF magic ({size} bytes written)"
-            version, tensors, kvs = struct.unpack("<IQQ", handle.read(20))
-            if version not in (2, 3):
-                return f"{path.name}: unsupported GGUF version {version}"
-            alignment = 32
-            for _ in range(kvs):
-                key = _read_string(handle)
-                (kind,) = struct.unpack("<I", handle.read(4))
-                value = _read_value(handle, kind)
-                if key == "general.alignment" and isinstance(value, int) and value > 0:
-                    alignment = value
-            end = 0
-            for _ in range(tensors):
-                _read_string(handle)
-                (dims,) = struct.unpack("<I", handle.read(4))
-                shape = struct.unpack(f"<{dims}Q", handle.read(8 * dims))
-                kind, offset = struct.unpack("<IQ", handle.read(12))
-                count = 1
-                for d in shape:
-                    count *= d
-                nbytes = 0
-                if GGML_QUANT_SIZES is not None:
-                    from gguf.constants import GGMLQuantizationType
+    from dotresize.checkpoint import gguf_tensor_table
 
-                    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
-                    nbytes = count // block * type_size
-                end = max(end, offset + nbytes)
-            start = handle.tell()
-            start += (-start) % alignment
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if magic != GGUF_MAGIC:
+            return f"{path.name}: no GGUF magic ({path.stat().st_size} bytes written)"
+        _, table, size = gguf_tensor_table(path)
     except (OSError, ValueError, EOFError, struct.error, KeyError) as error:
         return f"{path.name}: GGUF header unreadable ({error.__class__.__name__})"
-    if size < start + end:
-        return f"{path.name} is incomplete ({size} of {start + end} bytes)"
+    end = max((t.offset + t.nbytes for t in table), default=0)
+    if size < end:
+        return f"{path.name} is incomplete ({size} of {end} bytes)"
     return None
 
 

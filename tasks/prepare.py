@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from storage import RunDir, digest_of_digests, sha256_bytes
 from storage import rundir as layout
 
-from .common import finish_manifest, logger, run_stage, stage_key
+from .common import logger, run_stage, stage_key
 
 #: small files of a model directory that change what is loaded (besides the weights)
 _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
