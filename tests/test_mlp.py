@@ -318,3 +318,24 @@ def test_obs_rescores_after_every_removal():
     keep = select_keep(stats, 5, "obs", down, ridge=1e-10)
     assert len({0, 6, 7} & set(keep.tolist())) == 1
     assert error(keep.tolist()) <= best * (1 + 1e-6) + 1e-12
+
+
+def test_allocate_widths_spends_removals_where_they_cost_least():
+    from dotresize.mlp import allocate_widths, error_curve
+
+    # layer 0: removed neurons are copies (free to remove); layer 1: independent neurons (every removal costs)
+    g = torch.Generator().manual_seed(16)
+    base = torch.randn(300, 8, generator=g, dtype=F64)
+    redundant = _stats(torch.cat([base, base @ torch.randn(8, 8, generator=g, dtype=F64)], 1))
+    independent = _stats(torch.randn(300, 16, generator=g, dtype=F64))
+    down = torch.randn(4, 16, generator=g, dtype=F64)
+    options = MlpOptions(method="lsq", ridge=1e-9)
+    curves = [error_curve(s, down, (16, 12, 8), options) for s in (redundant, independent)]
+    assert curves[0][8] < 1e-9 < 0.1 < curves[1][8]
+    assert allocate_widths(curves, 24) == [8, 16]
+    assert allocate_widths(curves, 32) == [16, 16]
+    two = [{16: 0.0, 8: 1.0}, {16: 0.0, 8: 2.0}]
+    assert allocate_widths(two, 24) == [8, 16]
+    assert allocate_widths(two, 24, weights=[3.0, 1.0]) == [16, 8]      # weighted errors decide
+    with pytest.raises(InvalidConfigError):
+        allocate_widths(curves, 8)

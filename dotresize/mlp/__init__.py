@@ -19,6 +19,7 @@ import torch
 from .keep import KEEP_RULES, as_keep_set, complement, keep_scores, mlp_width, obs_keep, select_keep
 from .maps import (DOT_COSTS, DOT_MARGINALS, MLP_METHODS, SCALE_RULES, MlpDotOptions, MlpOptions, MlpReduction,
                    dot_map, lsq_map, profile_cost, prune_map, ridge_solve, row_scales, transport_rows)
+from .schedule import allocate_widths, error_curve
 from .statistics import MlpStats, MlpStatsAccumulator
 from .weights import MlpWeights, output_error, reduce_mlp_weights
 
@@ -27,7 +28,7 @@ __all__ = [
     "MlpStats", "MlpStatsAccumulator", "MlpOptions", "MlpDotOptions", "MlpReduction", "MlpWeights",
     "mlp_width", "keep_scores", "select_keep", "obs_keep", "as_keep_set", "complement",
     "prune_map", "lsq_map", "dot_map", "profile_cost", "transport_rows", "row_scales", "ridge_solve",
-    "reduce_mlp", "reduce_mlp_weights", "output_error",
+    "reduce_mlp", "reduce_mlp_weights", "output_error", "error_curve", "allocate_widths",
 ]
 
 
