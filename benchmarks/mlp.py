@@ -41,11 +41,12 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFO
 import torch  # noqa: E402
 
 from dotresize.mlp import (MlpDotOptions, MlpOptions, MlpReduction, MlpStats, MlpStatsAccumulator,  # noqa: E402
-                           complement, dot_map, lsq_map, output_error, prune_map, reduce_mlp, reduce_mlp_weights)
+                           allocate_widths, complement, dot_map, error_curve, lsq_map, output_error, prune_map,
+                           reduce_mlp, reduce_mlp_weights)
 
 from .common import fmt, log, machine_info, machine_line, markdown_table, quiet_libraries, write_json  # noqa: E402
 
-GROUPS = ("main", "lambda", "dot-sweep", "ablations", "analysis")
+GROUPS = ("main", "lambda", "dot-sweep", "ablations", "schedule", "analysis")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "mlp-smollm2"
 STATS_VERSION = 1
 
@@ -74,7 +75,7 @@ class RowSpec:
     group: str
     label: str
     mode: str
-    width: int
+    width: int | tuple[int, ...]   # one width for every layer, or one per layer
     options: MlpOptions
 
     def key(self, protocol: Protocol) -> str:
@@ -147,6 +148,28 @@ def main_rows(widths: dict[float, int], methods: tuple[str, ...], modes: tuple[s
                 name, _, rule = method.partition("-")  # "lsq-obs": lsq with the obs keep-set rule
                 options = MlpOptions(method=name, ridge=ridge, dot=base, keep_rule=rule or MlpOptions().keep_rule)
                 rows.append(RowSpec("main", f"{method} ≤{target:g}x", mode, width, options))
+    return rows
+
+
+def schedule_rows(state: "ModelState", cal: list[MlpStats], dense: int, targets: tuple[float, ...],
+                  step: int = 64) -> list[RowSpec]:
+    """lsq with per-layer widths from :func:`allocate_widths` on the calibration error curves, at each target."""
+    config = state.model.config
+    options = MlpOptions(method="lsq")
+    downs = [down.weight for _, _, down in state.originals]
+    grid = list(range(config.intermediate_size, config.intermediate_size // 4 - 1, -step))
+    start = time.perf_counter()
+    curves = [error_curve(s, w, grid, options) for s, w in zip(cal, downs)]
+    log(f"schedule: error curves of {len(curves)} layers at {len(grid)} widths in {time.perf_counter() - start:.0f} s")
+    energies = [float(torch.trace(w.double() @ s.gram @ w.double().T)) for s, w in zip(cal, downs)]
+    uniform = widths_for_targets(dense, config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+                                 targets)
+    rows = []
+    for target, width in uniform.items():
+        for name, weights in (("relative", None), ("absolute", energies)):
+            widths = allocate_widths(curves, width * len(curves), weights)
+            rows.append(RowSpec("schedule", f"lsq {name}-error schedule ≤{target:g}x", "parallel", tuple(widths),
+                                options))
     return rows
 
 
@@ -291,7 +314,7 @@ def layer_inputs(state: ModelState) -> tuple[list[torch.Tensor], list[dict]]:
 
 
 @torch.no_grad()
-def reduce_sequential(state: ModelState, width: int, options: MlpOptions) -> list[MlpReduction]:
+def reduce_sequential(state: ModelState, widths: list[int], options: MlpOptions) -> list[MlpReduction]:
     """Reduce layer by layer, each from h recomputed through the already-reduced layers before it."""
     xs, kwargs = layer_inputs(state)
     reductions = []
@@ -303,7 +326,7 @@ def reduce_sequential(state: ModelState, width: int, options: MlpOptions) -> lis
                 layer(x, **kw)
         finally:
             handle.remove()
-        reduction = reduce_mlp(acc.finalize(), layer.mlp.down_proj.weight, width, options)
+        reduction = reduce_mlp(acc.finalize(), layer.mlp.down_proj.weight, widths[i], options)
         apply_reduction(layer.mlp, reduction)
         reductions.append(reduction)
         xs = [layer(x, **kw) for x, kw in zip(xs, kwargs)]
@@ -324,12 +347,13 @@ def run_row(state: ModelState, spec: RowSpec, cal: list[MlpStats], heldout: list
     state.restore()
     downs = [down.weight for _, _, down in state.originals]
     start = time.perf_counter()
+    widths = list(spec.width) if isinstance(spec.width, tuple) else [spec.width] * len(downs)
     if spec.mode == "parallel":
-        reductions = [reduce_mlp(s, w, spec.width, spec.options) for s, w in zip(cal, downs)]
+        reductions = [reduce_mlp(s, w, m, spec.options) for s, w, m in zip(cal, downs, widths)]
         for layer, reduction in zip(state.layers, reductions):
             apply_reduction(layer.mlp, reduction)
     else:
-        reductions = reduce_sequential(state, spec.width, spec.options)
+        reductions = reduce_sequential(state, widths, spec.options)
     solve_seconds = time.perf_counter() - start
     params = count_parameters(state.model)
     ppl = perplexity(state.model, state.test_ids, ctx=p.ctx, max_windows=p.max_windows,
@@ -337,8 +361,10 @@ def run_row(state: ModelState, spec: RowSpec, cal: list[MlpStats], heldout: list
     state.restore()
     infos = [r.info for r in reductions]
     row = {
-        "group": spec.group, "label": spec.label, "mode": spec.mode, "width": spec.width,
-        "mlp_ratio": round(1 - spec.width / downs[0].shape[1], 6), "options": dataclasses.asdict(spec.options),
+        "group": spec.group, "label": spec.label, "mode": spec.mode,
+        "width": list(spec.width) if isinstance(spec.width, tuple) else spec.width,
+        "mlp_ratio": round(1 - sum(widths) / (len(widths) * downs[0].shape[1]), 6),
+        "options": dataclasses.asdict(spec.options),
         "ppl": ppl["ppl"], "nll": ppl["nll"], "params": params, "solve_seconds": round(solve_seconds, 2),
         "eval_seconds": ppl["seconds"],
         "output_error_cal": _mean([i["output_error"] for i in infos]),
@@ -410,8 +436,12 @@ def analyse_layer(cal: MlpStats, heldout: MlpStats, down: torch.Tensor, width: i
     errors["lsq λ=0.1, keep obs"] = {"cal": obs.info["output_error"],
                                      "heldout": output_error(heldout, down, obs.keep, obs.A),
                                      "cos_to_lsq": None, "norm": float(obs.A.norm())}
+    A = maps["lsq λ=0.1"]
+    participation = A.abs().sum(0) ** 2 / torch.clamp((A ** 2).sum(0), min=1e-300)  # ~ kept neurons a column uses
     return {
         "width": width, "removed": int(removed.numel()),
+        "lsq_participation_median": float(participation.median()),
+        "lsq_negative_share": float(A.clamp(max=0).abs().sum() / A.abs().sum()),
         "gram_kk_effective_rank": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())),
         "gram_kk_condition": float(eig.max() / max(float(eig.min()), 1e-300)),
         "removed_energy_share": float(energy[removed].sum() / energy.sum()),
@@ -434,8 +464,15 @@ def run_analysis(state: ModelState, cal: list[MlpStats], heldout: list[MlpStats]
 
 
 # --- report --------------------------------------------------------------------------------------------------------
+def width_text(width: int | list[int]) -> str:
+    """A width, or a per-layer schedule as ``min–max (mean)``."""
+    if isinstance(width, (list, tuple)):
+        return f"{min(width)}–{max(width)} (mean {sum(width) / len(width):.0f})"
+    return str(width)
+
+
 def _row_cells(row: dict[str, Any], dense_params: int) -> list[str]:
-    return [row["label"], row["mode"], str(row["width"]), fmt(row["mlp_ratio"], ".3f"), f"{row['params']:,}",
+    return [row["label"], row["mode"], width_text(row["width"]), fmt(row["mlp_ratio"], ".3f"), f"{row['params']:,}",
             fmt(row["params"] / dense_params, ".4f"), fmt(row["ppl"], ".2f"), fmt(row.get("output_error_cal"), ".4f"),
             fmt(row.get("output_error_heldout"), ".4f")]
 
@@ -450,7 +487,7 @@ def markdown(rows: list[dict[str, Any]], analysis: dict[str, Any], machine: dict
     parts = [f"Machine: {machine_line(machine)}", ""]
     if dense:
         parts += [f"Dense: ppl {dense['ppl']:.2f}, {dense['params']:,} parameters.", ""]
-    for group in ("main", "lambda", "dot-sweep", "ablations"):
+    for group in ("main", "schedule", "lambda", "dot-sweep", "ablations"):
         selected = [r for r in rows if r["group"] == group]
         if selected:
             parts += [f"### {group}", "", markdown_table(HEADER, [_row_cells(r, dense_params) for r in selected]), ""]
@@ -459,7 +496,7 @@ def markdown(rows: list[dict[str, Any]], analysis: dict[str, Any], machine: dict
         parts += ["### DOT plan statistics (means over layers)", "", markdown_table(
             ["row", "mode", "kept", "plan eff. rank", "kept neurons per removed (exp row entropy)", "mean max row entry",
              "median scale", "Sinkhorn converged", "max iterations"],
-            [[r["label"], r["mode"], r["width"], fmt(r["plan_effective_rank"], ".1f"),
+            [[r["label"], r["mode"], width_text(r["width"]), fmt(r["plan_effective_rank"], ".1f"),
               fmt(r["row_perplexity_mean"], ".1f"), fmt(r["row_max_mean"], ".3f"), fmt(r["scale_median"], ".3f"),
               r["sinkhorn_converged"], r["sinkhorn_iterations_max"]] for r in dots]), ""]
     if analysis:
@@ -469,10 +506,12 @@ def markdown(rows: list[dict[str, Any]], analysis: dict[str, Any], machine: dict
                                  [[n] + [f"{a['errors'][n]['cal']:.4f} / {a['errors'][n]['heldout']:.4f}"
                                          for a in analysis.values()] for n in names]), "",
                   markdown_table(["layer", "removed energy share", "lsq explains (removed energy)",
-                                  "median max |cos| to a kept neuron", "eff. rank G_KK", "cond G_KK",
+                                  "median max |cos| to a kept neuron", "lsq column participation (median)",
+                                  "lsq negative share", "eff. rank G_KK", "cond G_KK",
                                   "cos(A_dot ε=0.1, A_lsq)", "‖A_dot‖/‖A_lsq‖"],
                                  [[i, fmt(a["removed_energy_share"], ".3f"), fmt(a["lsq_explained_mean_weighted"], ".3f"),
-                                   fmt(a["max_abs_cos_to_kept_median"], ".3f"), fmt(a["gram_kk_effective_rank"], ".0f"),
+                                   fmt(a["max_abs_cos_to_kept_median"], ".3f"), fmt(a["lsq_participation_median"], ".0f"),
+                                   fmt(a["lsq_negative_share"], ".2f"), fmt(a["gram_kk_effective_rank"], ".0f"),
                                    fmt(a["gram_kk_condition"], ".2e"), fmt(a["errors"]["dot ε=0.1"]["cos_to_lsq"], ".3f"),
                                    fmt(a["errors"]["dot ε=0.1"]["norm"] / a["errors"]["lsq λ=0.1"]["norm"], ".3f")]
                                   for i, a in analysis.items()]), ""]
@@ -497,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="parallel,sequential")
     parser.add_argument("--methods", default="prune,lsq,dot")
     parser.add_argument("--targets", default="0.90,0.85,0.80,0.75", help="fractions of the dense parameter count")
+    parser.add_argument("--schedule-targets", default="0.80,0.75", help="targets of the per-layer schedule rows")
     parser.add_argument("--ablation-width", type=int, default=1072)
     parser.add_argument("--dot-base", default="", help="DOT options of the ablations and the main rows, "
                         "key=value,... over MlpDotOptions (default: its defaults)")
@@ -538,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         specs += sweep_rows(args.ablation_width)
     if "ablations" in groups:
         specs += ablation_rows(args.ablation_width, base)
+    if "schedule" in groups:
+        specs += schedule_rows(state, cal, dense["params"], tuple(float(t) for t in args.schedule_targets.split(",")))
     if "main" in groups:
         widths = widths_for_targets(dense["params"], config.num_hidden_layers, config.hidden_size,
                                     config.intermediate_size, tuple(float(t) for t in args.targets.split(",")))
@@ -552,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                 handle.write(json.dumps(row) + "\n")
         row = {**done[key], "group": spec.group, "label": spec.label}
         selected.append(row)
-        log(f"{row['group']:>9} | {row['label']:<38} {row['mode']:<10} keep {row['width']:>4}  "
+        log(f"{row['group']:>9} | {row['label']:<38} {row['mode']:<10} keep {width_text(row['width']):>4}  "
             f"{row['params'] / dense['params']:.4f}x  ppl {row['ppl']:8.3f}  err cal/held-out "
             f"{fmt(row.get('output_error_cal'), '.4f')}/{fmt(row.get('output_error_heldout'), '.4f')}")
     analysis = {}
