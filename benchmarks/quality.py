@@ -234,7 +234,7 @@ class QualityRunner:
         self.test_text = load_text("wikitext2-test")
         self.test_ids = tokenize(self.tokenizer, self.test_text.text)
         self.fused = None  # a fused copy of the model, for the parallel settings
-        self.adapter = None
+        self.adapter = None  # that copy as a ResidentModel
         self._stats: dict[tuple, tuple[list, float, int]] = {}
 
     # -- shared pieces
@@ -246,12 +246,10 @@ class QualityRunner:
 
     def _fused_adapter(self):
         if self.adapter is None:
-            from dotresize.adapters import get_adapter
-            from dotresize.fusion import fuse_norms
+            from dotresize.layerwise import ResidentModel
 
             self.fused = copy.deepcopy(self.pristine)
-            self.adapter = get_adapter(self.fused)
-            fuse_norms(self.adapter)
+            self.adapter = ResidentModel(self.fused)  # fuses the copy's norms in place
         return self.adapter
 
     def stats(self, outlier_tokens: float | None, sample: bool) -> tuple[list, float]:

@@ -40,12 +40,11 @@ def build_models(model_spec: str | None, ratios, layouts, *, calib_samples: int 
     import copy
 
     from dotresize import CompressionConfig
-    from dotresize.adapters import get_adapter
     from dotresize.api import build_compressed_model, plan_widths
     from dotresize.bases import compute_basis
     from dotresize.calibration import capture_point_stats, iter_batches
     from dotresize.data import calibration_set
-    from dotresize.fusion import fuse_norms
+    from dotresize.layerwise import ResidentModel
     from dotresize.sources import load_model, resolve_source
     from dotresize.statistics import pool_stats
 
@@ -53,8 +52,7 @@ def build_models(model_spec: str | None, ratios, layouts, *, calib_samples: int 
     source = resolve_source(model_spec)
     original, tokenizer = load_model(source)
     fused = copy.deepcopy(original)
-    adapter = get_adapter(fused)
-    fuse_norms(adapter)
+    adapter = ResidentModel(fused)  # fuses the copy's norms in place
     calibration = calibration_set(tokenizer, samples=calib_samples, seqlen=calib_seqlen, seed=seed)
     stats = capture_point_stats(adapter, iter_batches(calibration.input_ids, 8), progress=False)
     models: dict[str, Any] = {"original": original}

@@ -294,8 +294,7 @@ class GGUFReader(TensorReader):
         weights = dequantize(data, qtype)
         weights = self._processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self._mapping,
                                           parsed_parameters={}).weights
-        out = torch.from_numpy(np.array(weights, copy=True))
-        return out
+        return torch.from_numpy(np.require(weights, requirements=["C", "W", "O"]))  # copies only a view
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         return {name: self._dequantised(self._tensors[name]) for name in names}

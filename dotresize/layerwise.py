@@ -35,6 +35,8 @@ from .fusion import fuse_layer, fuse_norms
 
 #: decoder layers materialised at once in one process (capture, absorb and sequential tasks share the budget)
 MAX_LIVE_LAYERS = 2
+#: rows of the embedding matrix read at once when gathering the calibration tokens' embeddings
+EMBED_ROWS = 8192
 
 
 class LayerLedger:
@@ -286,11 +288,16 @@ class StreamedModel(LayeredModel):
 
     # --- calibration ----------------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Embedding rows of ``ids`` (the matrix is read for the call and dropped: embed all batches at once)."""
-        weight = self.reader.read([self._embedding])[self._embedding]
-        rows = weight[ids.reshape(-1)].to(torch.float32)
-        del weight
-        return rows.reshape(*ids.shape, -1).to(self.device)
+        """Embedding rows of ``ids``, gathered a block of the matrix at a time (never the whole matrix: embed all
+        batches in one call, each block is read once)."""
+        flat = ids.reshape(-1)
+        out = torch.empty(flat.numel(), self.hidden_size, dtype=torch.float32)
+        for start in range(0, self.vocab_size, EMBED_ROWS):
+            stop = min(start + EMBED_ROWS, self.vocab_size)
+            wanted = (flat >= start) & (flat < stop)
+            if bool(wanted.any()):
+                out[wanted] = self._rows(self._embedding, start, stop)[flat[wanted] - start].to(torch.float32)
+        return out.reshape(*ids.shape, -1).to(self.device)
 
     def layer_kwargs(self, hidden: torch.Tensor) -> list[dict[str, Any]]:
         with self._kwargs_lock:

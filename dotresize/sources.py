@@ -143,9 +143,52 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
                                       **source.load_kwargs())
 
 
+#: share of the available memory a model may take before it is loaded with its layers offloaded to disk
+RESIDENT_SHARE = 0.6
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (``MemAvailable``), or 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def model_bytes(source: ModelSource, dtype: torch.dtype) -> int:
+    """The weights' size in memory at ``dtype`` (from the safetensors headers; 0 for a GGUF file)."""
+    if source.gguf_file:
+        return 0
+    from .checkpoint import SafetensorsReader
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(info.numel for info in SafetensorsReader(source.directory, source.weight_files).infos().values()) \
+        * itemsize
+
+
+def offload_budget(source: ModelSource, dtype: torch.dtype, max_memory: int | None = None) -> int | None:
+    """The memory budget to load ``source`` within, or None to load it whole: ``max_memory`` when given, else
+    half the available memory when the weights would take more than :data:`RESIDENT_SHARE` of it (a safetensors
+    model larger than memory is then run with its layers read from its own files as needed)."""
+    if max_memory is not None:
+        return int(max_memory)
+    available, needed = available_memory(), model_bytes(source, dtype)
+    if available and needed > RESIDENT_SHARE * available:
+        return int(available / 2)
+    return None
+
+
 def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               check_architecture: bool = True):
-    """Load model and tokenizer; the architecture is checked from the config before any weight is read."""
+               check_architecture: bool = True, max_memory: int | None = None):
+    """Load model and tokenizer; the architecture is checked from the config before any weight is read.
+
+    A safetensors model larger than the memory budget (:func:`offload_budget`) is loaded with transformers'
+    ``device_map`` offload: the layers that do not fit stay in the checkpoint's files and are read during each
+    forward pass (slow, but a model larger than memory can be evaluated)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if check_architecture:
@@ -153,6 +196,18 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, trust
     kwargs = dict(source.load_kwargs(), dtype=dtype, trust_remote_code=trust_remote_code)
     if not source.gguf_file:
         kwargs["use_safetensors"] = True
+        budget = offload_budget(source, dtype, max_memory)
+        if budget is not None:
+            import atexit
+            import shutil
+            import tempfile
+
+            folder = tempfile.mkdtemp(prefix="dotresize-offload-")  # unused for safetensors; required by the API
+            atexit.register(shutil.rmtree, folder, True)
+            log.warning("%s needs %.1f GB at %s, more than the memory budget of %.1f GB: loading it with its layers "
+                        "offloaded to its files (evaluation is slower)", source.spec, model_bytes(source, dtype) / 1e9,
+                        str(dtype).replace("torch.", ""), budget / 1e9)
+            kwargs.update(device_map="auto", max_memory={"cpu": budget}, offload_folder=folder)
     model = AutoModelForCausalLM.from_pretrained(source.directory, **kwargs)
     if source.gguf_file:
         # GGUF weights are dequantized on load; forget the quantizer so the result saves as a normal checkpoint

@@ -213,10 +213,10 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
     common = {"run_url": run_url}
     with make_task_runner(dask_address, n_workers) as runner:
         quiet_dask_logs()
-        calibration_f = runner.submit(calibration_task, {**common, "source": source, "calib": calib,
-                                                         "hidden_size": architecture["hidden_size"]})
-        inspect_f = runner.submit(inspect_task, {**common, "source": source, "trust_remote_code": trust_remote_code})
-        inspect, calibration = inspect_f.result(), calibration_f.result()
+        inspect = runner.submit(inspect_task, {**common, "source": source,
+                                               "trust_remote_code": trust_remote_code}).result()
+        calibration = runner.submit(calibration_task, {**common, "source": source, "calib": calib, "inspect": inspect,
+                                                       "hidden_size": architecture["hidden_size"]}).result()
         widths = plan_task(inspect, recipe)
         layers = inspect["num_layers"]
         streamed = {**common, "source": source, "inspect": inspect, "device": device}

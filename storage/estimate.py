@@ -3,10 +3,12 @@
 The layer-streamed run directory stores no fused copy of the model; what grows with the model and the
 calibration set is::
 
-    activations   (2L+1) slice points x calibration tokens x hidden size x 4 bytes (float32)
+    activations   per slice point its signal (calibration tokens x hidden size x 4 bytes) where stored — the L+1
+                  layer inputs always, the L post-attention points when their statistics are not smaller — and
+                  its statistics (hidden size² x 8 bytes) where they are smaller than the signal
     bases         (2L+1) x hidden size x kept width x 8 bytes (float64)
     export        the source's parameter count x the export dtype's bytes (an upper bound: the export is smaller)
-    + 10 % slack  (Gram matrices, statistics, manifests, the tokenizer, Zarr metadata)
+    + 10 % slack  (manifests, the tokenizer, Zarr metadata)
 
 Adjust the terms here when the layout changes; nothing else encodes them.
 """
@@ -47,7 +49,11 @@ def estimate_run_bytes(*, num_layers: int, hidden_size: int, kept_width: int, ca
     """Bytes a run of a model with ``num_layers`` decoder layers (2L+1 slice points) writes; see the module
     docstring for the terms."""
     points = 2 * num_layers + 1
-    activations = points * calibration_tokens * hidden_size * 4
+    signal, stats = calibration_tokens * hidden_size * 4, hidden_size * hidden_size * 8
+    if stats < signal:  # statistics stored at capture for every point, signals of the layer inputs only
+        activations = (num_layers + 1) * signal + points * stats
+    else:
+        activations = points * signal
     bases = points * hidden_size * kept_width * 8
     export = parameters * export_bytes_per_parameter
     return RunBytes(activations, bases, export, int(slack * (activations + bases + export)))

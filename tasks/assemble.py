@@ -382,13 +382,15 @@ def _load_for_eval(run: RunDir, target: str, source: dict | None):
     from transformers import AutoTokenizer
 
     from dotresize import load_compressed
-    from dotresize.sources import load_model
+    from dotresize.sources import load_model, resolve_source
 
     if target == "source":
         from .prepare import check_source
 
         src, _ = check_source(source["spec"], source)
         return load_model(src, check_architecture=False)
+    if run.is_local:  # read in place: a model larger than memory is evaluated with its layers offloaded
+        return load_model(resolve_source(str(run.local_path(layout.MODEL))), check_architecture=False)
     with run.local_copy(layout.MODEL) as directory:
         return load_compressed(directory), AutoTokenizer.from_pretrained(directory)
 

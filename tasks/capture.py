@@ -7,8 +7,11 @@ so a killed capture resumes at the first layer whose points are not complete, an
 beside the capture of later layers. ``sequential_capture_task`` (sequential mode) recomputes one point through
 the already compressed layers.
 
-Only raw signals are stored; the statistics every basis needs (Gram matrix, sums, outlier exclusion, the
-reservoir sample of an L1 cost) are accumulated from them by the solve stage, a calibration batch at a time.
+What is stored per point is what a later stage reads, in the smaller form: the signal of every layer input
+(even points: the next layer's input, or a sequential point's), and a point's statistics (Gram matrix, sums,
+outlier exclusion, the reservoir sample of an L1 cost) instead of its signal when they are smaller (more tokens
+than twice the width); otherwise the solve stage accumulates them from the stored signal. Both ways run the
+in-memory API's accumulator over the same batches in the same order: the statistics are bitwise the same.
 """
 
 from __future__ import annotations
@@ -32,19 +35,35 @@ from .common import (
     logger,
     pause_point,
     release_memory,
+    keeps_signal,
     reused,
     stage_key,
+    statistics_parts,
+    stats_arrays,
+    stats_at_capture,
     stored_or,
     streamed_model,
 )
 
 
 class _PointRecorder:
-    """One point's signal on its way into the store, batch by batch (checked finite)."""
+    """One point on its way into the store, batch by batch (checked finite): its signal where a later stage
+    reads it (:func:`keeps_signal`), its statistics where they are smaller than the signal
+    (:func:`stats_at_capture`; accumulated exactly as the in-memory API does, so the solve stage need not read
+    the signal back)."""
 
-    def __init__(self, store: ActivationStore, point: int, *, key: str, tokens: int, dim: int, mode: str):
-        self.point = point
-        self.writer = store.create_point(point, key=key, tokens=tokens, dim=dim, attrs={"mode": mode})
+    def __init__(self, store: ActivationStore, point: int, *, key: str, tokens: int, dim: int, mode: str, config):
+        from dotresize.statistics import StatsAccumulator
+
+        self.store, self.point, self.key, self.mode = store, point, key, mode
+        self.tokens, self.dim = tokens, dim
+        self.writer = (store.create_point(point, key=key, tokens=tokens, dim=dim, attrs={"mode": mode})
+                       if keeps_signal(point) or not stats_at_capture(tokens, dim) else None)
+        self.accumulator = None
+        if stats_at_capture(tokens, dim):
+            parts = statistics_parts(config)
+            self.accumulator = StatsAccumulator(dim, point=point, sample_tokens=parts["sample_tokens"],
+                                                outlier_tokens=parts["outlier_tokens"], seed=parts["seed"])
 
     def add(self, hidden: torch.Tensor) -> None:
         rows = hidden.detach().reshape(-1, hidden.shape[-1]).to(device="cpu", dtype=torch.float32)
@@ -53,10 +72,20 @@ class _PointRecorder:
 
             raise NonFiniteActivationError(f"NaN or Inf in the activations at slice point {self.point}: check the "
                                            "model's weights and dtype")
-        self.writer.append(rows.numpy())
+        if self.accumulator is not None:
+            self.accumulator.add(rows)
+        if self.writer is not None:
+            self.writer.append(rows.numpy())
 
     def finish(self) -> None:
-        self.writer.finish({})
+        arrays, attrs = {}, {}
+        if self.accumulator is not None:
+            arrays, attrs = stats_arrays(self.accumulator.finalize(), self.accumulator.excluded)
+        if self.writer is not None:
+            self.writer.finish(arrays, attrs)
+        else:
+            self.store.create_stats_group(self.point, key=self.key, stats=arrays,
+                                          attrs={**attrs, "mode": self.mode, "tokens": self.tokens, "dim": self.dim})
 
 
 def _layer_points(layer: int) -> list[int]:
@@ -67,17 +96,20 @@ def capture_key(inspect: dict, calibration: dict, recipe: dict, layer: int, prev
                 device: str) -> str:
     return stage_key("capture", mode="parallel", layer=layer, inspect=inspect["key"],
                      calibration=calibration["digest"], previous=previous, device=device,
-                     **capture_parts(config_of(recipe)))
+                     statistics=statistics_parts(config_of(recipe)), **capture_parts(config_of(recipe)))
+
+
+def _batch_rows(store: ActivationStore, point: int, batches: list, index: int, dim: int, device) -> torch.Tensor:
+    """Point ``point``'s stored rows of calibration batch ``index``, in the batch's shape."""
+    start = sum(b.numel() for b in batches[:index])
+    batch = batches[index]
+    rows = store.read_rows(point, start, start + batch.numel())
+    return torch.from_numpy(rows).reshape(*batch.shape, dim).to(device)
 
 
 def _hidden_batches(store: ActivationStore, point: int, batches: list, dim: int, device) -> list[torch.Tensor]:
     """Point ``point``'s stored rows cut back into the calibration batches."""
-    out, row = [], 0
-    for batch in batches:
-        n = batch.numel()
-        out.append(torch.from_numpy(store.read_rows(point, row, row + n)).reshape(*batch.shape, dim).to(device))
-        row += n
-    return out
+    return [_batch_rows(store, point, batches, index, dim, device) for index in range(len(batches))]
 
 
 @task(name="capture", task_run_name="capture-{layer}", cache_policy=NO_CACHE, persist_result=False)
@@ -104,17 +136,19 @@ def capture_task(run_url: str, layer: int, source: dict, inspect: dict, calibrat
     model = streamed_model(source, inspect, device)
     ids, batches = calibration_batches(run, calibration, config)
     tokens, dim = int(ids.numel()), model.hidden_size
-    recorders = {p: _PointRecorder(store, p, key=key, tokens=tokens, dim=dim, mode="parallel") for p in points}
-    if layer == 0:
-        hidden = embed_batches(model, batches)
-        for h in hidden:
-            recorders[0].add(h)
-    else:
-        hidden = _hidden_batches(store, 2 * layer, batches, dim, model.device)
-    kwargs = [model.layer_kwargs(h) for h in hidden]
+    recorders = {p: _PointRecorder(store, p, key=key, tokens=tokens, dim=dim, mode="parallel", config=config)
+                 for p in points}
+    embedded = embed_batches(model, batches) if layer == 0 else None
+    sink = lambda p, h: recorders[p].add(h)  # noqa: E731
     with model.layer(layer) as module:
-        run_layer(model, module, layer, hidden, kwargs, lambda p, h: recorders[p].add(h))
-    del hidden, kwargs
+        for index, batch in enumerate(batches):  # one batch of hidden states in memory at a time
+            if embedded is not None:
+                hidden = embedded[index]
+                recorders[0].add(hidden)
+            else:
+                hidden = _batch_rows(store, 2 * layer, batches, index, dim, model.device)
+            run_layer(model, module, layer, [hidden], [model.layer_kwargs(hidden)], sink)
+    del embedded
     for index, point in enumerate(points):
         recorders[point].finish()
         if layer == 2 and index == 0:
@@ -129,7 +163,7 @@ def sequential_capture_key(inspect: dict, calibration: dict, recipe: dict, point
     """Key of a sequential point: it depends on the keys of the bases and signal it was computed through."""
     return stage_key("capture", mode="sequential", point=point, inspect=inspect["key"],
                      calibration=calibration["digest"], inputs=inputs, device=device,
-                     **capture_parts(config_of(recipe)))
+                     statistics=statistics_parts(config_of(recipe)), **capture_parts(config_of(recipe)))
 
 
 @task(name="capture-sequential", task_run_name="capture-{point}", cache_policy=NO_CACHE, persist_result=False)
@@ -161,7 +195,7 @@ def sequential_capture_task(run_url: str, point: int, source: dict, inspect: dic
     model = streamed_model(source, inspect, device)
     ids, batches = calibration_batches(run, calibration, config)
     tokens, dim = int(ids.numel()), model.hidden_size
-    recorder = _PointRecorder(store, point, key=key, tokens=tokens, dim=dim, mode="sequential")
+    recorder = _PointRecorder(store, point, key=key, tokens=tokens, dim=dim, mode="sequential", config=config)
     if point == 0:
         for h in embed_batches(model, batches):
             recorder.add(h)

@@ -218,11 +218,25 @@ def batch_rows(calibration: dict, config) -> list[int]:
     return [min(config.batch_size, samples - start) * seqlen for start in range(0, samples, config.batch_size)]
 
 
+def keeps_signal(point: int) -> bool:
+    """Whether a point's signal is stored: the layer inputs (even points) are read by the next capture."""
+    return point % 2 == 0
+
+
+def stats_at_capture(tokens: int, dim: int) -> bool:
+    """Whether a point's statistics are accumulated while it is captured and stored: when its D x D float64 Gram
+    matrix is smaller than its tokens x D float32 signal."""
+    return tokens > 2 * dim
+
+
 def point_stats(store, point: int, calibration: dict, config):
-    """The :class:`dotresize.statistics.PointStats` of a stored point, streamed from the store a calibration batch
-    at a time through the accumulator the in-memory API uses (same blocks, same order: bitwise its statistics)."""
+    """The :class:`dotresize.statistics.PointStats` of a stored point: as stored at capture, or streamed from its
+    stored signal a calibration batch at a time through the in-memory API's accumulator (same blocks, same order:
+    bitwise its statistics either way)."""
     from dotresize.statistics import StatsAccumulator
 
+    if store.has(point, "gram"):
+        return stored_stats(store, point)
     parts = statistics_parts(config)
     accumulator = None
     for rows in store.iter_rows(point, batch_rows(calibration, config)):

@@ -102,21 +102,18 @@ def check_source(spec: str | None, expected: dict):
 
 
 @task(name="calibration", cache_policy=NO_CACHE, persist_result=False)
-def calibration_task(run_url: str, source: dict, calib: dict, hidden_size: int | None = None) -> dict:
-    """Tokenise and sample the calibration windows; store the ids and calibration.json (a set of fewer tokens
-    than ``hidden_size`` is recorded and logged with a warning)."""
+def calibration_task(run_url: str, source: dict, calib: dict, inspect: dict, hidden_size: int | None = None) -> dict:
+    """Tokenise and sample the calibration windows with the source's tokenizer (as the inspect stage stored it:
+    a GGUF tokenizer is converted once per run); store the ids and calibration.json (a set of fewer tokens than
+    ``hidden_size`` is recorded and logged with a warning)."""
     run = RunDir(run_url)
     key = stage_key("calibration", source=source["digest"], text=calib["text_sha256"], data=calib["data"],
                     samples=calib["samples"], seqlen=calib["seqlen"], seed=calib["seed"])
 
     def compute() -> dict:
-        from transformers import AutoTokenizer
-
         from dotresize.data import calibration_set
 
-        check_source_unchanged(source)
-        src, _ = open_source(source)
-        tokenizer = AutoTokenizer.from_pretrained(src.directory, **src.load_kwargs())
+        _, _, tokenizer = load_inspected(run, inspect)
         calibration = calibration_set(tokenizer, calib["data"], samples=calib["samples"], seqlen=calib["seqlen"],
                                       seed=calib["seed"])
         meta = calibration.meta()

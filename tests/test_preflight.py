@@ -327,7 +327,11 @@ def test_the_run_size_estimate():
 
     estimate = estimate_run_bytes(num_layers=30, hidden_size=576, kept_width=456, calibration_tokens=64 * 256,
                                   parameters=134_515_008, export_bytes_per_parameter=dtype_bytes("bfloat16"))
-    assert estimate.activations == 61 * 64 * 256 * 576 * 4
+    # statistics (576² x 8 bytes) are smaller than a signal here: 31 layer-input signals + 61 Gram matrices
+    assert estimate.activations == 31 * 64 * 256 * 576 * 4 + 61 * 576 * 576 * 8
+    few = estimate_run_bytes(num_layers=32, hidden_size=4096, kept_width=3272, calibration_tokens=1024,
+                             parameters=8_030_261_248)
+    assert few.activations == 65 * 1024 * 4096 * 4  # an 8B model on 8 x 128 tokens: every signal, no Gram
     assert estimate.bases == 61 * 576 * 456 * 8
     assert estimate.export == 134_515_008 * 2
     assert estimate.total == pytest.approx(1.1 * (estimate.activations + estimate.bases + estimate.export), abs=1)

@@ -198,3 +198,20 @@ def test_pipeline_on_smollm2_equals_the_in_memory_api(pipeline_env, real_data_di
     with torch.no_grad():
         difference = (exported(ids).logits - reference(ids).logits).abs().max().item()
     assert difference <= 1e-5
+
+
+def test_a_model_larger_than_the_memory_budget_is_evaluated_with_offloaded_layers(tmp_path):
+    from dotresize import compress, save_compressed
+    from dotresize.sources import load_model, model_bytes, resolve_source
+
+    compressed, _ = compress(make_tiny_model("llama-untied"), tiny_calibration(samples=16),
+                             CompressionConfig(method="pca", ratio=0.25), progress=False)
+    out = save_compressed(compressed, tmp_path / "model")
+    make_tiny_tokenizer().save_pretrained(out)
+    source = resolve_source(str(out))
+    whole, _ = load_model(source, check_architecture=False)
+    offloaded, _ = load_model(source, check_architecture=False, max_memory=model_bytes(source, torch.float32) // 4)
+    assert set(offloaded.hf_device_map.values()) & {"disk"}  # really offloaded
+    ids = tiny_calibration(samples=2)
+    with torch.no_grad():
+        assert torch.equal(whole(ids).logits, offloaded(ids).logits)
