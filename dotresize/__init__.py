@@ -11,7 +11,7 @@ Importing the package registers the compressed model classes with transformers' 
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .config import CompressionConfig, DotOptions
+from .config import CompressionConfig, DotOptions, MlpDotOptions, MlpOptions
 from .errors import DotResizeError
 from .modeling import register_auto_classes
 
@@ -26,5 +26,5 @@ from .api import CompressionReport, compress, count_parameters  # noqa: E402
 from .export import load_compressed, save_compressed  # noqa: E402
 
 
-__all__ = ["CompressionConfig", "DotOptions", "DotResizeError", "compress", "save_compressed", "load_compressed",
+__all__ = ["CompressionConfig", "DotOptions", "MlpOptions", "MlpDotOptions", "DotResizeError", "compress", "save_compressed", "load_compressed",
            "CompressionReport", "count_parameters", "__version__"]

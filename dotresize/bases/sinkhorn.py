@@ -300,6 +300,27 @@ def sinkhorn_log(
 # POT reference
 
 
+def import_pot():
+    """POT, imported lazily and without scikit-learn: POT's optional k-means start of low-rank Sinkhorn (unused
+    here) imports scikit-learn, pandas and scipy.stats at import time (~90 MB resident and seconds per process);
+    it degrades to its own initialisation when scikit-learn is absent, so it is hidden while POT is imported."""
+    import sys
+
+    if "ot" in sys.modules:
+        return sys.modules["ot"]
+    hide = "sklearn" not in sys.modules
+    if hide:
+        sys.modules["sklearn"] = None  # an import of it raises ImportError, which POT handles
+    try:
+        import ot  # noqa: PLC0415 - optional dependency, imported lazily
+    except ImportError as exc:  # pragma: no cover - depends on environment
+        raise ImportError("sinkhorn_pot needs POT: install it with `pip install pot`") from exc
+    finally:
+        if hide and sys.modules.get("sklearn", 0) is None:
+            del sys.modules["sklearn"]
+    return ot
+
+
 def sinkhorn_pot(
     a,
     b,
@@ -319,10 +340,7 @@ def sinkhorn_pot(
     if backend not in ("numpy", "torch"):
         raise ValueError(f"backend must be 'numpy' or 'torch', got {backend!r}")
     a, b, cost, eps = _validate(a, b, cost, epsilon, tol, max_iter)
-    try:
-        import ot  # noqa: PLC0415 - optional dependency, imported lazily
-    except ImportError as exc:  # pragma: no cover - depends on environment
-        raise ImportError("sinkhorn_pot needs POT: install it with `pip install pot`") from exc
+    ot = import_pot()
 
     kw = dict(numItermax=int(max_iter), stopThr=float(tol), log=True, warn=False)
     if backend == "numpy":

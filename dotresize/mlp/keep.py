@@ -8,12 +8,9 @@ from typing import Sequence
 import torch
 
 from ..bases.common import top_indices
+from ..config import KEEP_RULES  # noqa: F401 (re-exported)
 from ..errors import InvalidConfigError
 from .statistics import MlpStats
-
-#: ``energy``: ‖h_j‖²; ``output``: ‖h_j‖²·‖W_down[:, j]‖² (the neuron's output energy if it were alone);
-#: ``obs``: greedy backward elimination by the output error left after the ``lsq`` correction (Optimal Brain Surgeon)
-KEEP_RULES = ("output", "energy", "obs")
 
 
 def mlp_width(intermediate: int, ratio: float, round_to: int = 8) -> int:

@@ -8,8 +8,6 @@ the best linear correction (λ → 0), so any other map can only win by generali
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,77 +15,11 @@ import torch
 
 from ..bases.dot import effective_rank, normalize_cost
 from ..bases.sinkhorn import sinkhorn_log
-from ..config import COST_NORMALIZATIONS
+# the options live in the config (they are part of a CompressionConfig); re-exported here
+from ..config import DOT_COSTS, DOT_MARGINALS, MLP_METHODS, SCALE_RULES, MlpDotOptions, MlpOptions  # noqa: F401
 from ..errors import BasisError, InvalidConfigError
-from .keep import KEEP_RULES, complement
+from .keep import complement
 from .statistics import MlpStats
-
-MLP_METHODS = ("prune", "lsq", "dot")
-DOT_COSTS = ("l2", "cosine")
-#: ``uniform``: balanced OT, uniform masses on S and K (Sinkhorn); ``row``: only the removed side is constrained,
-#: so each removed neuron's row is softmax(−C/ε) over the kept neurons (closed form, no Sinkhorn)
-DOT_MARGINALS = ("uniform", "row")
-#: scale c_s of a removed neuron's row p_s (Σ p_s = 1) in h_s ≈ c_s·h_K·p_s: least squares, 1, or matched norms
-SCALE_RULES = ("lsq", "none", "norm")
-
-
-@dataclass(frozen=True)
-class MlpDotOptions:
-    """Options of the transport-plan map (``prior``: the plan is the ridge's prior instead of the map itself).
-
-    Defaults from benchmarks/results/mlp-smollm2 (SmolLM2-135M, keep 1072 of 1536): cosine cost with ε 0.03 gave
-    ppl 63.4, the best L2 plan (max-normalised, ε 0.003) 64.3, prune 69.5 — and lsq 56.3.
-    """
-
-    epsilon: float = 0.03
-    cost: str = "cosine"
-    cost_normalization: str = "max"
-    marginals: str = "uniform"
-    scale: str = "lsq"
-    prior: bool = False
-    tol: float = 1e-9
-    max_iter: int = 5000
-
-    def validate(self) -> "MlpDotOptions":
-        _check("mlp dot cost", self.cost, DOT_COSTS)
-        _check("mlp dot cost_normalization", self.cost_normalization, COST_NORMALIZATIONS)
-        _check("mlp dot marginals", self.marginals, DOT_MARGINALS)
-        _check("mlp dot scale", self.scale, SCALE_RULES)
-        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            raise InvalidConfigError(f"mlp dot epsilon must be a positive number, got {self.epsilon}")
-        if self.max_iter < 1 or not self.tol > 0:
-            raise InvalidConfigError("mlp dot max_iter must be >= 1 and tol > 0")
-        return self
-
-
-@dataclass(frozen=True)
-class MlpOptions:
-    """How one MLP is reduced: the map (``method``), the keep-set rule and the ridge λ relative to mean diag G_KK.
-
-    Defaults from benchmarks/results/mlp-smollm2: ``lsq`` with λ 0.1 and the ``output`` rule was best (ppl 56.3 at keep
-    1072 of 1536; λ 0 56.95, λ 1 58.5; the ``obs`` keep-set lowered every layer's output error yet gave 61.7).
-    """
-
-    method: str = "lsq"
-    keep_rule: str = "output"
-    ridge: float = 0.1
-    round_to: int = 8
-    dot: MlpDotOptions = field(default_factory=MlpDotOptions)
-
-    def validate(self) -> "MlpOptions":
-        _check("mlp method", self.method, MLP_METHODS)
-        _check("mlp keep rule", self.keep_rule, KEEP_RULES)
-        if not (self.ridge >= 0 and math.isfinite(self.ridge)):
-            raise InvalidConfigError(f"mlp ridge must be a finite number >= 0, got {self.ridge}")
-        if self.round_to < 1:
-            raise InvalidConfigError(f"mlp round_to must be >= 1, got {self.round_to}")
-        if self.method == "dot" and self.dot.prior and self.ridge == 0:
-            raise InvalidConfigError("mlp dot prior needs ridge > 0 (with ridge 0 the prior has no effect)")
-        self.dot.validate()
-        return self
-
-    def replace(self, **changes: Any) -> "MlpOptions":
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass
@@ -102,11 +34,6 @@ class MlpReduction:
     @property
     def width(self) -> int:
         return int(self.keep.numel())
-
-
-def _check(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InvalidConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def _blocks(stats: MlpStats, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
