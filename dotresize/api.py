@@ -18,7 +18,7 @@ from .calibration import capture_point_stats, iter_batches, sequential_bases
 from .config import CompressionConfig
 from .errors import CalibrationError, InvalidConfigError
 from .layerwise import LayeredModel, ResidentModel
-from .modeling import FORMAT_VERSION
+from .modeling import FORMAT_VERSION, MLP_FORMAT_VERSION
 from .statistics import PointStats, pool_stats
 from .surgery import compressed_state_dict
 
@@ -39,6 +39,8 @@ class CompressionReport:
     points: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    #: the MLP axis, when used: intermediate size before, kept widths and per-layer diagnostics
+    mlp: dict[str, Any] | None = None
 
     @property
     def parameter_ratio(self) -> float:
@@ -104,8 +106,10 @@ def sample_tokens(config: CompressionConfig) -> int:
 
 
 def compute_bases(model: LayeredModel, batches: list[torch.Tensor], widths: list[int], config: CompressionConfig,
-                  *, progress: bool = True, device: str | None = None, timings: dict | None = None) -> list[Basis]:
-    """Bases of every point of a model, in the configured calibration mode and layout."""
+                  *, progress: bool = True, device: str | None = None, timings: dict | None = None,
+                  stats: list[PointStats] | None = None) -> list[Basis]:
+    """Bases of every point of a model, in the configured calibration mode and layout (``parallel``: from
+    ``stats`` when already captured, e.g. in the MLP axis' pass)."""
     timings = timings if timings is not None else {}
     basis_fn = make_basis_fn(config, device)
     stats_kwargs = dict(sample_tokens=sample_tokens(config), outlier_tokens=config.outlier_tokens,
@@ -115,8 +119,9 @@ def compute_bases(model: LayeredModel, batches: list[torch.Tensor], widths: list
         bases = sequential_bases(model, batches, widths, basis_fn, **stats_kwargs)
         timings["calibrate_and_bases"] = time.perf_counter() - start
         return bases
-    stats = capture_point_stats(model, batches, **stats_kwargs)
-    timings["capture"] = time.perf_counter() - start
+    if stats is None:
+        stats = capture_point_stats(model, batches, **stats_kwargs)
+        timings["capture"] = time.perf_counter() - start
     start = time.perf_counter()
     if config.layout == "global":
         shared = basis_fn(pool_stats(stats, config.global_pooling), widths[0], -1)
@@ -129,15 +134,36 @@ def compute_bases(model: LayeredModel, batches: list[torch.Tensor], widths: list
     return bases
 
 
-def compressed_config(model: LayeredModel, widths: list[int], layout: str):
-    """The HF config of the compressed model: the source config plus the widths (or hidden_size = d)."""
+def _model_mlp_widths(model, mlp_widths: list[int] | None) -> list[int] | None:
+    if mlp_widths is not None:
+        return [int(w) for w in mlp_widths]
+    found = getattr(model, "mlp_widths", None)  # an MlpReducedModel's
+    return None if found is None else [int(w) for w in found]
+
+
+def is_stock(layout: str, mlp_widths: list[int] | None) -> bool:
+    """Whether the compressed model is the source's own architecture: the global layout (or an untouched residual
+    stream) with one MLP width for every layer."""
+    return layout == "global" and (mlp_widths is None or len(set(mlp_widths)) == 1)
+
+
+def compressed_config(model: LayeredModel, widths: list[int], layout: str, mlp_widths: list[int] | None = None):
+    """The HF config of the compressed model: the source config plus the widths (or hidden_size = d) and, with the
+    MLP axis, the intermediate sizes (``mlp_widths``, default: the model's own when it is an MlpReducedModel).
+
+    The global layout with non-uniform MLP widths has no stock form: it is the per-point class with one width
+    everywhere and no shortcuts (``"shortcuts": false``; its weight-free norms divide by D, which equals the stock
+    norms' √(D/d) weights and eps·D/d)."""
+    mlp_widths = _model_mlp_widths(model, mlp_widths)
     source = model.config.to_dict()
     for key in ("architectures", "auto_map", "model_type", "transformers_version", "quantization_config",
                 "dotresize", "_name_or_path", "dtype", "torch_dtype"):
         source.pop(key, None)
     source["tie_word_embeddings"] = False
     source["head_dim"] = int(getattr(model.config, "head_dim", None) or model.hidden_size // model.num_attention_heads)
-    if layout == "global":
+    if mlp_widths is not None:
+        source["intermediate_size"] = max(mlp_widths)
+    if is_stock(layout, mlp_widths):
         width = widths[0]
         source["hidden_size"] = width
         source["rms_norm_eps"] = model.rms_norm_eps * model.hidden_size / width
@@ -148,6 +174,10 @@ def compressed_config(model: LayeredModel, widths: list[int], layout: str):
     cls = adapter.compressed_config_class
     source["dotresize"] = {"format_version": FORMAT_VERSION, "hidden_size": model.hidden_size,
                            "widths": [int(w) for w in widths]}
+    if mlp_widths is not None:
+        source["dotresize"].update(format_version=MLP_FORMAT_VERSION, intermediate_sizes=mlp_widths)
+    if layout == "global":
+        source["dotresize"].update(format_version=MLP_FORMAT_VERSION, shortcuts=False)
     config = cls(**source)
     config.architectures = [adapter.compressed_model_class.__name__]
     config.auto_map = {
@@ -158,25 +188,39 @@ def compressed_config(model: LayeredModel, widths: list[int], layout: str):
 
 
 def skeleton_model(model: LayeredModel, widths: list[int], layout: str,
-                   dtype: torch.dtype | None = None) -> PreTrainedModel:
+                   dtype: torch.dtype | None = None, mlp_widths: list[int] | None = None) -> PreTrainedModel:
     """The compressed model's structure with no weights (meta device): its config, classes and state-dict keys."""
-    config = compressed_config(model, widths, layout)
+    mlp_widths = _model_mlp_widths(model, mlp_widths)
+    config = compressed_config(model, widths, layout, mlp_widths)
     config._attn_implementation = getattr(model, "attn_implementation", None) or model.config._attn_implementation
     if dtype is not None:
         config.dtype = dtype
-    model_cls = model.model_class if layout == "global" else model.adapter_cls.compressed_model_class
+    model_cls = model.model_class if is_stock(layout, mlp_widths) else model.adapter_cls.compressed_model_class
     with init_empty_weights(include_buffers=False):
         return model_cls(config)
 
 
 def assemble_model(model: LayeredModel, widths: list[int], layout: str, state: dict[str, torch.Tensor],
-                   generation_config=None) -> PreTrainedModel:
+                   generation_config=None, mlp_widths: list[int] | None = None) -> PreTrainedModel:
     """The compressed model of ``widths`` holding ``state`` (absorbed weights, e.g. assembled layer by layer)."""
-    compressed = skeleton_model(model, widths, layout)
+    mlp_widths = _model_mlp_widths(model, mlp_widths)
+    if not is_stock(layout, mlp_widths) and layout == "global":
+        state = without_norm_weights(model, state)
+    compressed = skeleton_model(model, widths, layout, mlp_widths=mlp_widths)
     compressed.load_state_dict(state, strict=True, assign=True)
     if generation_config is not None:
         compressed.generation_config = copy.deepcopy(generation_config)
     return compressed.eval()
+
+
+def without_norm_weights(model: LayeredModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A global-layout state without its (constant) norm weights: the per-point class's norms have none."""
+    layout = model.layout
+    names = {layout.weight(layout.final_norm)}
+    for index in range(model.num_layers):
+        prefix = layout.layer_prefix(index)
+        names |= {prefix + layout.weight(layout.input_norm), prefix + layout.weight(layout.post_attention_norm)}
+    return {k: v for k, v in state.items() if k not in names}
 
 
 def build_compressed_model(model: LayeredModel, bases: list[Basis], layout: str,
@@ -202,9 +246,63 @@ def check_calibration(calibration: torch.Tensor, hidden_size: int) -> str | None
     return None
 
 
+def identity_basis(hidden_size: int) -> Basis:
+    """The basis of an uncompressed point (the MLP axis alone leaves the residual stream as it is)."""
+    return Basis(torch.eye(hidden_size, dtype=torch.float64), info={"method": "identity", "width": hidden_size})
+
+
+def export_layout(config: CompressionConfig) -> str:
+    """The layout the compressed model is built in: the configured one, or ``global`` when only the MLPs are
+    reduced (an untouched residual stream needs no shortcuts, so a uniform MLP width is a stock model)."""
+    return config.layout if config.residual_active else "global"
+
+
+def reduce_mlps(model: LayeredModel, batches: list[torch.Tensor], config: CompressionConfig, *,
+                progress: bool = True, timings: dict | None = None
+                ) -> tuple[LayeredModel, list[PointStats] | None, dict[str, Any]]:
+    """The MLP axis: every layer's MLP reduced (``parallel``: statistics of the uncompressed model, captured in one
+    pass with the residual points' statistics when the residual stream is compressed too; ``sequential``: layer by
+    layer through the already-reduced layers). Returns the model with reduced MLPs, the residual points'
+    statistics (``parallel`` only, else None) and the report's ``mlp`` section."""
+    from .mlp.model import (MlpReducedModel, capture_mlp_stats, intermediate_size, plan_mlp_widths,
+                            reduce_parallel, reduce_sequential, reduction_info)
+
+    timings = timings if timings is not None else {}
+    intermediate = intermediate_size(model)
+    widths = plan_mlp_widths(config, intermediate, model.num_layers)
+    start = time.perf_counter()
+    point_stats = None
+    if config.mode == "sequential":
+        reductions = reduce_sequential(model, batches, widths, config.mlp, progress=progress)
+    else:
+        sink, finalize = None, None
+        if config.residual_active:
+            sink, finalize = _point_accumulators(model, config)
+        mlp_stats = capture_mlp_stats(model, batches, sink=sink, progress=progress)
+        timings["capture"] = time.perf_counter() - start
+        point_stats = finalize() if finalize else None
+        start = time.perf_counter()
+        reductions = reduce_parallel(model, mlp_stats, widths, config.mlp)
+    timings["mlp"] = time.perf_counter() - start
+    section = {"intermediate_size": intermediate, "widths": widths, "method": config.mlp.method,
+               "layers": reduction_info(reductions)}
+    return MlpReducedModel(model, reductions), point_stats, section
+
+
+def _point_accumulators(model: LayeredModel, config: CompressionConfig):
+    """A sink for the residual points and the function returning their statistics (as capture_point_stats)."""
+    from .statistics import StatsAccumulator
+
+    accumulators = [StatsAccumulator(model.hidden_size, point=p, sample_tokens=sample_tokens(config),
+                                     outlier_tokens=config.outlier_tokens, seed=config.seed)
+                    for p in range(model.num_points)]
+    return (lambda p, h: accumulators[p].add(h)), (lambda: [acc.finalize() for acc in accumulators])
+
+
 def compress(model: PreTrainedModel, calibration: torch.Tensor, config: CompressionConfig | None = None, *,
              progress: bool = True, device: str | None = None) -> tuple[PreTrainedModel, CompressionReport]:
-    """Compress the residual-stream width of ``model`` with the bases of ``config.method``.
+    """Compress the residual-stream width of ``model`` with the bases of ``config.method`` and, with
+    ``config.mlp_ratio`` / ``config.mlp_widths``, its MLPs' intermediate width (first, then the residual stream).
 
     ``calibration`` is an (n, L) tensor of token ids. ``model`` is fused in place (its function is unchanged:
     norms become weight-free and the head is untied). Returns a new model that ``save_compressed`` exports,
@@ -217,23 +315,33 @@ def compress(model: PreTrainedModel, calibration: torch.Tensor, config: Compress
     layered = ResidentModel(model)  # fuses the norms in place
     check_calibration(calibration, layered.hidden_size)
     timings["fuse"] = time.perf_counter() - start
-    widths = plan_widths(layered, config)
+    residual = config.residual_active
+    widths = plan_widths(layered, config) if residual else [layered.hidden_size] * layered.num_points
     batches = iter_batches(calibration, config.batch_size)
-    bases = compute_bases(layered, batches, widths, config, progress=progress, device=device, timings=timings)
+    reduced, point_stats, mlp_section = layered, None, None
+    if config.mlp_active:
+        reduced, point_stats, mlp_section = reduce_mlps(layered, batches, config, progress=progress, timings=timings)
+    if residual:
+        bases = compute_bases(reduced, batches, widths, config, progress=progress, device=device, timings=timings,
+                              stats=point_stats)
+    else:
+        bases = [identity_basis(layered.hidden_size)] * layered.num_points
+    layout = export_layout(config)
     start = time.perf_counter()
-    compressed = build_compressed_model(layered, bases, config.layout, model.generation_config)
+    compressed = build_compressed_model(reduced, bases, layout, model.generation_config)
     timings["absorb"] = time.perf_counter() - start
-    points = [dict(b.info) for b in bases] if config.layout == "per-point" else [dict(bases[0].info)]
+    points = [dict(b.info) for b in bases] if layout == "per-point" else [dict(bases[0].info)]
     report = CompressionReport(
         family=layered.adapter_cls.family,
         hidden_size=layered.hidden_size,
         widths=[b.width for b in bases],
-        layout=config.layout,
+        layout=layout,
         parameters_before=layered.parameter_count(),
         parameters_after=count_parameters(compressed),
         calibration_tokens=int(calibration.numel()),
         points=points,
         seconds={k: round(v, 3) for k, v in timings.items()},
         config=config.to_dict(),
+        mlp=mlp_section,
     )
     return compressed, report

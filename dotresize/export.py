@@ -98,10 +98,22 @@ def save_compressed(model: PreTrainedModel, out_dir: str | os.PathLike, *, token
             "widths": (model.config.dotresize["widths"] if is_per_point(model)
                        else [model.config.hidden_size] * (2 * model.config.num_hidden_layers + 1)),
             "compression": compression or {},
+            **_mlp_record(model, compression or {}),
         })
         for name, data in (extra_json or {}).items():
             write_json_atomic(tmp / name, data)
     return Path(out_dir).resolve()
+
+
+def _mlp_record(model: PreTrainedModel, compression: dict[str, Any]) -> dict[str, Any]:
+    """``intermediate_sizes`` of a model whose MLPs were reduced (nothing for any other: their record is as before)."""
+    if is_per_point(model):
+        sizes = model.config.dotresize.get("intermediate_sizes")
+    elif compression.get("mlp_ratio") or compression.get("mlp_widths"):
+        sizes = [model.config.intermediate_size] * model.config.num_hidden_layers
+    else:
+        sizes = None
+    return {} if sizes is None else {"intermediate_sizes": [int(m) for m in sizes]}
 
 
 def load_compressed(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,

@@ -5,12 +5,19 @@ tests/test_mlp.py; here the axis is tested end to end on tiny in-code models.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
-from dotresize import CompressionConfig
+from conftest import make_tiny_model, tiny_calibration
+from dotresize import CompressionConfig, compress, load_compressed, save_compressed
 from dotresize.config import MlpDotOptions, MlpOptions
 from dotresize.errors import InvalidConfigError
+from dotresize.mlp import MlpStatsAccumulator, reduce_mlp, reduce_mlp_weights
 
 
 # --- config ---------------------------------------------------------------------------------------------------------
@@ -66,3 +73,156 @@ def test_unknown_mlp_keys_and_versions_are_rejected():
         CompressionConfig.from_dict({"mlp": {"dot": {"eps": 0.2}}})
     with pytest.raises(InvalidConfigError, match="not supported"):
         CompressionConfig.from_dict({"version": 3})
+
+
+# --- in-memory API --------------------------------------------------------------------------------------------------
+INTERMEDIATE = 112  # the tiny configs' intermediate size
+
+
+def _compress(family="llama-untied", **config):
+    model = make_tiny_model(family)
+    ids = tiny_calibration(samples=32)
+    compressed, report = compress(model, ids, CompressionConfig(**config), progress=False)
+    return compressed, report, ids
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_mlp_ratio_zero_is_the_identity():
+    """mlp_ratio 0 takes the existing path; keeping every neuron through the MLP path changes no weight either
+    (and its one-pass capture gives the residual bases bit for bit)."""
+    plain, plain_report, ids = _compress(method="pca", ratio=0.25)
+    zero, zero_report, _ = _compress(method="pca", ratio=0.25, mlp_ratio=0.0)
+    full, full_report, _ = _compress(method="pca", ratio=0.25, mlp_widths=(INTERMEDIATE,) * 3)
+    reference = plain.state_dict()
+    for other in (zero, full):
+        state = other.state_dict()
+        assert state.keys() == reference.keys()
+        assert all(torch.equal(state[k], reference[k]) for k in reference)
+        assert torch.equal(_logits(other, ids[:4]), _logits(plain, ids[:4]))
+    assert zero_report.mlp is None and zero_report.config == plain_report.config
+    assert full_report.mlp["widths"] == [INTERMEDIATE] * 3
+    assert full_report.parameters_after == plain_report.parameters_after
+
+
+def _reduced_by_hand(family, ids, width, options):
+    """The reference: every MLP of the unfused dense model reduced from its own statistics, modules replaced."""
+    model = make_tiny_model(family)
+    layers = list(model.model.layers)
+    accs = [MlpStatsAccumulator(INTERMEDIATE, layer=i) for i in range(len(layers))]
+    handles = [l.mlp.down_proj.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0]))
+               for l, acc in zip(layers, accs)]
+    with torch.no_grad():
+        for batch in ids.split(8):
+            model(input_ids=batch)
+    for handle in handles:
+        handle.remove()
+    for layer, acc in zip(layers, accs):
+        mlp = layer.mlp
+        reduction = reduce_mlp(acc.finalize(), mlp.down_proj.weight, width, options)
+        new = reduce_mlp_weights(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, reduction.keep,
+                                 reduction.A)
+        for name, weight in (("gate_proj", new.gate), ("up_proj", new.up), ("down_proj", new.down)):
+            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            linear.weight = torch.nn.Parameter(weight)
+            setattr(mlp, name, linear)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["prune", "lsq", "dot"])
+def test_parallel_mlp_only_equals_reducing_the_dense_model_by_hand(method):
+    options = MlpOptions(method=method)
+    compressed, report, ids = _compress(ratio=0.0, mlp_ratio=0.3, mlp=options)
+    assert report.mlp["widths"] == [72] * 3 and report.widths == [64] * 7
+    expected = _logits(_reduced_by_hand("llama-untied", ids, 72, options), ids[:4])
+    assert (_logits(compressed, ids[:4]) - expected).abs().max() <= 1e-4
+    dense = make_tiny_model("llama-untied")
+    saved = 3 * 3 * 64 * (INTERMEDIATE - 72)  # three layers x (gate, up, down) x D x removed
+    untied = dense.lm_head.weight.numel() if dense.config.tie_word_embeddings else 0
+    assert report.parameters_after == report.parameters_before - saved + untied
+
+
+def test_sequential_mlp_statistics_come_from_the_reduced_layers():
+    _, parallel, _ = _compress(ratio=0.0, mlp_ratio=0.4)
+    _, sequential, _ = _compress(ratio=0.0, mlp_ratio=0.4, mode="sequential")
+    first = [r["layers"][0]["output_error"] for r in (parallel.mlp, sequential.mlp)]
+    later = [r["layers"][2]["output_error"] for r in (parallel.mlp, sequential.mlp)]
+    assert first[0] == pytest.approx(first[1], rel=1e-9)  # layer 0 sees the same signal
+    assert later[0] != pytest.approx(later[1], rel=1e-6)
+
+
+def test_both_axes_compose_in_either_mode():
+    for mode in ("parallel", "sequential"):
+        compressed, report, ids = _compress(method="pca", ratio=0.25, mode=mode, mlp_ratio=0.3)
+        assert report.layout == "per-point" and report.widths[0] == 48
+        assert compressed.config.dotresize["intermediate_sizes"] == [72] * 3
+        assert torch.isfinite(_logits(compressed, ids[:2])).all()
+
+
+# --- export ---------------------------------------------------------------------------------------------------------
+def _run_isolated(script: str, cwd) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family, config", [
+    ("qwen2", {"method": "pca", "ratio": 0.25, "layout": "global", "mlp_ratio": 0.3}),
+    ("llama-tied", {"ratio": 0.0, "mlp_ratio": 0.3, "mlp": MlpOptions(method="dot")}),
+])
+def test_uniform_mlp_width_exports_a_stock_model_that_loads_in_a_fresh_process(tmp_path, family, config):
+    compressed, report, ids = _compress(family, **config)
+    out = save_compressed(compressed, tmp_path / "model", compression=report.config)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["intermediate_size"] == 72 and saved["hidden_size"] == report.widths[0]
+    assert saved["model_type"] == family.split("-")[0] and "auto_map" not in saved and "dotresize" not in saved
+    assert not (out / "modeling_dotresize.py").exists()
+    assert json.loads((out / "dotresize.json").read_text())["intermediate_sizes"] == [72] * 3
+    torch.save(ids[:2].clone(), tmp_path / "ids.pt")  # test-only fixtures, read back with weights_only
+    torch.save(_logits(compressed, ids[:2]), tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32).eval()
+assert "dotresize" not in sys.modules
+assert type(m).__module__.startswith("transformers."), type(m)
+assert all(l.mlp.down_proj.in_features == 72 for l in m.model.layers)
+ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)
+exp = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+with torch.no_grad():
+    diff = (m(input_ids=ids).logits - exp).abs().max().item()
+assert diff <= 1e-5, diff
+"""
+    _run_isolated(script, tmp_path)
+
+
+@pytest.mark.parametrize("config", [
+    {"method": "pca", "ratio": 0.25, "mlp_widths": (104, 72, 40)},                      # per-point layout
+    {"method": "pca", "ratio": 0.25, "layout": "global", "mlp_widths": (104, 72, 40)},  # one width, no shortcuts
+    {"ratio": 0.0, "mlp_widths": (104, 72, 40), "mode": "sequential"},                   # residual untouched
+])
+def test_non_uniform_mlp_widths_export_with_the_per_point_code(tmp_path, config):
+    compressed, report, ids = _compress("mistral", **config)
+    out = save_compressed(compressed, tmp_path / "model", compression=report.config)
+    spec = json.loads((out / "config.json").read_text())["dotresize"]
+    assert spec["intermediate_sizes"] == [104, 72, 40] and spec["format_version"] == 2
+    assert spec.get("shortcuts", True) is (config.get("layout") != "global" and config["ratio"] > 0)
+    expected = _logits(compressed, ids[:4])
+    for loaded in (load_compressed(out), AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)):
+        assert [l.mlp.down_proj.in_features for l in loaded.model.layers] == [104, 72, 40]
+        assert (_logits(loaded.eval(), ids[:4]) - expected).abs().max() <= 1e-5
+    if not spec.get("shortcuts", True):
+        assert not any("shortcut" in k for k in compressed.state_dict())
+
+
+def test_mlp_width_schedule_of_the_wrong_length_is_one_message():
+    with pytest.raises(InvalidConfigError, match="mlp_widths must list 3 values"):
+        _compress(ratio=0.0, mlp_widths=(64, 64))
+    with pytest.raises(InvalidConfigError, match=r"every mlp width must be in \[1, 112\]"):
+        _compress(ratio=0.0, mlp_widths=(64, 200, 64))
+

@@ -6,6 +6,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_dotresize import (
     FORMAT_VERSION,
+    MLP_FORMAT_VERSION,
     DotResizeLlamaConfig,
     DotResizeMistralConfig,
     DotResizeQwen2Config,
@@ -45,7 +46,7 @@ def register_auto_classes() -> None:
 
 
 __all__ = [
-    "FORMAT_VERSION", "MODELING_FILES", "RMSN", "CompressedDecoderLayer", "register_auto_classes",
+    "FORMAT_VERSION", "MLP_FORMAT_VERSION", "MODELING_FILES", "RMSN", "CompressedDecoderLayer", "register_auto_classes",
     "DotResizeLlamaConfig", "DotResizeMistralConfig", "DotResizeQwen2Config",
     "DotResizeLlamaForCausalLM", "DotResizeMistralForCausalLM", "DotResizeQwen2ForCausalLM",
 ]

@@ -16,6 +16,9 @@ from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
 from .configuration_dotresize import DotResizeLlamaConfig, DotResizeMistralConfig, DotResizeQwen2Config
 
+#: the newest ``dotresize.format_version`` this code builds (2: per-layer intermediate sizes, optional shortcuts)
+MAX_FORMAT_VERSION = 2
+
 
 class RMSN(nn.Module):
     """Weight-free RMS normalisation that divides by ``mean_dim`` (the original width), not the input width."""
@@ -87,12 +90,17 @@ def _resized_linear(linear: nn.Linear, in_features: int | None = None, out_featu
 
 
 def compress_structure(model: nn.Module, widths: list[int], hidden_size: int, eps: float,
-                       with_shortcuts: bool = True) -> None:
-    """Reshape a freshly built Llama-like causal LM in place to the compressed layout for ``widths``."""
+                       with_shortcuts: bool = True, intermediate_sizes: list[int] | None = None) -> None:
+    """Reshape a freshly built Llama-like causal LM in place to the compressed layout for ``widths`` (and, when
+    given, one MLP intermediate width per layer)."""
     inner = model.model
     num_layers = len(inner.layers)
     if len(widths) != 2 * num_layers + 1:
         raise ValueError(f"expected {2 * num_layers + 1} widths for {num_layers} layers, got {len(widths)}")
+    if intermediate_sizes is not None and len(intermediate_sizes) != num_layers:
+        raise ValueError(f"expected {num_layers} intermediate sizes, got {len(intermediate_sizes)}")
+    if not with_shortcuts and len(set(widths)) != 1:
+        raise ValueError("a model without shortcut matrices needs one width at every point")
     emb = inner.embed_tokens
     inner.embed_tokens = nn.Embedding(emb.num_embeddings, widths[0], emb.padding_idx,
                                       dtype=emb.weight.dtype, device=emb.weight.device)
@@ -103,9 +111,12 @@ def compress_structure(model: nn.Module, widths: list[int], hidden_size: int, ep
         for name in ("q_proj", "k_proj", "v_proj"):
             setattr(attn, name, _resized_linear(getattr(attn, name), in_features=d_in))
         attn.o_proj = _resized_linear(attn.o_proj, out_features=d_attn)
-        mlp.gate_proj = _resized_linear(mlp.gate_proj, in_features=d_attn)
-        mlp.up_proj = _resized_linear(mlp.up_proj, in_features=d_attn)
-        mlp.down_proj = _resized_linear(mlp.down_proj, out_features=d_mlp)
+        inner_width = None if intermediate_sizes is None else int(intermediate_sizes[index])
+        mlp.gate_proj = _resized_linear(mlp.gate_proj, in_features=d_attn, out_features=inner_width)
+        mlp.up_proj = _resized_linear(mlp.up_proj, in_features=d_attn, out_features=inner_width)
+        mlp.down_proj = _resized_linear(mlp.down_proj, in_features=inner_width, out_features=d_mlp)
+        if inner_width is not None and hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = inner_width
         dtype, device = attn.o_proj.weight.dtype, attn.o_proj.weight.device
         attn_shortcut = torch.zeros(d_in, d_attn, dtype=dtype, device=device) if with_shortcuts else None
         mlp_shortcut = torch.zeros(d_attn, d_mlp, dtype=dtype, device=device) if with_shortcuts else None
@@ -127,7 +138,14 @@ class _DotResizeMixin:
         spec = getattr(config, "dotresize", None) or {}
         if "widths" not in spec:
             raise ValueError("this config has no 'dotresize.widths': it does not describe a compressed model")
-        compress_structure(self, list(spec["widths"]), int(spec["hidden_size"]), float(config.rms_norm_eps))
+        if int(spec.get("format_version", 1)) > MAX_FORMAT_VERSION:
+            raise ValueError(f"this model's format {spec['format_version']} is newer than this code reads "
+                             f"({MAX_FORMAT_VERSION}): load it with its own modeling code (trust_remote_code=True) "
+                             "or a newer dotresize")
+        sizes = spec.get("intermediate_sizes")
+        compress_structure(self, list(spec["widths"]), int(spec["hidden_size"]), float(config.rms_norm_eps),
+                           with_shortcuts=bool(spec.get("shortcuts", True)),
+                           intermediate_sizes=None if sizes is None else [int(m) for m in sizes])
 
     def get_output_embeddings(self):
         return self.lm_head

@@ -1,0 +1,252 @@
+"""The MLP axis on a whole model, a layer at a time: every layer's intermediate statistics, one reduction per layer,
+and a :class:`~dotresize.layerwise.LayeredModel` whose layers carry the reduced MLPs.
+
+``parallel``: the statistics of h (the input of the MLP's output linear) come from one pass of the uncompressed
+model — the same pass that can feed the residual slice points (``sink``). ``sequential``: layer by layer, each
+layer's h from the calibration signal that ran through the already-reduced layers before it.
+
+:class:`MlpReducedModel` wraps any layered model (resident or streamed) and hands out its layers with the reduced
+MLP linears, so the residual compression (capture, sequential bases, absorption) runs on it unchanged: the
+compressed model's MLPs are then both narrower inside and re-based on the residual side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters.base import FamilyLayout
+from ..calibration import Sink, layer_inputs, run_layer
+from ..config import CompressionConfig, MlpOptions
+from ..errors import InvalidConfigError
+from ..layerwise import LayeredModel
+from .keep import mlp_width
+from .maps import MlpReduction
+from .statistics import MlpStats, MlpStatsAccumulator
+from .weights import reduce_mlp_weights
+
+
+def intermediate_size(model: LayeredModel) -> int:
+    """The source's MLP intermediate width I (the config's ``intermediate_size``)."""
+    size = getattr(model.config, "intermediate_size", None)
+    if not size:
+        raise InvalidConfigError(f"{type(model.config).__name__} has no intermediate_size: the MLP axis needs one")
+    return int(size)
+
+
+def plan_mlp_widths(config: CompressionConfig, intermediate: int, num_layers: int) -> list[int]:
+    """Kept intermediate neurons of every layer: the ``mlp_widths`` schedule, else ``mlp_ratio`` for every layer."""
+    if config.mlp_widths is not None:
+        widths = [int(w) for w in config.mlp_widths]
+        if len(widths) != num_layers:
+            raise InvalidConfigError(f"mlp_widths must list {num_layers} values (one per layer), got {len(widths)}")
+        if any(not 1 <= w <= intermediate for w in widths):
+            raise InvalidConfigError(f"every mlp width must be in [1, {intermediate}] (the intermediate size)")
+        return widths
+    return [mlp_width(intermediate, config.mlp_ratio, config.mlp.round_to)] * num_layers
+
+
+def _mlp_output(layout: FamilyLayout, layer: nn.Module) -> nn.Linear:
+    return layer.get_submodule(layout.mlp_output)
+
+
+@contextlib.contextmanager
+def _capturing(layout: FamilyLayout, layer: nn.Module, index: int, device) -> Iterator[MlpStatsAccumulator]:
+    """An accumulator fed the input of the layer's MLP output linear while the block runs."""
+    down = _mlp_output(layout, layer)
+    acc = MlpStatsAccumulator(down.in_features, layer=index, device=device)
+    handle = down.register_forward_pre_hook(lambda module, args: acc.add(args[0]))
+    try:
+        yield acc
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def capture_mlp_stats(model: LayeredModel, batches: Sequence[torch.Tensor], *, sink: Sink | None = None,
+                      progress: bool = True) -> list[MlpStats]:
+    """Every layer's intermediate statistics from one pass of ``model`` (``parallel`` mode).
+
+    ``sink(point, signal)`` also receives every residual slice point of the same pass, in the order of
+    :func:`dotresize.calibration.stream_points` (so residual statistics accumulate exactly as they would alone).
+    """
+    hidden, kwargs = layer_inputs(model, batches)
+    if sink is not None:
+        for h in hidden:
+            sink(0, h)
+    stats = []
+    for index in tqdm(range(model.num_layers), desc="capture (mlp)", unit="layer", disable=not progress):
+        with model.layer(index) as layer, _capturing(model.layout, layer, index, model.device) as acc:
+            hidden = run_layer(model, layer, index, hidden, kwargs, sink)
+        stats.append(acc.finalize())
+    return stats
+
+
+def reduce_layer_mlp(layout: FamilyLayout, layer: nn.Module, stats: MlpStats, width: int,
+                     options: MlpOptions) -> MlpReduction:
+    """The reduction of one layer's MLP to ``width`` neurons (keep-set and map of ``options``)."""
+    from . import reduce_mlp  # noqa: PLC0415 - the package's dispatcher imports this module's siblings
+
+    return reduce_mlp(stats, _mlp_output(layout, layer).weight, width, options)
+
+
+def reduce_parallel(model: LayeredModel, stats: Sequence[MlpStats], widths: Sequence[int],
+                    options: MlpOptions) -> list[MlpReduction]:
+    """Every layer's reduction from statistics captured beforehand (independent of each other)."""
+    reductions = []
+    for index, (layer_stats, width) in enumerate(zip(stats, widths)):
+        with model.layer(index) as layer:
+            reductions.append(reduce_layer_mlp(model.layout, layer, layer_stats, width, options))
+    return reductions
+
+
+@torch.no_grad()
+def reduce_sequential(model: LayeredModel, batches: Sequence[torch.Tensor], widths: Sequence[int],
+                      options: MlpOptions, *, progress: bool = True) -> list[MlpReduction]:
+    """Layer by layer: each layer's statistics from the signal through the already-reduced layers before it."""
+    hidden, kwargs = layer_inputs(model, batches)
+    reductions = []
+    for index in tqdm(range(model.num_layers), desc="sequential (mlp)", unit="layer", disable=not progress):
+        with model.layer(index) as layer:
+            with _capturing(model.layout, layer, index, model.device) as acc:
+                for h, kw in zip(hidden, kwargs):
+                    layer(h, **kw[index])
+            reduction = reduce_layer_mlp(model.layout, layer, acc.finalize(), widths[index], options)
+            hidden = run_layer(model, with_reduced_mlp(model.layout, layer, reduction), index, hidden, kwargs)
+        reductions.append(reduction)
+    return reductions
+
+
+@torch.no_grad()
+def reduced_mlp_tensors(layout: FamilyLayout, layer: nn.Module, reduction: MlpReduction) -> dict[str, torch.Tensor]:
+    """New weights (and biases) of the layer's MLP linears, keyed by their paths in the layer: the input linears
+    (gate/up) keep rows K, the output linear is W[:, K] + W[:, S]·Aᵀ (float64, cast once)."""
+    out: dict[str, torch.Tensor] = {}
+    for path in layout.mlp_inputs:
+        linear = layer.get_submodule(path)
+        keep = reduction.keep.to(linear.weight.device)
+        out[path + ".weight"] = linear.weight.detach()[keep].clone()
+        if linear.bias is not None:
+            out[path + ".bias"] = linear.bias.detach()[keep].clone()
+    down = _mlp_output(layout, layer)
+    out[layout.mlp_output + ".weight"] = reduce_mlp_weights(None, None, down.weight, reduction.keep, reduction.A).down
+    if down.bias is not None:
+        out[layout.mlp_output + ".bias"] = down.bias.detach().clone()
+    return out
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
+                       device=weight.device)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A copy that shares parameters and submodules but has its own child table and hook tables."""
+    new = copy.copy(module)
+    new._modules = dict(module._modules)
+    for name, value in vars(module).items():
+        if name.endswith("hooks") and isinstance(value, dict):
+            setattr(new, name, type(value)(value))
+    return new
+
+
+def _replaced(root: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+    """A shallow copy of ``root`` with the modules at dotted paths replaced (containers on the way copied)."""
+    new = _shallow_copy(root)
+    nested: dict[str, dict[str, nn.Module]] = {}
+    for path, module in replacements.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = module
+        else:
+            new._modules[head] = module
+    for head, inner in nested.items():
+        new._modules[head] = _replaced(root.get_submodule(head), inner)
+    return new
+
+
+def with_reduced_mlp(layout: FamilyLayout, layer: nn.Module, reduction: MlpReduction) -> nn.Module:
+    """A copy of ``layer`` whose MLP has ``reduction.width`` intermediate neurons (``layer`` is left unchanged;
+    every other module is shared)."""
+    tensors = reduced_mlp_tensors(layout, layer, reduction)
+    linears = {path: _linear(tensors[path + ".weight"], tensors.get(path + ".bias"))
+               for path in (*layout.mlp_inputs, layout.mlp_output)}
+    new = _replaced(layer, linears)
+    mlp_path = layout.mlp_output.rpartition(".")[0]
+    mlp = new.get_submodule(mlp_path) if mlp_path else new
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = reduction.width
+    return new
+
+
+class MlpReducedModel(LayeredModel):
+    """``base`` with every layer's MLP reduced by ``reductions[layer]`` (computed when a layer is handed out)."""
+
+    def __init__(self, base: LayeredModel, reductions: Sequence[MlpReduction]):
+        if len(reductions) != base.num_layers:
+            raise InvalidConfigError(f"one MLP reduction per layer: {base.num_layers} layers, {len(reductions)} given")
+        self.base = base
+        self.reductions = list(reductions)
+        self.adapter_cls = base.adapter_cls
+        self.config = base.config
+        self.device = base.device
+
+    @property
+    def mlp_widths(self) -> list[int]:
+        return [r.width for r in self.reductions]
+
+    @property
+    def num_layers(self) -> int:
+        return self.base.num_layers
+
+    @property
+    def model_class(self):
+        return self.base.model_class
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    @property
+    def attn_implementation(self) -> str | None:
+        return getattr(self.base, "attn_implementation", None)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base.embed(ids)
+
+    def layer_kwargs(self, hidden: torch.Tensor) -> list[dict[str, Any]]:
+        return self.base.layer_kwargs(hidden)
+
+    @contextlib.contextmanager
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        with self.base.layer(index) as layer:
+            yield with_reduced_mlp(self.layout, layer, self.reductions[index])
+
+    def embedding_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.base.embedding_rows(start, stop)
+
+    def head_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.base.head_rows(start, stop)
+
+    def parameter_count(self) -> int:
+        return self.base.parameter_count()
+
+
+def reduction_info(reductions: Sequence[MlpReduction]) -> list[dict[str, Any]]:
+    """Per-layer diagnostics of the reductions (method, kept width, output error, plan statistics)."""
+    return [{"layer": index, "width": r.width, "removed": int(r.removed.numel()), **r.info}
+            for index, r in enumerate(reductions)]
+
+
+__all__ = ["intermediate_size", "plan_mlp_widths", "capture_mlp_stats", "reduce_layer_mlp", "reduce_parallel",
+           "reduce_sequential", "reduced_mlp_tensors", "with_reduced_mlp", "MlpReducedModel", "reduction_info"]
