@@ -23,12 +23,24 @@ class UsageError(Exception):
 
 
 def _ratio(text: str) -> float:
+    """--ratio: in (0, 1), or 0 (MLP only; checked against --mlp-ratio in cmd_compress)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
+    if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"ratio must be in (0, 1) (the fraction of width removed), got {value}")
+    return value
+
+
+def _mlp_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"mlp ratio must be a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"mlp ratio must be in [0, 1) (the fraction of MLP neurons removed), "
+                                         f"got {value}")
     return value
 
 
@@ -47,7 +59,8 @@ def _add_compress(sub) -> None:
                        description="Compress the residual-stream width of a decoder LM and export a loadable model.")
     p.add_argument("--model", default=None,
                    help="HF model directory, .gguf file, hub id, or smollm2-135m-instruct (default, packaged)")
-    p.add_argument("--ratio", type=_ratio, required=True, help="fraction of the hidden width removed, in (0, 1)")
+    p.add_argument("--ratio", type=_ratio, required=True,
+                   help="fraction of the hidden width removed, in (0, 1); 0 with --mlp-ratio reduces the MLPs only")
     p.add_argument("--method", choices=("dot", "pca", "prune"), default="dot")
     p.add_argument("--mode", choices=("parallel", "sequential"), default="parallel")
     p.add_argument("--layout", choices=("per-point", "global"), default="per-point")
@@ -88,6 +101,12 @@ def _add_compress(sub) -> None:
     p.add_argument("--keep-set", default=None, help="JSON file: a list of 2L+1 index lists (targets/kept neurons)")
     p.add_argument("--outlier-tokens", type=float, default=None,
                    help="drop tokens whose norm exceeds this multiple of the batch median from the statistics")
+    p.add_argument("--mlp-ratio", type=_mlp_ratio, default=0.0,
+                   help="fraction of every layer's MLP intermediate neurons removed, in [0, 1) (width rounded "
+                        "down to a multiple of 8; default 0: MLPs untouched); --in-memory only for now")
+    p.add_argument("--mlp-method", choices=("prune", "lsq", "dot"), default=None,
+                   help="how the removed MLP neurons are handled: prune (dropped), lsq (ridge least-squares "
+                        "correction of the down projection; the default, measured best), dot (transport-plan merge)")
     p.add_argument("--ppl", action="store_true", help="print WikiText-2 perplexity before and after")
     p.add_argument("--tasks", default=None,
                    help="zero-shot tasks to evaluate the compressed model on (comma-separated, see evaluate); "
@@ -303,8 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def _check_mlp_args(args) -> None:
+    """The MLP axis' options against the others, before any work (one line each)."""
+    if args.ratio == 0 and not args.mlp_ratio:
+        raise UsageError("--ratio 0 compresses nothing: give a ratio in (0, 1), or reduce the MLPs only with "
+                         "--ratio 0 --mlp-ratio R")
+    if args.mlp_method is not None and not args.mlp_ratio:
+        raise UsageError("--mlp-method needs --mlp-ratio R (the fraction of MLP neurons removed)")
+    if args.mlp_ratio and not args.in_memory:
+        raise UsageError("--mlp-ratio is not supported by the pipeline yet: add --in-memory (and --out DIR)")
+
+
 def _compression_config(args):
-    from dotresize import CompressionConfig, DotOptions
+    from dotresize import CompressionConfig, DotOptions, MlpOptions
 
     dot_changes = {k: v for k, v in {
         "epsilon": args.epsilon, "cost": args.cost, "cost_normalization": args.cost_normalization,
@@ -319,7 +349,8 @@ def _compression_config(args):
     return CompressionConfig(
         method=args.method, ratio=args.ratio, mode=args.mode, layout=args.layout, round_to=args.round_to,
         slice_head=args.slice_head, seed=args.seed, batch_size=args.batch_size, keep_sets=keep_sets,
-        outlier_tokens=args.outlier_tokens, dot=DotOptions(**dot_changes),
+        outlier_tokens=args.outlier_tokens, dot=DotOptions(**dot_changes), mlp_ratio=args.mlp_ratio,
+        mlp=MlpOptions(**({"method": args.mlp_method} if args.mlp_method else {})),
     ).validate()
 
 
@@ -334,6 +365,7 @@ def _eval_ppl(model, tokenizer, args, progress: bool) -> dict:
 
 
 def cmd_compress(args) -> dict:
+    _check_mlp_args(args)
     if args.in_memory and not args.out:
         raise UsageError("--in-memory writes only --out: pass --out DIR")
     if args.in_memory and args.eval_dtype != "float32":
@@ -459,6 +491,9 @@ def _compress_in_memory(args, config, out: Path) -> dict:
     if not args.json:
         print(f"compressed {source.spec} with {config.method} ({config.mode}, {config.layout}) at ratio {config.ratio}"
               " (in memory)")
+        if report.mlp:
+            print(f"  MLP ({report.mlp['method']}, ratio {config.mlp_ratio}): intermediate "
+                  f"{report.mlp['intermediate_size']} -> {min(report.mlp['widths'])}")
         print(f"  width {report.hidden_size} -> {min(report.widths)}; parameters {report.parameters_before:,} -> "
               f"{report.parameters_after:,} ({report.parameter_ratio:.3f}x)")
         if args.ppl:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_model, tiny_calibration
+from conftest import make_tiny_model, tiny_calibration, write_model_dir
 from dotresize import CompressionConfig, compress, load_compressed, save_compressed
 from dotresize.config import MlpDotOptions, MlpOptions
 from dotresize.errors import InvalidConfigError
@@ -226,3 +226,45 @@ def test_mlp_width_schedule_of_the_wrong_length_is_one_message():
     with pytest.raises(InvalidConfigError, match=r"every mlp width must be in \[1, 112\]"):
         _compress(ratio=0.0, mlp_widths=(64, 200, 64))
 
+
+# --- command line ---------------------------------------------------------------------------------------------------
+def _cli(capsys, *argv):
+    from flows.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--ratio", "0.2", "--mlp-ratio", "1.0", "--in-memory"], "mlp ratio must be in [0, 1)"),
+    (["--ratio", "0.2", "--mlp-ratio", "abc", "--in-memory"], "mlp ratio must be a number"),
+    (["--ratio", "0.2", "--mlp-ratio", "0.3", "--mlp-method", "svd", "--in-memory"], "invalid choice: 'svd'"),
+    (["--ratio", "0.2", "--mlp-ratio", "0.3"], "add --in-memory"),
+    (["--ratio", "0", "--mlp-ratio", "0.3"], "add --in-memory"),
+    (["--ratio", "0", "--in-memory"], "--ratio 0 compresses nothing"),
+    (["--ratio", "0.2", "--mlp-method", "dot", "--in-memory"], "--mlp-method needs --mlp-ratio"),
+])
+def test_bad_mlp_options_are_one_error_line(capsys, tiny_env, argv, match):
+    out = tiny_env / "out"
+    code, _, err = _cli(capsys, "compress", "--model", str(tiny_env / "src"), *argv, "--out", str(out))
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert code != 0 and len(lines) == 1 and match in lines[0], err
+    assert lines[0].startswith("dotresize") and "Traceback" not in err and not out.exists()
+
+
+def test_in_memory_cli_reduces_the_mlps_to_a_stock_model(capsys, tiny_env):
+    src = write_model_dir(tiny_env / "src")
+    out = tiny_env / "out"
+    code, stdout, err = _cli(capsys, "-q", "compress", "--model", str(src), "--ratio", "0", "--mlp-ratio", "0.3",
+                             "--mlp-method", "prune", "--in-memory", "--calib-samples", "8", "--calib-seqlen", "32",
+                             "--out", str(out), "--json")
+    assert code == 0, err
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["intermediate_size"] == 72 and saved["model_type"] == "llama"
+    recorded = json.loads((out / "dotresize.json").read_text())["compression"]
+    assert recorded["mlp_ratio"] == 0.3 and recorded["mlp"]["method"] == "prune" and recorded["version"] == 2
+    assert json.loads(stdout)["parameters_after"] < json.loads(stdout)["parameters_before"]
