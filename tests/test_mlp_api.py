@@ -145,6 +145,27 @@ def test_parallel_mlp_only_equals_reducing_the_dense_model_by_hand(method):
     assert report.parameters_after == report.parameters_before - saved + untied
 
 
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_lsq_halving_an_mlp_of_duplicated_neurons_keeps_the_model_exact(mode):
+    """End to end (the unit version is in test_mlp.py): neurons 56..111 copy 0..55 (gate/up rows), their down
+    columns scaled by 0.01 so the output rule keeps the originals; ``lsq`` folds the copies back exactly."""
+    model = make_tiny_model("llama-untied")
+    half = INTERMEDIATE // 2
+    with torch.no_grad():
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            mlp.gate_proj.weight[half:] = mlp.gate_proj.weight[:half]
+            mlp.up_proj.weight[half:] = mlp.up_proj.weight[:half]
+            mlp.down_proj.weight[:, half:] = 0.01 * mlp.down_proj.weight[:, :half]
+    ids = tiny_calibration(samples=32)
+    expected = _logits(model, ids[:4])
+    config = CompressionConfig(ratio=0.0, mlp_ratio=0.5, mode=mode, mlp=MlpOptions(method="lsq", ridge=0.0))
+    compressed, report = compress(model, ids, config, progress=False)
+    assert compressed.config.intermediate_size == half
+    assert max(layer["output_error"] for layer in report.mlp["layers"]) < 1e-10
+    assert (_logits(compressed, ids[:4]) - expected).abs().max() <= 1e-5  # prune: 1.5e-3
+
+
 def test_sequential_mlp_statistics_come_from_the_reduced_layers():
     _, parallel, _ = _compress(ratio=0.0, mlp_ratio=0.4)
     _, sequential, _ = _compress(ratio=0.0, mlp_ratio=0.4, mode="sequential")

@@ -8,6 +8,9 @@ projection is W_down[:, K] + W_down[:, S]·Aᵀ; gate/up keep rows K. Pure torch
     acc.add(h)
     reduction = reduce_mlp(acc.finalize(), down.weight, mlp_width(I, 0.3), MlpOptions(method="lsq"))
     new = reduce_mlp_weights(gate.weight, up.weight, down.weight, reduction.keep, reduction.A)
+
+A whole model, a layer at a time (statistics of every layer, reductions, a LayeredModel with reduced MLPs): see
+:mod:`dotresize.mlp.model`, which :func:`dotresize.compress` uses when ``mlp_ratio`` or ``mlp_widths`` is set.
 """
 
 from __future__ import annotations

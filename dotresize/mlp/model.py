@@ -155,7 +155,7 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     new = copy.copy(module)
     new._modules = dict(module._modules)
     for name, value in vars(module).items():
-        if name.endswith("hooks") and isinstance(value, dict):
+        if "hook" in name and isinstance(value, dict):  # hooks registered on the copy stay on the copy
             setattr(new, name, type(value)(value))
     return new
 
