@@ -484,6 +484,8 @@ def _compress_in_memory(args, config, out: Path) -> dict:
     result.update(out=str(path), model_dir=str(path), widths=report.widths,
                   parameters_before=report.parameters_before, parameters_after=report.parameters_after,
                   stage_seconds=report.seconds)
+    if report.mlp:
+        result["mlp_widths"] = report.mlp["widths"]
     if args.ppl:
         log.info("perplexity of the compressed model")
         result["ppl"] = _eval_ppl(compressed, tokenizer, args, progress)

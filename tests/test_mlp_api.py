@@ -288,4 +288,5 @@ def test_in_memory_cli_reduces_the_mlps_to_a_stock_model(capsys, tiny_env):
     assert saved["intermediate_size"] == 72 and saved["model_type"] == "llama"
     recorded = json.loads((out / "dotresize.json").read_text())["compression"]
     assert recorded["mlp_ratio"] == 0.3 and recorded["mlp"]["method"] == "prune" and recorded["version"] == 2
-    assert json.loads(stdout)["parameters_after"] < json.loads(stdout)["parameters_before"]
+    result = json.loads(stdout)
+    assert result["parameters_after"] < result["parameters_before"] and result["mlp_widths"] == [72] * 3
