@@ -726,9 +726,12 @@ def main(argv: list[str] | None = None) -> int:
     apply_offline_defaults()
     parser = build_parser()
     args = parser.parse_args(argv)
-    if argv is not None:  # called from Python (tests, notebooks): the caller's signal handling stays
+    if argv is not None:  # called from Python (tests, notebooks): the caller's signal handling and allocator stay
         return _main(parser, args)
+    from .allocator import tune_allocator
     from .interrupts import guard
+
+    tune_allocator()  # before any thread starts (see flows/allocator.py)
 
     # compress: signals blocked in every thread, taken by a watcher (its one child, the local Prefect server, is
     # started with the default mask). Other commands start children that must keep the default mask (serve's flow

@@ -69,7 +69,13 @@ def build_config(*, ratio: float, method: str, mode: str, layout_name: str, seed
             data["dot"][key[4:]] = value
         else:
             data[key] = value
-    return CompressionConfig.from_dict(data).validate()
+    config = CompressionConfig.from_dict(data).validate()
+    if config.mlp_active:  # until the stages capture, solve and absorb the MLP axis: refuse, never ignore it
+        from dotresize.errors import InvalidConfigError
+
+        raise InvalidConfigError("the pipeline cannot reduce MLP widths yet (mlp_ratio / mlp_widths): run "
+                                 "`dotresize compress --in-memory` or the dotresize.compress API")
+    return config
 
 
 def make_recipe(config, source: dict, calib: dict) -> dict:

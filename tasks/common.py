@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 import threading
@@ -79,15 +81,24 @@ def run_stage(run: RunDir, stage: str, name: str | None, key: str, compute: Call
 def release_memory() -> None:
     """Hand freed heap memory back to the OS after a layer's or point's work (glibc keeps it per thread arena
     otherwise: the resident set of a long run would creep up by the size of every layer's temporaries)."""
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim`` from the process's own symbols, or None (not glibc). Looked up once, and not by
+    ``ctypes.util.find_library``, which runs ``ldconfig`` in a subprocess (a fork of this process) per call."""
+    import ctypes
+
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def stored_or(run: RunDir, stage: str, name: str | None, key: str, fallback: dict) -> dict:

@@ -290,3 +290,13 @@ def test_in_memory_cli_reduces_the_mlps_to_a_stock_model(capsys, tiny_env):
     assert recorded["mlp_ratio"] == 0.3 and recorded["mlp"]["method"] == "prune" and recorded["version"] == 2
     result = json.loads(stdout)
     assert result["parameters_after"] < result["parameters_before"] and result["mlp_widths"] == [72] * 3
+
+
+def test_the_pipeline_refuses_the_mlp_axis_instead_of_ignoring_it():
+    from dotresize.errors import InvalidConfigError
+    from flows.compress import build_config
+
+    with pytest.raises(InvalidConfigError, match="--in-memory"):
+        build_config(ratio=0.2, method="dot", mode="parallel", layout_name="per-point", seed=0,
+                     overrides={"mlp_ratio": 0.3})
+    assert not build_config(ratio=0.2, method="dot", mode="parallel", layout_name="per-point", seed=0).mlp_active
