@@ -145,22 +145,35 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict[str, float] | None:
     return {"intercept": round(a, 2), "slope": round(b, 3), "r2": round(1 - ss_res / ss_tot, 4) if ss_tot else 1.0}
 
 
+def _median(values) -> float | None:
+    values = sorted(float(v["seconds"] if isinstance(v, dict) else v) for v in values)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return round(values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2, 1)
+
+
 def markdown(report: dict) -> str:
     rows = []
     for r in report["rows"]:
         stages = r.get("stage_seconds") or {}
         rows.append([r["layers"], r.get("returncode"), r.get("wall_seconds"), r.get("peak_tree_rss_gb"),
                      *(round(stages.get(s, 0.0), 1) for s in ("capture", "solve", "absorb", "export")),
-                     r.get("disk_ratio")])
+                     _median((r.get("capture_seconds") or {}).values()),
+                     _median((r.get("solve_seconds") or {}).values()),
+                     _median((r.get("absorb_seconds") or {}).values()), r.get("disk_ratio")])
     text = [f"**{report['shape']}**, `{report['method']}` at ratio {report['ratio']}, calibration "
             f"{report['samples']}×{report['seqlen']} tokens; {machine_line(report['machine'])}", "",
             markdown_table(["layers", "rc", "wall s", "peak tree RSS GB", "capture s", "solve s", "absorb s",
-                            "export s", "run dir / checkpoint"], rows)]
-    if report.get("fit"):
-        fit = report["fit"]
+                            "export s", "capture s / layer (median)", "solve s / point (median)",
+                            "absorb s / layer (median)", "run dir / checkpoint"], rows)]
+    fit = report.get("fit") or {}
+    if fit.get("wall"):
         text.append("")
+        stages = "; ".join(f"{stage} ≈ {f['intercept']} + {f['slope']} × layers (R² {f['r2']})"
+                           for stage, f in fit.items() if stage != "wall" and f)
         text.append(f"Wall time ≈ {fit['wall']['intercept']} s + {fit['wall']['slope']} s × layers "
-                    f"(R² {fit['wall']['r2']}); peak RSS largest / smallest = {report['rss_ratio']}.")
+                    f"(R² {fit['wall']['r2']}); {stages}; peak RSS largest / smallest = {report['rss_ratio']}.")
     return "\n".join(text)
 
 
@@ -176,7 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-runs", action="store_true", help="keep the run directories (verify them later)")
     parser.add_argument("--extra", default="", help="more compress options, space-separated (e.g. --device cuda)")
     parser.add_argument("--out", default=None, help="JSON file for the report (Markdown beside it)")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="REPORT",
+                        help="merge earlier JSON reports of one shape and method into one table and fit")
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out)
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="dotresize-large-"))
     scratch.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"shape": args.shape, "method": args.method, "ratio": args.ratio,
@@ -193,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
             f"peak tree RSS {row['peak_tree_rss_gb']} GB, disk ratio {row.get('disk_ratio')}")
         if args.out:
             write_json(args.out, report)
+    finish(report, args.out)
+    return 0
+
+
+def finish(report: dict, out: str | None) -> None:
+    """Fit, Markdown, print and write ``report`` (JSON at ``out``, Markdown beside it)."""
     ok = [r for r in report["rows"] if r.get("returncode") == 0]
     if len(ok) >= 2:
         report["fit"] = {"wall": linear_fit([r["layers"] for r in ok], [r["wall_seconds"] for r in ok])}
@@ -203,9 +226,27 @@ def main(argv: list[str] | None = None) -> int:
         report["rss_ratio"] = round(max(peaks) / min(peaks), 3)
     report["markdown"] = markdown(report)
     print(report["markdown"])
-    if args.out:
-        write_json(args.out, report)
-        Path(args.out).with_suffix(".md").write_text(report["markdown"] + "\n")
+    if out:
+        write_json(out, report)
+        Path(out).with_suffix(".md").write_text(report["markdown"] + "\n")
+
+
+def combine(paths: list[str], out: str | None) -> int:
+    """One report from several runs of one shape, method, ratio and calibration (rows sorted by layers; each
+    row keeps the machine line of its own run), refitted across all of them."""
+    import json
+
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    same = {(r["shape"], r["method"], r["ratio"], r["samples"], r["seqlen"]) for r in reports}
+    if len(same) != 1:
+        print(f"large: error: the reports differ in shape, method, ratio or calibration: {sorted(same)}",
+              file=sys.stderr)
+        return 2
+    report = {k: reports[0][k] for k in ("shape", "method", "ratio", "samples", "seqlen", "machine")}
+    report["rows"] = sorted((dict(row, machine=r["machine"]) for r in reports for row in r["rows"]),
+                            key=lambda row: row["layers"])
+    report["combined_from"] = [str(p) for p in paths]
+    finish(report, out)
     return 0
 
 
