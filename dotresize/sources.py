@@ -6,6 +6,8 @@ and the sha256 of every weight file read is recorded.
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import importlib.util
 import logging
@@ -137,10 +139,31 @@ def resolve_source(spec: str | None) -> ModelSource:
 
 
 def load_config(source: ModelSource, trust_remote_code: bool = False):
+    """The source's transformers config (a fresh copy each call). Parsed once per process and file version: a
+    GGUF file's config takes seconds to parse (transformers reads its whole metadata, tokenizer included), and a
+    pipeline run asks for it in its checks, its resolve and inspect stages and its layer reader."""
+    import copy
+
+    return copy.deepcopy(_parsed_config(str(source.directory), source.gguf_file, bool(trust_remote_code),
+                                        _config_stamp(source)))
+
+
+def _config_stamp(source: ModelSource) -> tuple:
+    """Size and modification time of the file the config is read from (a changed file is parsed again)."""
+    path = source.directory / (source.gguf_file or "config.json")
+    try:
+        stat = path.stat()
+    except OSError:  # a hub id not yet in the cache: nothing to key on but the spec
+        return (source.spec, source.revision)
+    return (str(path), stat.st_size, stat.st_mtime_ns, source.revision)
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_config(directory: str, gguf_file: str | None, trust_remote_code: bool, stamp: tuple):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(source.directory, trust_remote_code=trust_remote_code,
-                                      **source.load_kwargs())
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, **kwargs)
 
 
 #: share of the available memory a model may take before it is loaded with its layers offloaded to disk
