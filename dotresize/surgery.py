@@ -111,7 +111,8 @@ def absorb_layer(mods: LayerModules, decoder_in: torch.Tensor | None, Q_attn: to
     return out
 
 
-def _resized(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+def frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` and ``bias`` themselves (no copy, no gradient)."""
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
                     device=weight.device)
     new.weight = nn.Parameter(weight, requires_grad=False)
@@ -133,7 +134,7 @@ def build_layer(mods: LayerModules, tensors: dict[str, torch.Tensor], hidden_siz
         for child_name, child in list(owner._modules.items()):
             if isinstance(child, nn.Linear):
                 key = f"{prefix}.{child_name}"
-                owner._modules[child_name] = _resized(child, tensors[key + ".weight"], tensors.get(key + ".bias"))
+                owner._modules[child_name] = frozen_linear(tensors[key + ".weight"], tensors.get(key + ".bias"))
     return CompressedDecoderLayer(attn, mlp, RMSN(hidden_size, eps), RMSN(hidden_size, eps),
                                   tensors.get("attn_shortcut"), tensors.get("mlp_shortcut"))
 

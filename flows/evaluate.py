@@ -189,10 +189,11 @@ def record_bench(model: str, result: dict) -> dict | None:
     if run_dir is None:
         return None
     from storage import RunDir
+    from storage import rundir as layout
 
     from .eval_logging import log_run_evaluation
 
-    RunDir(str(run_dir)).write_json("eval/bench.json", result)
+    RunDir(str(run_dir)).write_json(layout.eval_file("bench"), result)
     return log_run_evaluation(run_dir, bench=result)
 
 

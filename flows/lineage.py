@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from dotresize.errors import DotResizeError
+from storage import rundir as layout
 from storage.checkpoints import sha256_file
 from storage.lineage import (
     LINEAGE,
@@ -330,7 +331,7 @@ def verify_target(target: Target, require_mlflow: bool = False, check_source: bo
             if entry.get("file") and entry.get("sha256"):
                 outputs[entry["file"]] = entry["sha256"]
         outputs = {k: v for k, v in outputs.items() if not k.startswith("model/")}  # checked above
-        evaluations = {k: v for k, v in outputs.items() if k.startswith("eval/")}
+        evaluations = {k: v for k, v in outputs.items() if layout.is_eval_file(k)}
         outputs = {k: v for k, v in outputs.items() if k not in evaluations}
         found, checked, skipped = check_files(target.run_dir, outputs, "lineage.json (stage outputs)",
                                               missing_ok=True)

@@ -30,8 +30,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage.rundir import LINEAGE
+
 #: export markers: a directory holding one of these is a previous dotresize export (``--overwrite`` may replace it)
-EXPORT_MARKERS = ("dotresize.json", "lineage.json")
+#: (dotresize.export.COMPRESSION_FILE, spelled out: importing dotresize here would cost the checks 3 s of torch)
+EXPORT_MARKERS = ("dotresize.json", LINEAGE)
 NAMED_DATA = ("wikitext2", "wikitext2-test")
 #: safetensors dtypes and their element sizes
 _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,

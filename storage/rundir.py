@@ -79,6 +79,15 @@ def shard_name(number: int, total: int) -> str:
     return f"model-{number:05d}-of-{total:05d}.safetensors"
 
 
+def eval_file(kind: str, target: str = "model") -> str:
+    """The result file of evaluation ``kind`` (ppl, zeroshot, bench) of the compressed model or of its source."""
+    return f"{EVAL}/{kind}.json" if target == "model" else f"{EVAL}/{kind}_source.json"
+
+
+def is_eval_file(rel: str) -> bool:
+    return rel.startswith(EVAL + "/")
+
+
 def manifest_file(stage: str, name: str | None = None) -> str:
     return f"{STAGES}/{stage}.json" if name is None else f"{STAGES}/{stage}/{name}.json"
 

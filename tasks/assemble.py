@@ -205,7 +205,7 @@ EVAL_KINDS = ("ppl", "lm_eval", "speed")
 
 def eval_file(kind: str, target: str = "model") -> str:
     """``eval/ppl.json``, ``eval/lm_eval_source.json``, ...: where an evaluation of ``target`` is stored."""
-    return f"{layout.EVAL}/{kind}.json" if target == "model" else f"{layout.EVAL}/{kind}_source.json"
+    return layout.eval_file(kind, target)
 
 
 def _precision_key(label: str) -> dict:

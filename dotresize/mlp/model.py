@@ -26,6 +26,7 @@ from ..calibration import Sink, layer_inputs, run_layer
 from ..config import CompressionConfig, MlpOptions
 from ..errors import InvalidConfigError
 from ..layerwise import LayeredModel
+from ..surgery import frozen_linear
 from .keep import mlp_width
 from .maps import MlpReduction
 from .statistics import MlpStats, MlpStatsAccumulator
@@ -141,15 +142,6 @@ def reduced_mlp_tensors(layout: FamilyLayout, layer: nn.Module, reduction: MlpRe
     return out
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
-                       device=weight.device)
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias, requires_grad=False)
-    return linear
-
-
 def _shallow_copy(module: nn.Module) -> nn.Module:
     """A copy that shares parameters and submodules but has its own child table and hook tables."""
     new = copy.copy(module)
@@ -179,7 +171,7 @@ def with_reduced_mlp(layout: FamilyLayout, layer: nn.Module, reduction: MlpReduc
     """A copy of ``layer`` whose MLP has ``reduction.width`` intermediate neurons (``layer`` is left unchanged;
     every other module is shared)."""
     tensors = reduced_mlp_tensors(layout, layer, reduction)
-    linears = {path: _linear(tensors[path + ".weight"], tensors.get(path + ".bias"))
+    linears = {path: frozen_linear(tensors[path + ".weight"], tensors.get(path + ".bias"))
                for path in (*layout.mlp_inputs, layout.mlp_output)}
     new = _replaced(layer, linears)
     mlp_path = layout.mlp_output.rpartition(".")[0]
