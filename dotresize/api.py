@@ -147,7 +147,8 @@ def is_stock(layout: str, mlp_widths: list[int] | None) -> bool:
     return layout == "global" and (mlp_widths is None or len(set(mlp_widths)) == 1)
 
 
-def compressed_config(model: LayeredModel, widths: list[int], layout: str, mlp_widths: list[int] | None = None):
+def compressed_config(model: LayeredModel, widths: list[int], layout: str, mlp_widths: list[int] | None = None,
+                      tied: bool = False):
     """The HF config of the compressed model: the source config plus the widths (or hidden_size = d) and, with the
     MLP axis, the intermediate sizes (``mlp_widths``, default: the model's own when it is an MlpReducedModel).
 
@@ -159,7 +160,7 @@ def compressed_config(model: LayeredModel, widths: list[int], layout: str, mlp_w
     for key in ("architectures", "auto_map", "model_type", "transformers_version", "quantization_config",
                 "dotresize", "_name_or_path", "dtype", "torch_dtype"):
         source.pop(key, None)
-    source["tie_word_embeddings"] = False
+    source["tie_word_embeddings"] = bool(tied)  # a rotated stream unties them; the MLP axis alone may keep it
     source["head_dim"] = int(getattr(model.config, "head_dim", None) or model.hidden_size // model.num_attention_heads)
     if mlp_widths is not None:
         source["intermediate_size"] = max(mlp_widths)
@@ -188,10 +189,11 @@ def compressed_config(model: LayeredModel, widths: list[int], layout: str, mlp_w
 
 
 def skeleton_model(model: LayeredModel, widths: list[int], layout: str,
-                   dtype: torch.dtype | None = None, mlp_widths: list[int] | None = None) -> PreTrainedModel:
+                   dtype: torch.dtype | None = None, mlp_widths: list[int] | None = None,
+                   tied: bool = False) -> PreTrainedModel:
     """The compressed model's structure with no weights (meta device): its config, classes and state-dict keys."""
     mlp_widths = _model_mlp_widths(model, mlp_widths)
-    config = compressed_config(model, widths, layout, mlp_widths)
+    config = compressed_config(model, widths, layout, mlp_widths, tied)
     config._attn_implementation = getattr(model, "attn_implementation", None) or model.config._attn_implementation
     if dtype is not None:
         config.dtype = dtype
@@ -202,12 +204,19 @@ def skeleton_model(model: LayeredModel, widths: list[int], layout: str,
 
 def assemble_model(model: LayeredModel, widths: list[int], layout: str, state: dict[str, torch.Tensor],
                    generation_config=None, mlp_widths: list[int] | None = None) -> PreTrainedModel:
-    """The compressed model of ``widths`` holding ``state`` (absorbed weights, e.g. assembled layer by layer)."""
+    """The compressed model of ``widths`` holding ``state`` (absorbed weights, e.g. assembled layer by layer);
+    a state without a head keeps it tied to the embeddings."""
     mlp_widths = _model_mlp_widths(model, mlp_widths)
     if not is_stock(layout, mlp_widths) and layout == "global":
         state = without_norm_weights(model, state)
-    compressed = skeleton_model(model, widths, layout, mlp_widths=mlp_widths)
+    head = model.layout.weight(model.layout.lm_head)
+    tied = head not in state
+    compressed = skeleton_model(model, widths, layout, mlp_widths=mlp_widths, tied=tied)
+    if tied:
+        state = {**state, head: state[model.layout.weight(model.layout.embeddings)]}
     compressed.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        compressed.tie_weights()
     if generation_config is not None:
         compressed.generation_config = copy.deepcopy(generation_config)
     return compressed.eval()
@@ -226,7 +235,7 @@ def without_norm_weights(model: LayeredModel, state: dict[str, torch.Tensor]) ->
 def build_compressed_model(model: LayeredModel, bases: list[Basis], layout: str,
                            generation_config=None) -> PreTrainedModel:
     """Instantiate the compressed model (per-point class or stock class) and load the absorbed weights."""
-    state = compressed_state_dict(model, bases, layout)
+    state = compressed_state_dict(model, bases, layout, keep_tied=is_stock(layout, _model_mlp_widths(model, None)))
     return assemble_model(model, [b.width for b in bases], layout, state, generation_config)
 
 

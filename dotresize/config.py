@@ -193,7 +193,7 @@ class CompressionConfig:
             raise InvalidConfigError(f"round_to must be >= 1, got {self.round_to}")
         if self.batch_size < 1:
             raise InvalidConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.layout == "global" and self.mode != "parallel":
+        if self.layout == "global" and self.mode != "parallel" and self.residual_active:  # (MLPs alone: any mode)
             raise InvalidConfigError("layout 'global' needs mode 'parallel' (one basis from all points' statistics)")
         if self.outlier_tokens is not None and not self.outlier_tokens > 1.0:
             raise InvalidConfigError("outlier_tokens is a multiple of the median token norm and must be > 1")

@@ -128,6 +128,15 @@ class LayeredModel:
         return self.adapter_cls.layout
 
     @property
+    def tied(self) -> bool:
+        """Whether the source's head is its embedding matrix (tied)."""
+        return bool(getattr(self.config, "tie_word_embeddings", False))
+
+    def final_norm_weight(self) -> torch.Tensor:
+        """The source's final norm weight as stored (not folded into the head), float32."""
+        raise NotImplementedError
+
+    @property
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
 
@@ -196,6 +205,9 @@ class ResidentModel(LayeredModel):
         self.device = next(model.parameters()).device
         self._parameters = _count_unique(model)
         self._dtype = next(model.parameters()).dtype
+        self._tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        final_norm = model.get_submodule(self.layout.final_norm).weight
+        self._final_norm = final_norm.detach().to(torch.float32).clone()
         fuse_norms(self.adapter)
         self._sink: list = [None]
 
@@ -233,6 +245,13 @@ class ResidentModel(LayeredModel):
 
     def head_rows(self, start: int, stop: int) -> torch.Tensor:
         return self.adapter.lm_head().weight[start:stop]
+
+    @property
+    def tied(self) -> bool:
+        return self._tied
+
+    def final_norm_weight(self) -> torch.Tensor:
+        return self._final_norm
 
     def parameter_count(self) -> int:
         return self._parameters
@@ -347,6 +366,13 @@ class StreamedModel(LayeredModel):
             self._final_scale = self.reader.read([self._final_norm])[self._final_norm].to(torch.float64)
         rows = self._rows(self._head, start, stop).to(device=self.device, dtype=torch.float64)
         return (rows * self._final_scale.to(self.device)[None, :]).to(torch.float32)
+
+    @property
+    def tied(self) -> bool:
+        return self._head == self._embedding
+
+    def final_norm_weight(self) -> torch.Tensor:
+        return self.reader.read([self._final_norm])[self._final_norm].to(device=self.device, dtype=torch.float32)
 
 
 def _count_unique(model: nn.Module) -> int:

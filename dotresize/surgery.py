@@ -239,9 +239,19 @@ def global_layer_state(layout: FamilyLayout, mods: LayerModules, index: int, bas
     return _prefixed(layout, index, tensors)
 
 
-def global_ends(model, basis: Basis, dtype: torch.dtype | None = None) -> list[TensorChunks]:
-    """Embeddings, final norm and head of the global-layout model."""
+def keeps_tied_ends(model, basis: Basis) -> bool:
+    """A residual stream left as it is (the MLP axis alone) keeps a tied source's head tied: the final norm keeps
+    its weight instead of being folded into the head, which stays the embedding matrix."""
+    return bool(model.tied) and _is_identity(basis, model.hidden_size)
+
+
+def global_ends(model, basis: Basis, dtype: torch.dtype | None = None, keep_tied: bool = False) -> list[TensorChunks]:
+    """Embeddings, final norm and head of the global-layout model; ``keep_tied`` (a stock export) and
+    :func:`keeps_tied_ends`: no head, the final norm's own weight."""
     dtype = _ends_dtype(model, dtype)
+    if keep_tied and keeps_tied_ends(model, basis):
+        norm = model.final_norm_weight().to(device="cpu", dtype=dtype)
+        return [embeddings_chunks(model, None, dtype), _constant(model.layout.weight(model.layout.final_norm), norm)]
     norm = _global_norm_weight(model.hidden_size, basis.width, dtype)
     return [embeddings_chunks(model, basis.Q, dtype), _constant(model.layout.weight(model.layout.final_norm), norm),
             head_chunks(model, basis.decoder, dtype)]
@@ -257,25 +267,28 @@ def layer_state(model, index: int, layer: nn.Module, bases: list[Basis], layout_
     return per_point_layer_state(model.layout, mods, index, *bases, model.hidden_size, dtype)
 
 
-def ends(model, bases: list[Basis], layout_name: str, dtype: torch.dtype | None = None) -> list[TensorChunks]:
+def ends(model, bases: list[Basis], layout_name: str, dtype: torch.dtype | None = None,
+         keep_tied: bool = False) -> list[TensorChunks]:
     """Embeddings and head (and the global layout's final norm), produced in chunks of rows; ``bases``: the first
-    and last point's, or the global one."""
+    and last point's, or the global one; ``keep_tied``: see :func:`global_ends`."""
     if layout_name == "global":
-        return global_ends(model, bases[0], dtype)
+        return global_ends(model, bases[0], dtype, keep_tied)
     return per_point_ends(model, bases[0], bases[-1], dtype)
 
 
 @torch.no_grad()
-def ends_state(model, bases: list[Basis], layout_name: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def ends_state(model, bases: list[Basis], layout_name: str, dtype: torch.dtype | None = None,
+               keep_tied: bool = False) -> dict[str, torch.Tensor]:
     """:func:`ends` materialised (the in-memory API's path)."""
-    return {t.name: t.materialise() for t in ends(model, bases, layout_name, dtype)}
+    return {t.name: t.materialise() for t in ends(model, bases, layout_name, dtype, keep_tied)}
 
 
 @torch.no_grad()
 def compressed_state_dict(model, bases: list[Basis], layout_name: str,
-                          dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                          dtype: torch.dtype | None = None, keep_tied: bool = False) -> dict[str, torch.Tensor]:
     """The whole compressed state dict of a :class:`~dotresize.layerwise.LayeredModel` (one layer at a time)."""
-    state = ends_state(model, bases if layout_name == "global" else [bases[0], bases[-1]], layout_name, dtype)
+    state = ends_state(model, bases if layout_name == "global" else [bases[0], bases[-1]], layout_name, dtype,
+                       keep_tied)
     for index in range(model.num_layers):
         with model.layer(index) as layer:
             layer_bases = bases if layout_name == "global" else bases[2 * index:2 * index + 3]

@@ -103,10 +103,20 @@ def _add_compress(sub) -> None:
                    help="drop tokens whose norm exceeds this multiple of the batch median from the statistics")
     p.add_argument("--mlp-ratio", type=_mlp_ratio, default=0.0,
                    help="fraction of every layer's MLP intermediate neurons removed, in [0, 1) (width rounded "
-                        "down to a multiple of 8; default 0: MLPs untouched); --in-memory only for now")
+                        "down to a multiple of 8; default 0: MLPs untouched)")
     p.add_argument("--mlp-method", choices=("prune", "lsq", "dot"), default=None,
                    help="how the removed MLP neurons are handled: prune (dropped), lsq (ridge least-squares "
                         "correction of the down projection; the default, measured best), dot (transport-plan merge)")
+    p.add_argument("--mlp-keep-rule", choices=("output", "energy", "obs"), default=None,
+                   help="which MLP neurons are kept: output (activation energy x down-projection column norm; "
+                        "default), energy (activation energy), obs (greedy by the corrected output error)")
+    p.add_argument("--mlp-ridge", type=float, default=None,
+                   help="ridge of the lsq correction, relative to the mean kept activation energy (default 0.1)")
+    p.add_argument("--recipe", default=None, metavar="FILE",
+                   help="a recipe file (the watch's YAML format, one ratio; see recipes/): its settings, with the "
+                        "options given on the command line overriding them")
+    p.add_argument("--set", action="append", default=[], dest="config_set", metavar="KEY=VALUE",
+                   help="any other compression setting, dotted (--set mlp.dot.epsilon=0.1); repeatable")
     p.add_argument("--ppl", action="store_true", help="print WikiText-2 perplexity before and after")
     p.add_argument("--tasks", default=None,
                    help="zero-shot tasks to evaluate the compressed model on (comma-separated, see evaluate); "
@@ -329,8 +339,9 @@ def _check_mlp_args(args) -> None:
                          "--ratio 0 --mlp-ratio R")
     if args.mlp_method is not None and not args.mlp_ratio:
         raise UsageError("--mlp-method needs --mlp-ratio R (the fraction of MLP neurons removed)")
-    if args.mlp_ratio and not args.in_memory:
-        raise UsageError("--mlp-ratio is not supported by the pipeline yet: add --in-memory (and --out DIR)")
+    for name in ("mlp_keep_rule", "mlp_ridge"):
+        if getattr(args, name) is not None and not args.mlp_ratio:
+            raise UsageError(f"--{name.replace('_', '-')} needs --mlp-ratio R (the fraction of MLP neurons removed)")
 
 
 def _compression_config(args):
@@ -346,12 +357,23 @@ def _compression_config(args):
         if not path.is_file():
             raise UsageError(f"--keep-set {path} does not exist: pass a JSON file with one index list per point")
         keep_sets = tuple(tuple(int(i) for i in s) for s in json.loads(path.read_text()))
-    return CompressionConfig(
+    config = CompressionConfig(
         method=args.method, ratio=args.ratio, mode=args.mode, layout=args.layout, round_to=args.round_to,
         slice_head=args.slice_head, seed=args.seed, batch_size=args.batch_size, keep_sets=keep_sets,
         outlier_tokens=args.outlier_tokens, dot=DotOptions(**dot_changes), mlp_ratio=args.mlp_ratio,
-        mlp=MlpOptions(**({"method": args.mlp_method} if args.mlp_method else {})),
-    ).validate()
+        mlp=MlpOptions(**{k: v for k, v in {"method": args.mlp_method, "keep_rule": args.mlp_keep_rule,
+                                            "ridge": args.mlp_ridge}.items() if v is not None}),
+    )
+    if not args.config_set:
+        return config.validate()
+    from .options_file import apply_settings
+
+    data = config.to_dict()
+    data.pop("version")
+    try:
+        return CompressionConfig.from_dict(apply_settings(data, args.config_set)).validate()
+    except (ValueError, TypeError) as error:  # InvalidConfigError is a ValueError
+        raise UsageError(str(error).splitlines()[0]) from None
 
 
 def _eval_ppl(model, tokenizer, args, progress: bool) -> dict:
@@ -428,6 +450,10 @@ def _compress_pipeline(args, config, out: Path | None) -> dict:
               f"{config.layout}) at ratio {config.ratio}")
         print(f"  width {max(result['widths'])} -> {min(result['widths'])}; parameters "
               f"{result['parameters_before']:,} -> {result['parameters_after']:,} ({result['parameter_ratio']:.3f}x)")
+        if result.get("mlp_widths"):
+            print(f"  MLP ({config.mlp.method}, ratio {config.mlp_ratio}): intermediate width -> "
+                  f"{min(result['mlp_widths'])}" + ("" if len(set(result["mlp_widths"])) == 1
+                                                   else f"..{max(result['mlp_widths'])}"))
         if args.ppl:
             after = result["ppl"]
             print(f"  WikiText-2 perplexity (ctx {after['ctx']}, {after['windows']} windows): "
@@ -725,8 +751,15 @@ def main(argv: list[str] | None = None) -> int:
     SIGTERM print one line, stop every child process and exit 130/143 within seconds (:mod:`flows.interrupts`)."""
     apply_offline_defaults()
     parser = build_parser()
+    from .options_file import RecipeFileError, expand_recipe
+
+    as_program = argv is None
+    try:  # compress --recipe FILE: the file's options, then the command line's (which win)
+        argv = expand_recipe(list(sys.argv[1:] if as_program else argv))
+    except RecipeFileError as error:
+        parser.exit(2, f"dotresize: error: {error}\n")
     args = parser.parse_args(argv)
-    if argv is not None:  # called from Python (tests, notebooks): the caller's signal handling and allocator stay
+    if not as_program:  # called from Python (tests, notebooks): the caller's signal handling and allocator stay
         return _main(parser, args)
     from .allocator import tune_allocator
     from .interrupts import guard

@@ -38,6 +38,9 @@ from .settings import apply_offline_defaults
 from storage import rundir as paths
 from tasks import (
     absorb_task,
+    mlp_sequential_task,
+    mlp_task,
+    plan_mlp_task,
     calibration_task,
     capture_task,
     evaluate_task,
@@ -69,13 +72,13 @@ def build_config(*, ratio: float, method: str, mode: str, layout_name: str, seed
             data["dot"][key[4:]] = value
         else:
             data[key] = value
-    config = CompressionConfig.from_dict(data).validate()
-    if config.mlp_active:  # until the stages capture, solve and absorb the MLP axis: refuse, never ignore it
-        from dotresize.errors import InvalidConfigError
+    return CompressionConfig.from_dict(data).validate()
 
-        raise InvalidConfigError("the pipeline cannot reduce MLP widths yet (mlp_ratio / mlp_widths): run "
-                                 "`dotresize compress --in-memory` or the dotresize.compress API")
-    return config
+
+def export_layout(config) -> str:
+    from dotresize.api import export_layout as layout_of
+
+    return layout_of(config)
 
 
 def make_recipe(config, source: dict, calib: dict) -> dict:
@@ -223,29 +226,40 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
                                                "trust_remote_code": trust_remote_code}).result()
         calibration = runner.submit(calibration_task, {**common, "source": source, "calib": calib, "inspect": inspect,
                                                        "hidden_size": architecture["hidden_size"]}).result()
-        widths = plan_task(inspect, recipe)
         layers = inspect["num_layers"]
+        residual = config.residual_active
+        widths = plan_task(inspect, recipe) if residual else [inspect["hidden_size"]] * inspect["num_points"]
+        layout_name = export_layout(config)
         streamed = {**common, "source": source, "inspect": inspect, "device": device}
         solve_args = {**common, "recipe": recipe, "calibration": calibration, "verify": verify, "device": device}
+        mlp_widths = plan_mlp_task(run, inspect, recipe) if config.mlp_active else None
+        mlps: list = []
         if config.mode == "parallel":
             captures, solves = _parallel_graph(runner, streamed, calibration, recipe, widths, layers, solve_args,
-                                               config.layout, verify)
+                                               layout_name, verify, residual)
+            if mlp_widths:
+                mlps = [runner.submit(mlp_task, {**streamed, "layer": layer, "capture": captures[layer],
+                                                 "width": mlp_widths[layer], "recipe": recipe, "verify": verify})
+                        for layer in range(layers)]
         else:
-            captures, solves = _sequential_graph(runner, streamed, calibration, recipe, widths, layers, solve_args,
-                                                 verify)
-        absorbs = [runner.submit(absorb_task, {**streamed, "layer": layer, "layout_name": config.layout,
-                                               "dtype": export_dtype,
-                                               "bases": solves if config.layout == "global"
+            if mlp_widths:
+                mlps = _mlp_sequential_graph(runner, streamed, calibration, recipe, mlp_widths, layers, verify)
+            captures, solves = (_sequential_graph(runner, streamed, calibration, recipe, widths, layers, solve_args,
+                                                  verify, mlps) if residual else ([], []))
+        absorbs = [runner.submit(absorb_task, {**streamed, "layer": layer, "layout_name": layout_name,
+                                               "dtype": export_dtype, "mlp": mlps[layer] if mlps else None,
+                                               "bases": solves if layout_name == "global"
                                                else solves[2 * layer:2 * layer + 3]})
                    for layer in range(layers)]
-        _progress(solves, "bases" if config.mode == "parallel" else "sequential", progress)
+        _progress(solves or mlps, "bases" if config.mode == "parallel" else "sequential", progress)
         captures_m = [c.result() for c in captures]
+        mlps_m = [m.result() for m in mlps]
         solves_m = [s.result() for s in solves]
         absorbs_m = [a.result() for a in absorbs]
         export = runner.submit(export_task, {
             **common, "run_key": run_key, "recipe": recipe, "source": source, "calibration": calibration,
             "inspect": inspect, "widths": widths, "captures": captures_m, "bases": solves_m, "absorbs": absorbs_m,
-            "dtype": export_dtype, "device": device}).result()
+            "dtype": export_dtype, "device": device, "mlps": mlps_m}).result()
         evaluation = evaluation_source = None
         eval_args = {**common, "ctx": ppl_ctx, "max_windows": ppl_max_windows, "progress": progress,
                      "dtype": eval_dtype}
@@ -261,7 +275,7 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
                                                               "target": "source"}).result()
         if tasks:
             zero_shot = runner.submit(zero_shot_task, {**zs_args, "export": export, "target": "model"}).result()
-    manifests = [calibration, inspect, *captures_m, *solves_m, *absorbs_m, export]
+    manifests = [calibration, inspect, *captures_m, *mlps_m, *solves_m, *absorbs_m, export]
     manifests += [m for m in (evaluation_source, evaluation, zero_shot_source, zero_shot) if m is not None]
     stages = _stage_summary(manifests)
     stage_seconds = {stage: round(info["seconds"], 6) for stage, info in stages.items()}
@@ -273,7 +287,8 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
     result = {
         "run_dir": run.uri(), "run_key": run_key, "source": source, "calibration": calibration.get("meta", {}),
         "model_dir": export["model_dir"],
-        "model_sha256": export["model_sha256"], "widths": widths, "parameters_before": export["parameters_before"],
+        "model_sha256": export["model_sha256"], "widths": widths, "mlp_widths": mlp_widths,
+        "parameters_before": export["parameters_before"],
         "parameters_after": export["parameters_after"], "parameter_ratio": export["parameter_ratio"],
         "stages": {s: {"computed": i["computed"], "reused": i["reused"]} for s, i in stages.items()},
         "stage_seconds": stage_seconds, "mlflow_run_id": None, "model_version": None, "registered_model": None,
@@ -329,14 +344,17 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
 
 
 def _parallel_graph(runner, streamed: dict, calibration: dict, recipe: dict, widths: list[int], layers: int,
-                    solve_args: dict, layout_name: str, verify: bool) -> tuple[list, list]:
+                    solve_args: dict, layout_name: str, verify: bool, residual: bool = True) -> tuple[list, list]:
     """Capture one layer after another (each task hands its output point to the next through the store); each
-    point's solve starts as soon as the layer producing it is captured; the global layout pools them first."""
+    point's solve starts as soon as the layer producing it is captured; the global layout pools them first.
+    Without residual slicing (the MLP axis alone) there is nothing to solve."""
     captures, previous = [], None
     for layer in range(layers):
         previous = runner.submit(capture_task, {**streamed, "layer": layer, "calibration": calibration,
                                                 "recipe": recipe, "previous": previous, "verify": verify})
         captures.append(previous)
+    if not residual:
+        return captures, []
     if layout_name == "global":
         pool = runner.submit(pool_task, {"run_url": streamed["run_url"], "captures": captures, "recipe": recipe,
                                          "calibration": calibration, "num_points": 2 * layers + 1,
@@ -349,20 +367,35 @@ def _parallel_graph(runner, streamed: dict, calibration: dict, recipe: dict, wid
     return captures, solves
 
 
+def _mlp_sequential_graph(runner, streamed: dict, calibration: dict, recipe: dict, mlp_widths: list[int],
+                          layers: int, verify: bool) -> list:
+    """The MLP axis in sequential mode: layer l's MLP reduced from its input through the reduced layers before."""
+    mlps, previous = [], None
+    for layer in range(layers):
+        previous = runner.submit(mlp_sequential_task, {**streamed, "layer": layer, "calibration": calibration,
+                                                       "width": mlp_widths[layer], "recipe": recipe,
+                                                       "previous": previous, "verify": verify})
+        mlps.append(previous)
+    return mlps
+
+
 def _sequential_graph(runner, streamed: dict, calibration: dict, recipe: dict, widths: list[int], layers: int,
-                      solve_args: dict, verify: bool) -> tuple[list, list]:
-    """SliceGPT's order: point p is captured through the layers compressed with the bases before it."""
+                      solve_args: dict, verify: bool, mlps: list | None = None) -> tuple[list, list]:
+    """SliceGPT's order: point p is captured through the layers compressed with the bases before it (and their
+    reduced MLPs, with the MLP axis)."""
     captures, solves = [], []
     for p in range(2 * layers + 1):
         if p == 0:
-            previous, bases = None, []
+            previous, bases, index = None, [], None
         else:
             index = (p - 1) // 2
             previous = captures[2 * index]
             bases = [solves[2 * index]] + ([solves[2 * index + 1]] if p % 2 == 0 else [])
         capture = runner.submit(sequential_capture_task, {**streamed, "point": p, "calibration": calibration,
                                                           "recipe": recipe, "previous": previous, "bases": bases,
-                                                          "verify": verify})
+                                                          "verify": verify,
+                                                          "mlp": mlps[index] if mlps and index is not None
+                                                          else None})
         captures.append(capture)
         solves.append(runner.submit(solve_task, {**solve_args, "point": p, "capture": capture, "width": widths[p]}))
     return captures, solves

@@ -3,11 +3,13 @@
 ```yaml
 recipe_version: 1
 method: dot                  # dot | pca | prune
-ratio: 0.2                   # or  ratios: [0.1, 0.2, 0.3]  (one compression per ratio)
+ratio: 0.2                   # or  ratios: [0.1, 0.2, 0.3]  (one compression per ratio); 0 with config.mlp_ratio
 mode: parallel               # parallel | sequential
 layout: per-point            # per-point | global
-config:                      # any other CompressionConfig field (nested dot options allowed)
+config:                      # any other CompressionConfig field (nested dot / mlp options allowed)
   dot: {epsilon: 0.05}
+  mlp_ratio: 0.3             # the MLP axis: fraction of intermediate neurons removed
+  mlp: {method: lsq, ridge: 0.1}
 calibration: {data: wikitext2, samples: 64, seqlen: 256, seed: 42}
 evaluation: {ppl: true, ctx: 256, max_windows: 100, source: false, tasks: [], limit: null}
 register_name: dotresize-my-run   # optional: registered model name in MLflow
@@ -99,7 +101,8 @@ def _section(data: dict, key: str, defaults: dict, origin: str | None) -> dict:
 
 
 def _ratio(value: Any, origin: str | None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) < 1.0) \
+    """A ratio in (0, 1), or 0 (the residual stream untouched: config.mlp_ratio must then reduce the MLPs)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) < 1.0) \
             or not math.isfinite(float(value)):
         raise RecipeError(f"{_where(origin)}: ratio must be a number in (0, 1) (the fraction of width removed), "
                           f"got {value!r}")
@@ -177,6 +180,9 @@ def parse_recipe(data: Any, origin: str | None = None) -> Recipe:
             raise RecipeError(f"{_where(origin)}: {error}") from None
         except (TypeError, ValueError) as error:
             raise RecipeError(f"{_where(origin)}: bad value in config ({error})") from None
+        if not compression.residual_active and not compression.mlp_active:
+            raise RecipeError(f"{_where(origin)}: ratio 0 compresses nothing: give a ratio in (0, 1), or "
+                              "config.mlp_ratio to reduce the MLPs only")
         resolved = {"recipe_version": RECIPE_FORMAT, "method": compression.method, "ratio": ratio,
                     "mode": compression.mode, "layout": compression.layout, "config": compression.to_dict(),
                     "calibration": dict(calibration), "evaluation": dict(evaluation)}

@@ -6,6 +6,9 @@ This module is the only place that knows the layout of a run (see ``architecture
          inspect/             the source's config, generation config and tokenizer (no weights: every stage
                               reads the source a layer at a time and fuses its norms on the fly)
          activations.zarr/    point_<p>/{acts, [sample], [kept]}  (+ pooled/{gram, abs_sum, sum} for global)
+                              mlp_<l>/{gram, abs_sum, sum}: layer l's MLP intermediate statistics (MLP axis)
+                              mlp_input_<l>/acts: layer l's input through the reduced MLPs (sequential MLP axis)
+         mlp/                 layer_<l>.safetensors: layer l's MLP reduction (keep, removed, A)
          bases/               point_<p>.safetensors + point_<p>.json  (global.* for the global layout)
          layers/              layer_<l>.safetensors (one absorbed layer = one shard of the export)
          model/               the compressed HF directory: sharded safetensors (the layer files, hard-linked
@@ -51,6 +54,7 @@ TIMINGS = "timings.json"
 EVAL = "eval"
 STAGES = "stages"
 MLFLOW = "mlflow.json"
+MLP = "mlp"
 
 
 def point_name(point: int | str) -> str:
@@ -72,6 +76,21 @@ def basis_meta_file(point: int | str) -> str:
 
 def layer_file(layer: int) -> str:
     return f"{LAYERS}/layer_{layer}.safetensors"
+
+
+def mlp_stats_name(layer: int) -> str:
+    """The activation-store group of layer ``layer``'s MLP intermediate statistics."""
+    return f"mlp_{layer}"
+
+
+def mlp_input_name(layer: int) -> str:
+    """The activation-store group of layer ``layer``'s input through the already-reduced MLPs (sequential)."""
+    return f"mlp_input_{layer}"
+
+
+def mlp_file(layer: int) -> str:
+    """Layer ``layer``'s MLP reduction: kept and removed neurons and the map A."""
+    return f"{MLP}/layer_{layer}.safetensors"
 
 
 def shard_name(number: int, total: int) -> str:

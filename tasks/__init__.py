@@ -8,9 +8,10 @@ outputs atomically with their digests and its manifest last.
 from .assemble import absorb_task, evaluate_task, export_task, speed_task, zero_shot_task
 from .capture import capture_task, sequential_capture_task
 from .common import CODE_VERSIONS
-from .prepare import calibration_task, inspect_task, plan_task, resolve_source_task
+from .mlp import mlp_sequential_task, mlp_task
+from .prepare import calibration_task, inspect_task, plan_mlp_task, plan_task, resolve_source_task
 from .solve import pool_task, solve_task
 
 __all__ = ["resolve_source_task", "calibration_task", "inspect_task", "plan_task", "capture_task",
-           "sequential_capture_task", "pool_task", "solve_task", "absorb_task", "export_task",
+           "sequential_capture_task", "mlp_task", "mlp_sequential_task", "plan_mlp_task", "pool_task", "solve_task", "absorb_task", "export_task",
            "evaluate_task", "zero_shot_task", "speed_task", "CODE_VERSIONS"]

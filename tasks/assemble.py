@@ -19,11 +19,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dotresize import surgery
+from dotresize.mlp.model import with_reduced_mlp
 from dotresize.evaluation.precision import DEFAULT_EVAL_DTYPE, precision_label
 from storage import RunDir, load_basis
 from storage import rundir as layout
 from storage.errors import CorruptArtifactError
 
+from .mlp import load_reduction
 from .common import (basis_from, config_of, export_dtype, pause_point, release_memory, run_stage, stage_key,
                      streamed_model)
 
@@ -42,6 +44,15 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _bases(run: RunDir, solves: list[dict], inspect: dict) -> list:
+    """The stored bases the manifests name; none: the identity (only the MLPs are reduced)."""
+    if not solves:
+        from dotresize.api import identity_basis
+
+        return [identity_basis(int(inspect["hidden_size"]))]
+    return [_load(run, b) for b in solves]
+
+
 def _load(run: RunDir, solve: dict):
     tensors, record = load_basis(run, solve["point"])
     if record["key"] != solve["key"]:
@@ -52,20 +63,24 @@ def _load(run: RunDir, solve: dict):
 
 @task(name="absorb", task_run_name="absorb-{layer}", cache_policy=NO_CACHE, persist_result=False)
 def absorb_task(run_url: str, layer: int, source: dict, inspect: dict, bases: list[dict], layout_name: str,
-                dtype: str | None = None, device: str | None = None) -> dict:
-    """The compressed tensors of one layer: per-point bases (2l, 2l+1, 2l+2) or the global basis."""
+                dtype: str | None = None, device: str | None = None, mlp: dict | None = None) -> dict:
+    """The compressed tensors of one layer: per-point bases (2l, 2l+1, 2l+2) or the global basis (none: the
+    residual stream is left as it is), after the layer's MLP reduction ``mlp`` (MLP axis)."""
     from .common import compute_device
 
     run = RunDir(run_url)
     device = compute_device(device)
     out_dtype = export_dtype(dtype, inspect)
     key = stage_key("absorb", inspect=inspect["key"], layer=layer, bases=[b["key"] for b in bases],
-                    layout=layout_name, dtype=str(out_dtype), device=device)
+                    layout=layout_name, dtype=str(out_dtype), device=device,
+                    **({"mlp": mlp["key"]} if mlp else {}))
 
     def compute() -> dict:
         model = streamed_model(source, inspect, device)
-        loaded = [_load(run, b) for b in bases]
+        loaded = _bases(run, bases, inspect)
         with model.layer(layer) as module:
+            if mlp is not None:
+                module = with_reduced_mlp(model.layout, module, load_reduction(run, mlp))
             state = surgery.layer_state(model, layer, module, loaded, layout_name, out_dtype)
         if layer == inspect["num_layers"] - 1:
             pause_point(run, "absorb")
@@ -86,13 +101,21 @@ def export_key(inspect: dict, recipe: dict, widths: list[int], ends: list[dict],
                      ends=[b["key"] for b in ends], layers=[a["key"] for a in absorbs], dtype=dtype)
 
 
+def _ends_of(bases: list[dict], layout_name: str) -> list[dict]:
+    """The solves the embeddings and head are absorbed with: the first and last point's, or the global one."""
+    if not bases:
+        return []
+    return [bases[0]] if layout_name == "global" else [bases[0], bases[-1]]
+
+
 @task(name="export", cache_policy=NO_CACHE, persist_result=False)
 def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibration: dict, inspect: dict,
                 widths: list[int], captures: list[dict], bases: list[dict], absorbs: list[dict],
-                dtype: str | None = None, device: str | None = None) -> dict:
+                dtype: str | None = None, device: str | None = None, mlps: list[dict] | None = None) -> dict:
     """The compressed model under model/: the layer files as shards, the ends as one more, the index, config,
-    tokenizer and modeling code; and lineage.json."""
-    from dotresize.api import compressed_config
+    tokenizer and modeling code; and lineage.json. ``mlps``: the layers' MLP reductions (MLP axis)."""
+    from dotresize.api import compressed_config, export_layout, is_stock
+
     from dotresize.shards import weights_file, write_index, write_model_files
 
     from .common import compute_device
@@ -102,14 +125,18 @@ def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibrat
     config = config_of(recipe)
     device = compute_device(device)
     out_dtype = export_dtype(dtype, inspect)
-    ends = [bases[0]] if config.layout == "global" else [bases[0], bases[-1]]
+    layout_name = export_layout(config)
+    mlps = sorted(mlps or [], key=lambda m: m["layer"])
+    mlp_widths = [int(m["width"]) for m in mlps] or None
+    ends = _ends_of(bases, layout_name)
     key = export_key(inspect, recipe, widths, ends, absorbs, str(out_dtype))
 
     def compute() -> dict:
         import torch
 
         model = streamed_model(source, inspect, device)
-        parts = surgery.ends(model, [_load(run, b) for b in ends], config.layout, out_dtype)
+        parts = surgery.ends(model, _bases(run, ends, inspect), layout_name, out_dtype,
+                             keep_tied=is_stock(layout_name, mlp_widths))
         with torch.no_grad():  # embeddings and head streamed to disk a block of rows at a time
             ends_sha = run.save_tensor_stream(layout.ENDS, parts, metadata={"format": "pt"})
         ends_params = sum(math.prod(p.shape) for p in parts)
@@ -121,16 +148,22 @@ def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibrat
                 raise CorruptArtifactError(f"{run.uri(rel)}: {why}; rerun the command")
         total = len(layers) + 1
         hf_config, generation, tokenizer = load_inspected(run, inspect)
-        compressed = compressed_config(model, list(widths), config.layout)
+        tied = not any(p.name == model.layout.weight(model.layout.lm_head) for p in parts)
+        compressed = compressed_config(model, list(widths), layout_name, mlp_widths, tied)
         compressed.dtype = out_dtype
         parameters_after = ends_params + sum(_numel(a) for a in layers)
         report = {
             "family": inspect["family"], "hidden_size": inspect["hidden_size"], "widths": list(widths),
-            "layout": config.layout, "mode": config.mode, "parameters_before": inspect["parameters_before"],
+            "layout": layout_name, "mode": config.mode, "parameters_before": inspect["parameters_before"],
             "parameters_after": int(parameters_after), "calibration_tokens": calibration["tokens"],
             "points": [_point_info(run, b) for b in bases], "config": config.to_dict(), "dtype": str(out_dtype),
         }
         report["parameter_ratio"] = report["parameters_after"] / report["parameters_before"]
+        if mlps:
+            report["mlp"] = {"intermediate_size": getattr(model.config, "intermediate_size", None),
+                             "widths": mlp_widths, "method": config.mlp.method,
+                             "layers": [{"layer": m["layer"], "width": m["width"], **m.get("info", {})}
+                                        for m in mlps]}
         with run.staged_dir(layout.MODEL) as directory:
             shards = [layout.shard_name(1, total)]
             run.link_into(layout.ENDS, directory / shards[0])
@@ -139,7 +172,7 @@ def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibrat
                 run.link_into(layout.layer_file(absorb["layer"]), directory / shards[-1])
             write_index(directory, shards)
             write_model_files(directory, config=compressed, generation_config=generation, tokenizer=tokenizer,
-                              per_point=config.layout == "per-point", widths=list(widths),
+                              per_point=not is_stock(layout_name, mlp_widths), widths=list(widths),
                               compression=config.to_dict(),
                               extra_json={"compression_report.json": report, "source.json": source,
                                           "calibration.json": calibration.get("meta", {})})
@@ -159,6 +192,8 @@ def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibrat
                 "bases": {str(b["point"]): {"key": b["key"], "sha256": b["sha256"]} for b in bases},
                 "layers": {str(a["layer"]): {"key": a["key"], "sha256": a["files"][layout.layer_file(a["layer"])]}
                            for a in absorbs},
+                **({"mlp": {str(m["layer"]): {"key": m["key"], "sha256": m["files"][layout.mlp_file(m["layer"])]}
+                            for m in mlps}} if mlps else {}),
                 "ends": {"sha256": ends_sha},
                 "export": {"key": key},
             },

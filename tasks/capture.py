@@ -16,6 +16,7 @@ in-memory API's accumulator over the same batches in the same order: the statist
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -24,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dotresize.calibration import embed_batches, rebase, run_layer, sequential_signals
 from storage import ActivationStore, RunDir, load_basis
+from storage import rundir as layout
 
 from .common import (
     basis_from,
@@ -44,6 +46,7 @@ from .common import (
     stored_or,
     streamed_model,
 )
+from .mlp import load_reduction, mlp_capture_parts, mlp_stats_arrays
 
 
 class _PointRecorder:
@@ -88,15 +91,28 @@ class _PointRecorder:
                                           attrs={**attrs, "mode": self.mode, "tokens": self.tokens, "dim": self.dim})
 
 
+@contextlib.contextmanager
+def _mlp_statistics(model, module, layer: int, active: bool):
+    """The accumulator of layer ``layer``'s MLP intermediate statistics while it runs (None without the MLP axis)."""
+    if not active:
+        yield None
+        return
+    from dotresize.mlp.model import capturing_mlp
+
+    with capturing_mlp(model.layout, module, layer, model.device) as accumulator:
+        yield accumulator
+
+
 def _layer_points(layer: int) -> list[int]:
     return ([0] if layer == 0 else []) + [2 * layer + 1, 2 * layer + 2]
 
 
 def capture_key(inspect: dict, calibration: dict, recipe: dict, layer: int, previous: str | None,
                 device: str) -> str:
+    config = config_of(recipe)
     return stage_key("capture", mode="parallel", layer=layer, inspect=inspect["key"],
                      calibration=calibration["digest"], previous=previous, device=device,
-                     statistics=statistics_parts(config_of(recipe)), **capture_parts(config_of(recipe)))
+                     statistics=statistics_parts(config), **capture_parts(config), **mlp_capture_parts(config))
 
 
 def _batch_rows(store: ActivationStore, point: int, batches: list, index: int, dim: int, device) -> torch.Tensor:
@@ -125,7 +141,8 @@ def capture_task(run_url: str, layer: int, source: dict, inspect: dict, calibrat
     key = capture_key(inspect, calibration, recipe, layer, previous["key"] if previous else None, device)
     store = ActivationStore(run)
     points = _layer_points(layer)
-    status = {p: store.status(p, key, verify=verify) for p in points}
+    groups = points + ([layout.mlp_stats_name(layer)] if config.mlp_active else [])
+    status = {p: store.status(p, key, verify=verify) for p in groups}
     if all(ok for ok, _ in status.values()):
         fallback = {"stage": "capture", "name": name, "key": key, "uri": run.uri(), "seconds": 0.0}
         return reused("capture", name, key, {**stored_or(run, "capture", name, key, fallback), "layer": layer,
@@ -140,7 +157,7 @@ def capture_task(run_url: str, layer: int, source: dict, inspect: dict, calibrat
                  for p in points}
     embedded = embed_batches(model, batches) if layer == 0 else None
     sink = lambda p, h: recorders[p].add(h)  # noqa: E731
-    with model.layer(layer) as module:
+    with model.layer(layer) as module, _mlp_statistics(model, module, layer, config.mlp_active) as mlp_stats:
         for index, batch in enumerate(batches):  # one batch of hidden states in memory at a time
             if embedded is not None:
                 hidden = embedded[index]
@@ -149,6 +166,9 @@ def capture_task(run_url: str, layer: int, source: dict, inspect: dict, calibrat
                 hidden = _batch_rows(store, 2 * layer, batches, index, dim, model.device)
             run_layer(model, module, layer, [hidden], [model.layer_kwargs(hidden)], sink)
     del embedded
+    if mlp_stats is not None:
+        arrays, attrs = mlp_stats_arrays(mlp_stats.finalize())
+        store.create_stats_group(layout.mlp_stats_name(layer), key=key, stats=arrays, attrs=attrs)
     for index, point in enumerate(points):
         recorders[point].finish()
         if layer == 2 and index == 0:
@@ -169,11 +189,11 @@ def sequential_capture_key(inspect: dict, calibration: dict, recipe: dict, point
 @task(name="capture-sequential", task_run_name="capture-{point}", cache_policy=NO_CACHE, persist_result=False)
 def sequential_capture_task(run_url: str, point: int, source: dict, inspect: dict, calibration: dict, recipe: dict,
                             previous: dict | None = None, bases: list[dict] | None = None,
-                            device: str | None = None, verify: bool = True) -> dict:
+                            device: str | None = None, verify: bool = True, mlp: dict | None = None) -> dict:
     """The signal at ``point`` through the compressed layers before it (sequential mode).
 
     ``previous`` is the capture manifest of the layer input point 2l (for points 2l+1 and 2l+2), ``bases`` the
-    solve manifests of points 2l (and 2l+1 for point 2l+2).
+    solve manifests of points 2l (and 2l+1 for point 2l+2), ``mlp`` the MLP reduction of layer l (MLP axis).
     """
     from .common import compute_device
 
@@ -181,7 +201,7 @@ def sequential_capture_task(run_url: str, point: int, source: dict, inspect: dic
     config = config_of(recipe)
     device = compute_device(device)
     bases = bases or []
-    inputs = ([previous["key"]] if previous else []) + [b["key"] for b in bases]
+    inputs = ([previous["key"]] if previous else []) + [b["key"] for b in bases] + ([mlp["key"]] if mlp else [])
     name = str(point)
     key = sequential_capture_key(inspect, calibration, recipe, point, inputs, device)
     store = ActivationStore(run)
@@ -208,6 +228,10 @@ def sequential_capture_task(run_url: str, point: int, source: dict, inspect: dic
         xs = [rebase(h, b_in) for h in hidden]
         del hidden
         with model.layer(index) as module:
+            if mlp is not None:
+                from dotresize.mlp.model import with_reduced_mlp
+
+                module = with_reduced_mlp(model.layout, module, load_reduction(run, mlp))
             for signal in sequential_signals(model, index, module, xs, kwargs, b_in, b_attn):
                 recorder.add(signal)
     recorder.finish()

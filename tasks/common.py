@@ -21,6 +21,7 @@ CODE_VERSIONS = {
     "calibration": "1",
     "inspect": "1",
     "capture": "2",
+    "mlp": "1",
     "pool": "2",
     "solve": "2",
     "absorb": "2",

@@ -184,6 +184,7 @@ def inspect_task(run_url: str, source: dict, trust_remote_code: bool = False) ->
             "num_layers": model.num_layers,
             "num_points": model.num_points,
             "num_attention_heads": model.num_attention_heads,
+            "intermediate_size": getattr(config, "intermediate_size", None),
             "vocab_size": model.vocab_size,
             "parameters_before": int(model.parameter_count()),
             "tensors": len(reader.names()),
@@ -204,6 +205,23 @@ def plan_task(inspect: dict, recipe: dict) -> list[int]:
     return plan_widths(shape, config_of(recipe))
 
 
+def plan_mlp_task(run: RunDir, inspect: dict, recipe: dict) -> list[int]:
+    """Kept intermediate neurons of every layer (``dotresize.mlp.model.plan_mlp_widths``)."""
+    from dotresize.mlp.model import plan_mlp_widths
+
+    from .common import config_of
+
+    size = inspect.get("intermediate_size")
+    if size is None:  # an inspect stage of an earlier version: its stored config has it
+        size = getattr(load_inspected(run, inspect)[0], "intermediate_size", None)
+    if not size:
+        from dotresize.errors import InvalidConfigError
+
+        raise InvalidConfigError(f"the model at {inspect.get('family', 'this model')} has no intermediate_size: "
+                                 "the MLP axis (mlp_ratio / mlp_widths) needs one")
+    return plan_mlp_widths(config_of(recipe), int(size), int(inspect["num_layers"]))
+
+
 def load_inspected(run: RunDir, inspect: dict):
     """(config, generation config, tokenizer) of the source as stored by the inspect stage."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -215,5 +233,5 @@ def load_inspected(run: RunDir, inspect: dict):
     return config, generation, tokenizer
 
 
-__all__ = ["resolve_source_task", "calibration_task", "inspect_task", "plan_task", "source_digest", "open_source",
+__all__ = ["resolve_source_task", "calibration_task", "inspect_task", "plan_task", "plan_mlp_task", "source_digest", "open_source",
            "check_source", "check_source_unchanged", "load_inspected"]

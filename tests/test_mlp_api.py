@@ -204,6 +204,14 @@ def test_uniform_mlp_width_exports_a_stock_model_that_loads_in_a_fresh_process(t
     assert saved["model_type"] == family.split("-")[0] and "auto_map" not in saved and "dotresize" not in saved
     assert not (out / "modeling_dotresize.py").exists()
     assert json.loads((out / "dotresize.json").read_text())["intermediate_sizes"] == [72] * 3
+    if config["ratio"] == 0:  # the residual stream untouched: a tied source stays tied (no second matrix)
+        from safetensors import safe_open
+
+        assert saved["tie_word_embeddings"] is True
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert "lm_head.weight" not in f.keys()
+        layers, hidden = 3, saved["hidden_size"]
+        assert report.parameters_before - report.parameters_after == layers * 3 * hidden * (112 - 72)
     torch.save(ids[:2].clone(), tmp_path / "ids.pt")  # test-only fixtures, read back with weights_only
     torch.save(_logits(compressed, ids[:2]), tmp_path / "expected.pt")
     script = f"""
@@ -241,6 +249,15 @@ def test_non_uniform_mlp_widths_export_with_the_per_point_code(tmp_path, config)
         assert not any("shortcut" in k for k in compressed.state_dict())
 
 
+def test_non_uniform_mlp_widths_of_a_tied_source_untie_the_head_exactly(tmp_path):
+    """Only a stock export keeps a tied head tied (the per-point code's norms have no weight to keep)."""
+    compressed, report, ids = _compress("llama-tied", ratio=0.0, mlp_widths=(104, 72, 40))
+    out = save_compressed(compressed, tmp_path / "model", compression=report.config)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    loaded = load_compressed(out)
+    assert (_logits(loaded.eval(), ids[:4]) - _logits(compressed, ids[:4])).abs().max() <= 1e-5
+
+
 def test_mlp_width_schedule_of_the_wrong_length_is_one_message():
     with pytest.raises(InvalidConfigError, match="mlp_widths must list 3 values"):
         _compress(ratio=0.0, mlp_widths=(64, 64))
@@ -264,8 +281,8 @@ def _cli(capsys, *argv):
     (["--ratio", "0.2", "--mlp-ratio", "1.0", "--in-memory"], "mlp ratio must be in [0, 1)"),
     (["--ratio", "0.2", "--mlp-ratio", "abc", "--in-memory"], "mlp ratio must be a number"),
     (["--ratio", "0.2", "--mlp-ratio", "0.3", "--mlp-method", "svd", "--in-memory"], "invalid choice: 'svd'"),
-    (["--ratio", "0.2", "--mlp-ratio", "0.3"], "add --in-memory"),
-    (["--ratio", "0", "--mlp-ratio", "0.3"], "add --in-memory"),
+    (["--ratio", "0.2", "--mlp-ridge", "0.5", "--in-memory"], "--mlp-ridge needs --mlp-ratio"),
+    (["--ratio", "0.2", "--mlp-ratio", "0.3", "--mlp-keep-rule", "random"], "invalid choice: 'random'"),
     (["--ratio", "0", "--in-memory"], "--ratio 0 compresses nothing"),
     (["--ratio", "0.2", "--mlp-method", "dot", "--in-memory"], "--mlp-method needs --mlp-ratio"),
 ])
@@ -292,11 +309,76 @@ def test_in_memory_cli_reduces_the_mlps_to_a_stock_model(capsys, tiny_env):
     assert result["parameters_after"] < result["parameters_before"] and result["mlp_widths"] == [72] * 3
 
 
-def test_the_pipeline_refuses_the_mlp_axis_instead_of_ignoring_it():
-    from dotresize.errors import InvalidConfigError
+def test_the_pipeline_takes_the_mlp_axis():
     from flows.compress import build_config
 
-    with pytest.raises(InvalidConfigError, match="--in-memory"):
-        build_config(ratio=0.2, method="dot", mode="parallel", layout_name="per-point", seed=0,
-                     overrides={"mlp_ratio": 0.3})
-    assert not build_config(ratio=0.2, method="dot", mode="parallel", layout_name="per-point", seed=0).mlp_active
+    config = build_config(ratio=0.0, method="dot", mode="parallel", layout_name="per-point", seed=0,
+                          overrides={"mlp_ratio": 0.3, "mlp": {"method": "prune"}})
+    assert config.mlp_active and config.mlp.method == "prune" and not config.residual_active
+
+
+# --- compress --recipe FILE -----------------------------------------------------------------------------------------
+def test_a_recipe_file_gives_the_options_and_the_command_line_overrides_it(tmp_path):
+    from flows.cli import _compression_config, build_parser
+    from flows.options_file import expand_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: pca\nratio: 0\nlayout: global\ncalibration: {samples: 8, seqlen: 32}\n"
+                      "evaluation: {ppl: true, max_windows: 5}\n"
+                      "config: {mlp_ratio: 0.3, slice_head: true, mlp: {method: prune, dot: {epsilon: 0.2}}}\n")
+    parser = build_parser()
+    args = parser.parse_args(expand_recipe(["-q", "compress", "--recipe", str(recipe), "--mlp-method", "lsq",
+                                            "--set", "mlp.dot.epsilon=0.3"]))
+    assert (args.ratio, args.mlp_ratio, args.layout, args.calib_samples, args.max_windows) == (0.0, 0.3, "global",
+                                                                                               8, 5)
+    assert args.ppl and args.slice_head and args.method == "pca"
+    config = _compression_config(args)
+    assert config.mlp.method == "lsq" and config.mlp.dot.epsilon == 0.3  # the command line wins
+
+
+@pytest.mark.parametrize("text, match", [
+    ("ratio: 0.2\nsparsity: 0.5\n", "unknown key 'sparsity'"),
+    ("ratios: [0.1, 0.2]\n", "lists 2 ratios"),
+    ("- ratio\n", "expected a mapping"),
+    ("ratio: [0.2\n", "not valid YAML"),
+    ("ratio: 1.5\n", "ratio must be a number in (0, 1)"),
+    ("ratio: 0\n", "ratio 0 compresses nothing"),
+    ("ratio: 0.2\nmethod: svd\n", "method"),
+    ("ratio: 0.2\nconfig: {mlp: {ridge: -1}}\n", "mlp ridge"),
+])
+def test_a_bad_recipe_file_is_one_error_line(capsys, tiny_env, text, match):
+    recipe = tiny_env / "bad.yaml"
+    recipe.write_text(text)
+    out = tiny_env / "out"
+    code, _, err = _cli(capsys, "compress", "--recipe", str(recipe), "--out", str(out))
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert code != 0 and len(lines) == 1 and match in lines[0], err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_a_missing_recipe_and_a_bad_setting_are_one_line(capsys, tiny_env):
+    code, _, err = _cli(capsys, "compress", "--recipe", str(tiny_env / "missing.yaml"))
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    src = write_model_dir(tiny_env / "src")
+    code, _, err = _cli(capsys, "compress", "--model", str(src), "--ratio", "0.2", "--calib-samples", "4", "--set", "mlp=3",
+                        "--out", str(tiny_env / "o"))
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and len(errors) == 1 and "mlp is a group of options" in errors[0], err
+    code, _, err = _cli(capsys, "compress", "--model", str(src), "--ratio", "0.2", "--calib-samples", "4", "--set", "sparsity=0.5",
+                        "--out", str(tiny_env / "o"))
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and len(errors) == 1 and "unknown compression config keys" in errors[0], err
+
+
+def test_the_shipped_recipes_parse():
+    from pathlib import Path
+
+    from flows.cli import _compression_config, build_parser
+    from flows.options_file import expand_recipe
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert recipes, "no recipes/*.yaml"
+    parser = build_parser()
+    for recipe in recipes:
+        config = _compression_config(parser.parse_args(expand_recipe(["compress", "--recipe", str(recipe)])))
+        assert config.mlp_active or config.residual_active, recipe

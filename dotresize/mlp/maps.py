@@ -35,6 +35,19 @@ class MlpReduction:
     def width(self) -> int:
         return int(self.keep.numel())
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The reduction as named tensors (e.g. for safetensors): ``keep``, ``removed`` (int64) and ``A``."""
+        return {"keep": self.keep.to(torch.int64).contiguous(), "removed": self.removed.to(torch.int64).contiguous(),
+                "A": self.A.contiguous()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], info: dict[str, Any] | None = None) -> "MlpReduction":
+        return cls(tensors["keep"], tensors["removed"], tensors["A"], dict(info or {}))
+
+    def scalar_info(self) -> dict[str, Any]:
+        """``info`` without its tensors (what a JSON record of the reduction can hold)."""
+        return {k: v for k, v in self.info.items() if isinstance(v, (str, int, float, bool)) or v is None}
+
 
 def _blocks(stats: MlpStats, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     removed = complement(keep, stats.dim)

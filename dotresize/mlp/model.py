@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -58,7 +58,7 @@ def _mlp_output(layout: FamilyLayout, layer: nn.Module) -> nn.Linear:
 
 
 @contextlib.contextmanager
-def _capturing(layout: FamilyLayout, layer: nn.Module, index: int, device) -> Iterator[MlpStatsAccumulator]:
+def capturing_mlp(layout: FamilyLayout, layer: nn.Module, index: int, device) -> Iterator[MlpStatsAccumulator]:
     """An accumulator fed the input of the layer's MLP output linear while the block runs."""
     down = _mlp_output(layout, layer)
     acc = MlpStatsAccumulator(down.in_features, layer=index, device=device)
@@ -83,7 +83,7 @@ def capture_mlp_stats(model: LayeredModel, batches: Sequence[torch.Tensor], *, s
             sink(0, h)
     stats = []
     for index in tqdm(range(model.num_layers), desc="capture (mlp)", unit="layer", disable=not progress):
-        with model.layer(index) as layer, _capturing(model.layout, layer, index, model.device) as acc:
+        with model.layer(index) as layer, capturing_mlp(model.layout, layer, index, model.device) as acc:
             hidden = run_layer(model, layer, index, hidden, kwargs, sink)
         stats.append(acc.finalize())
     return stats
@@ -108,6 +108,17 @@ def reduce_parallel(model: LayeredModel, stats: Sequence[MlpStats], widths: Sequ
 
 
 @torch.no_grad()
+def layer_mlp_stats(model: LayeredModel, layer: nn.Module, index: int,
+                    inputs: Iterable[tuple[torch.Tensor, list[dict]]]) -> MlpStats:
+    """Layer ``index``'s intermediate statistics over ``inputs``: (its input, every layer's keyword arguments)
+    batch by batch, in order."""
+    with capturing_mlp(model.layout, layer, index, model.device) as acc:
+        for h, kw in inputs:
+            layer(h, **kw[index])
+    return acc.finalize()
+
+
+@torch.no_grad()
 def reduce_sequential(model: LayeredModel, batches: Sequence[torch.Tensor], widths: Sequence[int],
                       options: MlpOptions, *, progress: bool = True) -> list[MlpReduction]:
     """Layer by layer: each layer's statistics from the signal through the already-reduced layers before it."""
@@ -115,10 +126,8 @@ def reduce_sequential(model: LayeredModel, batches: Sequence[torch.Tensor], widt
     reductions = []
     for index in tqdm(range(model.num_layers), desc="sequential (mlp)", unit="layer", disable=not progress):
         with model.layer(index) as layer:
-            with _capturing(model.layout, layer, index, model.device) as acc:
-                for h, kw in zip(hidden, kwargs):
-                    layer(h, **kw[index])
-            reduction = reduce_layer_mlp(model.layout, layer, acc.finalize(), widths[index], options)
+            stats = layer_mlp_stats(model, layer, index, zip(hidden, kwargs))
+            reduction = reduce_layer_mlp(model.layout, layer, stats, widths[index], options)
             hidden = run_layer(model, with_reduced_mlp(model.layout, layer, reduction), index, hidden, kwargs)
         reductions.append(reduction)
     return reductions
@@ -230,6 +239,13 @@ class MlpReducedModel(LayeredModel):
     def head_rows(self, start: int, stop: int) -> torch.Tensor:
         return self.base.head_rows(start, stop)
 
+    @property
+    def tied(self) -> bool:
+        return self.base.tied
+
+    def final_norm_weight(self) -> torch.Tensor:
+        return self.base.final_norm_weight()
+
     def parameter_count(self) -> int:
         return self.base.parameter_count()
 
@@ -241,4 +257,4 @@ def reduction_info(reductions: Sequence[MlpReduction]) -> list[dict[str, Any]]:
 
 
 __all__ = ["intermediate_size", "plan_mlp_widths", "capture_mlp_stats", "reduce_layer_mlp", "reduce_parallel",
-           "reduce_sequential", "reduced_mlp_tensors", "with_reduced_mlp", "MlpReducedModel", "reduction_info"]
+           "reduce_sequential", "capturing_mlp", "layer_mlp_stats", "reduced_mlp_tensors", "with_reduced_mlp", "MlpReducedModel", "reduction_info"]
