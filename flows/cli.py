@@ -193,6 +193,12 @@ def _add_sweep(sub) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--ratios", default="0.1,0.2,0.3")
     p.add_argument("--methods", default="dot,pca,prune")
+    p.add_argument("--mlp-ratios", default="0",
+                   help="the MLP axis: every cell at each of these MLP ratios (0: MLPs untouched; with ratio 0 in "
+                        "--ratios, the MLPs alone); the report adds perplexity against parameters and its Pareto front")
+    p.add_argument("--mlp-method", choices=("prune", "lsq", "dot"), default=None)
+    p.add_argument("--mode", choices=("parallel", "sequential"), default="parallel")
+    p.add_argument("--layout", choices=("per-point", "global"), default="per-point")
     p.add_argument("--tasks", default="", help="zero-shot tasks to evaluate per cell (comma-separated)")
     p.add_argument("--limit", type=_positive_int, default=None)
     _add_eval_dtype(p, "--eval-dtype", "precision of the evaluations (see evaluate --dtype; default float32)")
@@ -608,11 +614,20 @@ def cmd_sweep(args) -> dict:
         ratios = tuple(_ratio(r) for r in args.ratios.split(",") if r.strip())
     except argparse.ArgumentTypeError as error:
         raise UsageError(str(error)) from None
+    try:
+        mlp_ratios = tuple(_mlp_ratio(r) for r in args.mlp_ratios.split(",") if r.strip())
+    except argparse.ArgumentTypeError as error:
+        raise UsageError(str(error)) from None
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = set(methods) - {"dot", "pca", "prune"}
     if unknown or not methods or not ratios:
         raise UsageError(f"--methods takes dot, pca, prune and --ratios values in (0, 1); got {args.methods!r}")
-    spec = SweepSpec(model=args.model, ratios=ratios, methods=methods,
+    if not mlp_ratios or (0.0 in ratios and not any(mlp_ratios)):
+        raise UsageError("--ratios 0 compresses nothing without --mlp-ratios (e.g. --mlp-ratios 0.2,0.3)")
+    if args.mlp_method and not any(mlp_ratios):
+        raise UsageError("--mlp-method needs --mlp-ratios R,... (the fractions of MLP neurons removed)")
+    spec = SweepSpec(model=args.model, ratios=ratios, methods=methods, mlp_ratios=mlp_ratios,
+                     mlp_method=args.mlp_method, mode=args.mode, layout=args.layout,
                      tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), limit=args.limit,
                      calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                      seed=args.seed, ctx=args.ctx, max_windows=args.max_windows, speed=not args.no_speed,

@@ -47,20 +47,41 @@ class SweepSpec:
     mlflow: bool = True
     workers: int | None = None
     eval_dtype: str = "float32"           # precision of perplexity and zero-shot (speed is timed in float32)
+    mlp_ratios: tuple[float, ...] = (0.0,)  # the MLP axis: every residual cell at every MLP ratio
+    mlp_method: str | None = None         # None: the config's default (lsq)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["ratios"], data["methods"], data["tasks"] = list(self.ratios), list(self.methods), list(self.tasks)
+        data["mlp_ratios"] = list(self.mlp_ratios)
+        if self.mlp_ratios == (0.0,) and self.mlp_method is None:  # a sweep without the axis keeps its old record
+            data.pop("mlp_ratios")
+            data.pop("mlp_method")
         return data
 
+    def cells(self) -> list[tuple[str, float, float]]:
+        """(method, ratio, mlp ratio) of every cell; ratio 0 (the residual stream untouched) is one ``mlp`` cell
+        per MLP ratio, whatever the methods."""
+        out = []
+        for mlp_ratio in self.mlp_ratios:
+            for method in self.methods:
+                for ratio in self.ratios:
+                    if ratio == 0 and (mlp_ratio == 0 or ("mlp", 0.0, mlp_ratio) in out):
+                        continue
+                    out.append(("mlp" if ratio == 0 else method, ratio, mlp_ratio))
+        return out
 
-def cell_name(method: str, ratio: float) -> str:
-    return f"{method}-{ratio:g}"
+
+def cell_name(method: str, ratio: float, mlp_ratio: float = 0.0) -> str:
+    return f"{method}-{ratio:g}" + (f"-mlp{mlp_ratio:g}" if mlp_ratio else "")
 
 
 def metric_suffix(cell: dict) -> str:
-    """``dot/0.2`` for a compressed cell, ``dense`` for the baseline."""
-    return "dense" if cell["method"] == "dense" else f"{cell['method']}/{cell['ratio']:g}"
+    """``dot/0.2`` (``dot/0.2/mlp0.3``) for a compressed cell, ``dense`` for the baseline."""
+    if cell["method"] == "dense":
+        return "dense"
+    mlp = cell.get("mlp_ratio") or 0.0
+    return f"{cell['method']}/{cell['ratio']:g}" + (f"/mlp{mlp:g}" if mlp else "")
 
 
 def _speed(run_dir: Path, spec: SweepSpec, *, export: dict | None = None, source: dict | None = None,
@@ -72,22 +93,36 @@ def _speed(run_dir: Path, spec: SweepSpec, *, export: dict | None = None, source
     return manifest["speed"]
 
 
-def _compress_cell(spec: SweepSpec, out: Path, method: str, ratio: float, progress: bool) -> dict:
+def _cell_overrides(spec: SweepSpec, mlp_ratio: float) -> dict:
+    overrides = dict(spec.overrides)
+    if mlp_ratio:
+        overrides["mlp_ratio"] = mlp_ratio
+        if spec.mlp_method:
+            overrides["mlp"] = {**overrides.get("mlp", {}), "method": spec.mlp_method}
+    return overrides
+
+
+def _compress_cell(spec: SweepSpec, out: Path, method: str, ratio: float, progress: bool,
+                   mlp_ratio: float = 0.0) -> dict:
     from tasks.assemble import release_eval_model
 
     from .compress import run_compress
 
-    run_dir = out / "runs" / cell_name(method, ratio)
-    log.info("sweep cell %s at %g: %s", method, ratio, run_dir)
+    run_dir = out / "runs" / cell_name(method, ratio, mlp_ratio)
+    log.info("sweep cell %s at %g (MLP ratio %g): %s", method, ratio, mlp_ratio, run_dir)
     result = run_compress(
-        model=spec.model, ratio=ratio, method=method, mode=spec.mode, layout=spec.layout, calib_data=spec.calib_data,
+        model=spec.model, ratio=ratio, method=spec.methods[0] if method == "mlp" else method, mode=spec.mode,
+        layout=spec.layout, calib_data=spec.calib_data,
         calib_samples=spec.calib_samples, calib_seqlen=spec.calib_seqlen, seed=spec.seed, run_dir=str(run_dir),
-        config_overrides=dict(spec.overrides), n_workers=spec.workers, mlflow=spec.mlflow, progress=progress,
+        config_overrides=_cell_overrides(spec, mlp_ratio), n_workers=spec.workers, mlflow=spec.mlflow,
+        progress=progress,
         ppl=True, ppl_ctx=spec.ctx, ppl_max_windows=spec.max_windows, tasks=list(spec.tasks), limit=spec.limit,
         eval_dtype=spec.eval_dtype)
     stages = result["stages"]
     cell = {
-        "method": method, "ratio": ratio, "width": min(result["widths"]), "widths": result["widths"],
+        "method": method, "ratio": ratio, "mlp_ratio": mlp_ratio,
+        "mlp_width": min(result["mlp_widths"]) if result.get("mlp_widths") else None,
+        "width": min(result["widths"]), "widths": result["widths"],
         "parameters": result["parameters_after"], "parameters_before": result["parameters_before"],
         "ppl": result["ppl"]["ppl"], "ppl_result": result["ppl"], "zero_shot": result.get("zero_shot"),
         "compress_seconds": round(sum(v for k, v in result["stage_seconds"].items() if k != "evaluate"), 1),
@@ -188,7 +223,7 @@ def _log_sweep(spec: SweepSpec, out: Path, cells: list[dict], files: list[Path])
         client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(params.items())])
         record_path.write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}, indent=2))
     metrics = sweep_metrics(cells, list(spec.tasks))
-    tags = {f"cell.{cell_name(c['method'], c['ratio'])}.mlflow_run_id": c["mlflow_run_id"]
+    tags = {f"cell.{cell_name(c['method'], c['ratio'], c.get('mlp_ratio') or 0.0)}.mlflow_run_id": c["mlflow_run_id"]
             for c in cells if c.get("mlflow_run_id")}
     logged = log_evaluation(uri, run_id, metrics, tags=tags, files=files, artifact_path="report")
     client.set_terminated(run_id, "FINISHED")
@@ -220,7 +255,7 @@ def run_sweep(spec: SweepSpec, out: Path, *, progress: bool = True) -> dict:
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with _prefect_api():
-        cells = [_compress_cell(spec, out, m, r, progress) for m in spec.methods for r in spec.ratios]
+        cells = [_compress_cell(spec, out, m, r, progress, q) for m, r, q in spec.cells()]
     first = cells[0]
     cells.insert(0, _dense_cell(spec, out, first["source"], first, progress))
     source = first["source"]
@@ -234,8 +269,13 @@ def run_sweep(spec: SweepSpec, out: Path, *, progress: bool = True) -> dict:
                  f"with a KV cache, medians of {spec.speed_repeats}, each cell timed when it ran (on a shared "
                  f"machine compare speeds with `dotresize bench` or the speed benchmark, which time the models "
                  f"side by side in one process)" if spec.speed else "")
-              + f". Width d: the compressed residual width (the source has {cells[0]['width']}).")
-    files = write_report(cells, list(spec.tasks), out, header)
+              + f". Width d: the compressed residual width (the source has {cells[0]['width']})"
+              + (f"; MLP ratios {', '.join(f'{q:g}' for q in spec.mlp_ratios)} ({spec.mlp_method or 'lsq'}), m the "
+                 "kept intermediate width" if spec.mlp_ratios != (0.0,) else "") + ".")
+    from .report import SLICEGPT_SMOLLM2
+
+    references = SLICEGPT_SMOLLM2 if "smollm2-135m" in str(source["spec"]).lower() else ()
+    files = write_report(cells, list(spec.tasks), out, header, references)
     table = out / "table.json"
     table.write_text(json.dumps({"spec": spec.to_dict(), "cells": [_public(c) for c in cells]}, indent=2,
                                 sort_keys=True, default=str))

@@ -104,3 +104,32 @@ def test_sweep_through_the_pipeline_writes_table_plots_and_mlflow_and_reuses_eve
     assert json.loads((evaluated / "ppl.json").read_text())["dtype"] == "bfloat16"
     assert {t["dtype"] for t in json.loads((evaluated / "lm_eval.json").read_text())["tasks"].values()} == {"bfloat16"}
     assert "evaluated in bfloat16" in (bf16_out / "report.md").read_text()
+
+
+def test_sweep_over_mlp_ratios_reports_size_and_the_pareto_front(capsys, pipeline_env):
+    src = write_model_dir(pipeline_env / "src")
+    out = pipeline_env / "sweep-mlp"
+    argv = ["-q", "sweep", "--model", str(src), "--ratios", "0,0.25", "--methods", "pca", "--mlp-ratios", "0,0.3",
+            "--calib-samples", "8", "--calib-seqlen", "32", "--ctx", "32", "--max-windows", "4", "--no-speed",
+            "--no-mlflow", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    cells = {(c["method"], c["ratio"], c.get("mlp_ratio", 0.0)): c for c in result["cells"]}
+    # ratio 0 without the MLP axis is the dense model: no cell; ratio 0 with it is the MLPs alone
+    assert set(cells) == {("dense", 0.0, 0.0), ("pca", 0.25, 0.0), ("mlp", 0.0, 0.3), ("pca", 0.25, 0.3)}
+    assert cells[("mlp", 0.0, 0.3)]["mlp_width"] == 72 and cells[("mlp", 0.0, 0.3)]["width"] == 64
+    assert (out / "runs" / "mlp-0-mlp0.3").is_dir() and (out / "runs" / "pca-0.25-mlp0.3").is_dir()
+    both, alone = cells[("pca", 0.25, 0.3)], cells[("pca", 0.25, 0.0)]
+    assert both["parameters"] < alone["parameters"]
+    report = (out / "report.md").read_text()
+    assert "| MLP ratio | m |" in report and "× dense" in report and "★" in report
+    assert (out / "ppl_vs_parameters.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_pareto_front_keeps_only_cells_nothing_beats():
+    from flows.report import pareto_front
+
+    cells = [{"method": "dense", "parameters": 100, "ppl": 10.0},
+             {"method": "a", "parameters": 80, "ppl": 20.0}, {"method": "b", "parameters": 90, "ppl": 15.0},
+             {"method": "c", "parameters": 85, "ppl": 25.0}, {"method": "d", "parameters": 70, "ppl": 40.0}]
+    assert [c["method"] for c in pareto_front(cells)] == ["d", "a", "b"]
