@@ -430,7 +430,8 @@ def _check_with_transformers(args, paths: Paths, tensors: dict[str, TensorInfo] 
     hidden, layers = int(config.hidden_size), int(config.num_hidden_layers)
     text = load_text(args.calib_data)  # the authoritative decoding (one-line CalibrationError / DataNotFoundError)
     windows = _check_windows(source, text, args, tokenize)
-    estimate = _check_space(args, paths, parameters, hidden, layers, tensors)
+    estimate = _check_space(args, paths, parameters, hidden, layers, tensors,
+                            int(getattr(config, "intermediate_size", 0) or 0))
     return Checked(paths, parameters, hidden, layers, windows, estimate)
 
 
@@ -528,7 +529,7 @@ def _du(path: Path) -> int:
 
 
 def _check_space(args, paths: Paths, parameters: int | None, hidden: int, layers: int,
-                 tensors: dict[str, TensorInfo] | None) -> int | None:
+                 tensors: dict[str, TensorInfo] | None, intermediate: int = 0) -> int | None:
     from storage.estimate import dtype_bytes, estimate_run_bytes, human
 
     if parameters is None:
@@ -539,7 +540,10 @@ def _check_space(args, paths: Paths, parameters: int | None, hidden: int, layers
     export_bytes = dtype_bytes(export_dtype, default=4)
     estimate = estimate_run_bytes(num_layers=layers, hidden_size=hidden, kept_width=_kept_width(hidden, args),
                                   calibration_tokens=args.calib_samples * args.calib_seqlen, parameters=parameters,
-                                  export_bytes_per_parameter=export_bytes)
+                                  export_bytes_per_parameter=export_bytes,
+                                  intermediate_size=intermediate if getattr(args, "mlp_ratio", 0) else 0,
+                                  mlp_kept=int((1.0 - getattr(args, "mlp_ratio", 0.0)) * intermediate),
+                                  mlp_sequential=getattr(args, "mode", "parallel") == "sequential")
     needs: dict[Path, list[tuple[str, int]]] = {}
 
     def need(where: Path | None, what: str, nbytes: int) -> None:

@@ -336,6 +336,16 @@ def test_the_run_size_estimate():
     assert estimate.export == 134_515_008 * 2
     assert estimate.total == pytest.approx(1.1 * (estimate.activations + estimate.bases + estimate.export), abs=1)
     assert dtype_bytes(None) == 4 and dtype_bytes("torch.float16") == 2 and dtype_bytes("F32") == 4
+    assert estimate.mlp == 0
+    # the MLP axis: every layer's I x I float64 statistics (parallel) or its input signal (sequential), + A
+    mlp = estimate_run_bytes(num_layers=30, hidden_size=576, kept_width=576, calibration_tokens=64 * 256,
+                             parameters=134_515_008, intermediate_size=1536, mlp_kept=1016)
+    assert mlp.mlp == 30 * (1536 * 1536 * 8 + 1016 * 520 * 8 + 1536 * 8)
+    sequential = estimate_run_bytes(num_layers=30, hidden_size=576, kept_width=576, calibration_tokens=64 * 256,
+                                    parameters=134_515_008, intermediate_size=1536, mlp_kept=1016,
+                                    mlp_sequential=True)
+    assert sequential.mlp == 30 * (64 * 256 * 576 * 4 + 1016 * 520 * 8 + 1536 * 8)
+    assert mlp.total > estimate.total
 
 
 _DISK_FULL_AT = """
