@@ -18,6 +18,7 @@ other options one at a time from ``--dot-base``, keep-set rules), and
     python -m benchmarks.mlp --groups lambda,dot-sweep,analysis
     python -m benchmarks.mlp --groups ablations --dot-base epsilon=0.01,cost=cosine
     python -m benchmarks.mlp --groups main --modes parallel,sequential --dot-base ... --ridge 0.1
+    python -m benchmarks.mlp --groups main --methods lsq --targets 0.80 --calib-samples 256
 """
 
 from __future__ import annotations
@@ -542,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
                         "key=value,... over MlpDotOptions (default: its defaults)")
     parser.add_argument("--ridge", type=float, default=MlpOptions().ridge, help="λ of the main rows (lsq, dot prior)")
     parser.add_argument("--analysis-layers", default="0,7,15,22,29")
+    parser.add_argument("--calib-samples", type=int, default=None,
+                        help="calibration windows of 256 tokens (default: the protocol's 64); the held-out windows "
+                             "follow them in the same permutation")
     parser.add_argument("--size", choices=("full", "tiny"), default="full", help="tiny: a smoke run of the harness")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dotresize-mlp")
@@ -551,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown groups {sorted(unknown)}; valid: {', '.join(GROUPS)}")
     protocol = Protocol() if args.size == "full" else TINY
+    if args.calib_samples:  # more calibration: every row keyed (and its files named) by the protocol
+        protocol = dataclasses.replace(protocol, calib_samples=args.calib_samples)
     torch.manual_seed(0)
     state = ModelState(protocol)
     machine = machine_info()
@@ -604,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"protocol": dataclasses.asdict(protocol), "calibration": state.calibration_meta, "machine": machine,
               "groups": list(groups), "rows": selected, "analysis": analysis}
     name = "-".join(groups) if args.size == "full" else "tiny"
+    if args.calib_samples:
+        name += f"-cal{args.calib_samples}"
     write_json(args.out / f"mlp-{name}.json", report)
     text = markdown(selected, analysis, machine)
     (args.out / f"mlp-{name}.md").write_text(text + "\n")

@@ -319,8 +319,15 @@ def _add_keygen(sub) -> None:
     p.set_defaults(func=cmd_keygen)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error as one line that names the help to read (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"dotresize: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dotresize", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="dotresize", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -799,7 +806,7 @@ def _main(parser: argparse.ArgumentParser, args) -> int:
     try:
         result = args.func(args)
     except UsageError as error:
-        parser.exit(2, f"dotresize: error: {error}\n")
+        parser.exit(2, f"dotresize: error: {error} (see `dotresize {args.command} --help`)\n")
     except KeyboardInterrupt:
         print("dotresize: interrupted", file=sys.stderr)
         return 130
