@@ -126,11 +126,12 @@ def build_layer(mods: LayerModules, tensors: dict[str, torch.Tensor], hidden_siz
     """A runnable :class:`CompressedDecoderLayer` from :func:`absorb_layer`'s tensors (shares no storage)."""
     import copy
 
-    attn = copy.copy(mods.layer.self_attn)
-    mlp = copy.copy(mods.layer.mlp)
+    layout = mods.layout
+    attn = copy.copy(mods.layer.get_submodule(layout.attention_block))
+    mlp = copy.copy(mods.layer.get_submodule(layout.mlp_block))
     attn._modules = dict(attn._modules)
     mlp._modules = dict(mlp._modules)
-    for owner, prefix in ((attn, "self_attn"), (mlp, "mlp")):
+    for owner, prefix in ((attn, layout.attention_block), (mlp, layout.mlp_block)):
         for child_name, child in list(owner._modules.items()):
             if isinstance(child, nn.Linear):
                 key = f"{prefix}.{child_name}"
@@ -236,7 +237,21 @@ def global_layer_state(layout: FamilyLayout, mods: LayerModules, index: int, bas
     norm = _global_norm_weight(hidden_size, basis.width, dtype)
     tensors[layout.weight(layout.input_norm)] = norm.clone()
     tensors[layout.weight(layout.post_attention_norm)] = norm.clone()
+    if basis.width != hidden_size:
+        _scale_head_norm_inputs(mods, tensors, Um, math.sqrt(hidden_size / basis.width), dtype)
     return _prefixed(layout, index, tensors)
+
+
+def _scale_head_norm_inputs(mods: LayerModules, tensors: dict[str, torch.Tensor], decoder: torch.Tensor,
+                            scale: float, dtype: torch.dtype) -> None:
+    """The linears feeding per-head norms (Qwen3's q_proj / k_proj) times ``scale`` = √(D/d), from the fused
+    weights in one float64 product: the global layout's config multiplies every norm's eps by D/d, and an
+    RMSNorm of c·x with eps·c² equals that of x with eps."""
+    for path in mods.layout.head_norm_inputs:
+        linear = mods.layer.get_submodule(path)
+        tensors[path + ".weight"] = _consume(linear.weight, decoder * scale, dtype)
+        if linear.bias is not None:
+            tensors[path + ".bias"] = (_f64(linear.bias) * scale).to(dtype)
 
 
 def keeps_tied_ends(model, basis: Basis) -> bool:

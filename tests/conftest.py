@@ -24,13 +24,18 @@ FAMILY_CONFIGS = {
     "llama-untied": lambda: ADAPTERS[0].tiny_config(tie_word_embeddings=False),
     "mistral": lambda: ADAPTERS[1].tiny_config(),
     "qwen2": lambda: ADAPTERS[2].tiny_config(),
+    "qwen3": lambda: ADAPTERS[3].tiny_config(),
+    "phi3": lambda: ADAPTERS[4].tiny_config(),
 }
 
 
-def make_tiny_model(name: str, seed: int = 0):
-    """A randomly initialised tiny model with non-trivial norm weights (so fusion is really tested)."""
+def make_tiny_model(name: str, seed: int = 0, **overrides):
+    """A randomly initialised tiny model with non-trivial norm weights (so fusion is really tested); ``overrides``
+    change its config (e.g. ``rms_norm_eps``)."""
     torch.manual_seed(seed)
     config = FAMILY_CONFIGS[name]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

@@ -7,9 +7,11 @@ from transformers import PretrainedConfig, PreTrainedModel
 from ..errors import UnsupportedArchitectureError
 from .base import LayerModules, ModelAdapter
 from .llama import LlamaAdapter, MistralAdapter
+from .phi3 import Phi3Adapter
 from .qwen2 import Qwen2Adapter
+from .qwen3 import Qwen3Adapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Phi3Adapter)
 
 
 def supported_families() -> str:
@@ -42,4 +44,4 @@ def get_adapter(model: PreTrainedModel) -> ModelAdapter:
 
 
 __all__ = ["ADAPTERS", "LayerModules", "ModelAdapter", "adapter_class_for_config", "get_adapter",
-           "supported_families", "LlamaAdapter", "MistralAdapter", "Qwen2Adapter"]
+           "supported_families", "LlamaAdapter", "MistralAdapter", "Qwen2Adapter", "Qwen3Adapter", "Phi3Adapter"]

@@ -20,6 +20,13 @@ class FamilyLayout:
 
     ``layers`` is the ModuleList of decoder layers in the causal LM; the other model-level paths are the
     embeddings, the final norm and the head; the layer-level paths are relative to one decoder layer.
+
+    A fused projection is one linear in ``attention_inputs`` / ``mlp_inputs`` (Phi-3's ``qkv_proj``,
+    ``gate_up_proj``): the residual stream only touches its input side, so it needs nothing more, except on the
+    MLP axis, where ``mlp_input_blocks`` says how many intermediate-width blocks each MLP input linear stacks along
+    its outputs (gate then up: 2). ``head_norm_inputs`` are the linears whose outputs an RMSNorm with the config's
+    eps normalises per head (Qwen3's q_proj / k_proj before ``head_norms`` q_norm / k_norm): the global layout
+    scales them by √(D/d), which makes the stock config's eps·D/d leave those norms exact.
     """
 
     layers: str = "model.layers"
@@ -33,6 +40,19 @@ class FamilyLayout:
     attention_output: str = "self_attn.o_proj"
     mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
     mlp_output: str = "mlp.down_proj"
+    mlp_input_blocks: int = 1
+    head_norm_inputs: tuple[str, ...] = ()
+    head_norms: tuple[str, ...] = ()
+
+    @property
+    def attention_block(self) -> str:
+        """The attention module's path in a layer (the parent of its output linear)."""
+        return self.attention_output.rpartition(".")[0]
+
+    @property
+    def mlp_block(self) -> str:
+        """The MLP module's path in a layer (the parent of its output linear)."""
+        return self.mlp_output.rpartition(".")[0]
 
     def layer_prefix(self, index: int) -> str:
         """State-dict prefix of decoder layer ``index`` (``model.layers.3.``)."""
@@ -61,6 +81,7 @@ class LayerModules:
     attention_output: nn.Linear
     mlp_inputs: list[nn.Linear]
     mlp_output: nn.Linear
+    layout: FamilyLayout = FamilyLayout()
 
 
 def layer_modules_of(layout: FamilyLayout, layer: nn.Module) -> LayerModules:
@@ -73,6 +94,7 @@ def layer_modules_of(layout: FamilyLayout, layer: nn.Module) -> LayerModules:
         attention_output=layer.get_submodule(layout.attention_output),
         mlp_inputs=[layer.get_submodule(p) for p in layout.mlp_inputs],
         mlp_output=layer.get_submodule(layout.mlp_output),
+        layout=layout,
     )
 
 

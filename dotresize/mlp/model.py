@@ -136,19 +136,27 @@ def reduce_sequential(model: LayeredModel, batches: Sequence[torch.Tensor], widt
 @torch.no_grad()
 def reduced_mlp_tensors(layout: FamilyLayout, layer: nn.Module, reduction: MlpReduction) -> dict[str, torch.Tensor]:
     """New weights (and biases) of the layer's MLP linears, keyed by their paths in the layer: the input linears
-    (gate/up) keep rows K, the output linear is W[:, K] + W[:, S]·Aᵀ (float64, cast once)."""
+    (gate/up) keep rows K — in every block of a fused one (Phi-3's gate_up_proj) —, the output linear is
+    W[:, K] + W[:, S]·Aᵀ (float64, cast once)."""
     out: dict[str, torch.Tensor] = {}
+    down = _mlp_output(layout, layer)
+    rows = input_rows(reduction.keep, down.in_features, layout.mlp_input_blocks)
     for path in layout.mlp_inputs:
         linear = layer.get_submodule(path)
-        keep = reduction.keep.to(linear.weight.device)
+        keep = rows.to(linear.weight.device)
         out[path + ".weight"] = linear.weight.detach()[keep].clone()
         if linear.bias is not None:
             out[path + ".bias"] = linear.bias.detach()[keep].clone()
-    down = _mlp_output(layout, layer)
     out[layout.mlp_output + ".weight"] = reduce_mlp_weights(None, None, down.weight, reduction.keep, reduction.A).down
     if down.bias is not None:
         out[layout.mlp_output + ".bias"] = down.bias.detach().clone()
     return out
+
+
+def input_rows(keep: torch.Tensor, intermediate: int, blocks: int = 1) -> torch.Tensor:
+    """Rows an MLP input linear keeps: K in each of its ``blocks`` stacked intermediate-width blocks."""
+    keep = keep.to(torch.int64)
+    return torch.cat([keep + block * intermediate for block in range(blocks)])
 
 
 def _shallow_copy(module: nn.Module) -> nn.Module:
@@ -257,4 +265,4 @@ def reduction_info(reductions: Sequence[MlpReduction]) -> list[dict[str, Any]]:
 
 
 __all__ = ["intermediate_size", "plan_mlp_widths", "capture_mlp_stats", "reduce_layer_mlp", "reduce_parallel",
-           "reduce_sequential", "capturing_mlp", "layer_mlp_stats", "reduced_mlp_tensors", "with_reduced_mlp", "MlpReducedModel", "reduction_info"]
+           "reduce_sequential", "capturing_mlp", "layer_mlp_stats", "reduced_mlp_tensors", "input_rows", "with_reduced_mlp", "MlpReducedModel", "reduction_info"]

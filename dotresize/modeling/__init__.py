@@ -9,14 +9,18 @@ from .configuration_dotresize import (
     MLP_FORMAT_VERSION,
     DotResizeLlamaConfig,
     DotResizeMistralConfig,
+    DotResizePhi3Config,
     DotResizeQwen2Config,
+    DotResizeQwen3Config,
 )
 from .modeling_dotresize import (
     RMSN,
     CompressedDecoderLayer,
     DotResizeLlamaForCausalLM,
     DotResizeMistralForCausalLM,
+    DotResizePhi3ForCausalLM,
     DotResizeQwen2ForCausalLM,
+    DotResizeQwen3ForCausalLM,
 )
 
 #: files copied into every per-point export so that ``trust_remote_code=True`` loading works without dotresize.
@@ -29,6 +33,8 @@ _PAIRS = (
     (DotResizeLlamaConfig, DotResizeLlamaForCausalLM),
     (DotResizeMistralConfig, DotResizeMistralForCausalLM),
     (DotResizeQwen2Config, DotResizeQwen2ForCausalLM),
+    (DotResizeQwen3Config, DotResizeQwen3ForCausalLM),
+    (DotResizePhi3Config, DotResizePhi3ForCausalLM),
 )
 
 
@@ -47,6 +53,7 @@ def register_auto_classes() -> None:
 
 __all__ = [
     "FORMAT_VERSION", "MLP_FORMAT_VERSION", "MODELING_FILES", "RMSN", "CompressedDecoderLayer", "register_auto_classes",
-    "DotResizeLlamaConfig", "DotResizeMistralConfig", "DotResizeQwen2Config",
-    "DotResizeLlamaForCausalLM", "DotResizeMistralForCausalLM", "DotResizeQwen2ForCausalLM",
+    "DotResizeLlamaConfig", "DotResizeMistralConfig", "DotResizeQwen2Config", "DotResizeQwen3Config",
+    "DotResizePhi3Config", "DotResizeLlamaForCausalLM", "DotResizeMistralForCausalLM", "DotResizeQwen2ForCausalLM",
+    "DotResizeQwen3ForCausalLM", "DotResizePhi3ForCausalLM",
 ]

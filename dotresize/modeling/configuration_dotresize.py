@@ -13,7 +13,7 @@ reduced) and ``shortcuts`` (false: no shortcut matrices, every width equal — t
 MLP widths, or MLPs reduced with the residual stream untouched).
 """
 
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 FORMAT_VERSION = 1
 #: the format that may hold ``intermediate_sizes`` and ``shortcuts`` (written only by configs that use them)
@@ -30,3 +30,11 @@ class DotResizeMistralConfig(MistralConfig):
 
 class DotResizeQwen2Config(Qwen2Config):
     model_type = "dotresize_qwen2"
+
+
+class DotResizeQwen3Config(Qwen3Config):
+    model_type = "dotresize_qwen3"
+
+
+class DotResizePhi3Config(Phi3Config):
+    model_type = "dotresize_phi3"

@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers import LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
-from .configuration_dotresize import DotResizeLlamaConfig, DotResizeMistralConfig, DotResizeQwen2Config
+from .configuration_dotresize import (
+    DotResizeLlamaConfig,
+    DotResizeMistralConfig,
+    DotResizePhi3Config,
+    DotResizeQwen2Config,
+    DotResizeQwen3Config,
+)
 
 #: the newest ``dotresize.format_version`` this code builds (2: per-layer intermediate sizes, optional shortcuts)
 MAX_FORMAT_VERSION = 2
@@ -89,48 +95,83 @@ def _resized_linear(linear: nn.Linear, in_features: int | None = None, out_featu
     )
 
 
+#: module paths of a Llama-like family, as in the adapter's ``FamilyLayout`` (this file ships alone, so it keeps its
+#: own copy; tests/test_families.py checks that every adapter agrees with its compressed class)
+LLAMA_MODULES = {
+    "layers": "model.layers", "embeddings": "model.embed_tokens", "final_norm": "model.norm", "lm_head": "lm_head",
+    "attention_inputs": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attention_output": "self_attn.o_proj", "mlp_inputs": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp_output": "mlp.down_proj", "mlp_input_blocks": 1, "head_norms": (),
+}
+#: Qwen3: per-head RMSNorms on q and k (head_dim wide, after the projections)
+QWEN3_MODULES = {**LLAMA_MODULES, "head_norms": ("self_attn.q_norm", "self_attn.k_norm")}
+#: Phi-3: fused q/k/v and gate/up projections (gate_up_proj stacks two intermediate-width blocks)
+PHI3_MODULES = {**LLAMA_MODULES, "attention_inputs": ("self_attn.qkv_proj",), "mlp_inputs": ("mlp.gate_up_proj",),
+                "mlp_input_blocks": 2}
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _resize(root: nn.Module, path: str, **shape) -> None:
+    _set(root, path, _resized_linear(root.get_submodule(path), **shape))
+
+
 def compress_structure(model: nn.Module, widths: list[int], hidden_size: int, eps: float,
-                       with_shortcuts: bool = True, intermediate_sizes: list[int] | None = None) -> None:
-    """Reshape a freshly built Llama-like causal LM in place to the compressed layout for ``widths`` (and, when
-    given, one MLP intermediate width per layer)."""
-    inner = model.model
-    num_layers = len(inner.layers)
+                       with_shortcuts: bool = True, intermediate_sizes: list[int] | None = None,
+                       modules: dict | None = None) -> None:
+    """Reshape a freshly built causal LM in place to the compressed layout for ``widths`` (and, when given, one MLP
+    intermediate width per layer); ``modules``: the family's module paths (default :data:`LLAMA_MODULES`).
+
+    Without shortcuts and at a width d < D (the global layout), per-head norms divide by eps·D/d, as the stock
+    export's config does: the global layout scales their inputs by √(D/d)."""
+    modules = modules or LLAMA_MODULES
+    layers = model.get_submodule(modules["layers"])
+    num_layers = len(layers)
     if len(widths) != 2 * num_layers + 1:
         raise ValueError(f"expected {2 * num_layers + 1} widths for {num_layers} layers, got {len(widths)}")
     if intermediate_sizes is not None and len(intermediate_sizes) != num_layers:
         raise ValueError(f"expected {num_layers} intermediate sizes, got {len(intermediate_sizes)}")
     if not with_shortcuts and len(set(widths)) != 1:
         raise ValueError("a model without shortcut matrices needs one width at every point")
-    emb = inner.embed_tokens
-    inner.embed_tokens = nn.Embedding(emb.num_embeddings, widths[0], emb.padding_idx,
-                                      dtype=emb.weight.dtype, device=emb.weight.device)
+    emb = model.get_submodule(modules["embeddings"])
+    _set(model, modules["embeddings"], nn.Embedding(emb.num_embeddings, widths[0], emb.padding_idx,
+                                                    dtype=emb.weight.dtype, device=emb.weight.device))
+    attn_path, mlp_path = (modules[k].rpartition(".")[0] for k in ("attention_output", "mlp_output"))
+    head_norm_eps = eps * hidden_size / widths[0] if not with_shortcuts and widths[0] != hidden_size else None
     new_layers = []
-    for index, layer in enumerate(inner.layers):
+    for index, layer in enumerate(layers):
         d_in, d_attn, d_mlp = widths[2 * index], widths[2 * index + 1], widths[2 * index + 2]
-        attn, mlp = layer.self_attn, layer.mlp
-        for name in ("q_proj", "k_proj", "v_proj"):
-            setattr(attn, name, _resized_linear(getattr(attn, name), in_features=d_in))
-        attn.o_proj = _resized_linear(attn.o_proj, out_features=d_attn)
+        for path in modules["attention_inputs"]:
+            _resize(layer, path, in_features=d_in)
+        _resize(layer, modules["attention_output"], out_features=d_attn)
         inner_width = None if intermediate_sizes is None else int(intermediate_sizes[index])
-        mlp.gate_proj = _resized_linear(mlp.gate_proj, in_features=d_attn, out_features=inner_width)
-        mlp.up_proj = _resized_linear(mlp.up_proj, in_features=d_attn, out_features=inner_width)
-        mlp.down_proj = _resized_linear(mlp.down_proj, in_features=inner_width, out_features=d_mlp)
+        blocks = int(modules["mlp_input_blocks"])
+        for path in modules["mlp_inputs"]:
+            _resize(layer, path, in_features=d_attn, out_features=None if inner_width is None else blocks * inner_width)
+        _resize(layer, modules["mlp_output"], in_features=inner_width, out_features=d_mlp)
+        attn, mlp = layer.get_submodule(attn_path), layer.get_submodule(mlp_path)
         if inner_width is not None and hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = inner_width
-        dtype, device = attn.o_proj.weight.dtype, attn.o_proj.weight.device
-        attn_shortcut = torch.zeros(d_in, d_attn, dtype=dtype, device=device) if with_shortcuts else None
-        mlp_shortcut = torch.zeros(d_attn, d_mlp, dtype=dtype, device=device) if with_shortcuts else None
+        if head_norm_eps is not None:
+            for path in modules["head_norms"]:
+                layer.get_submodule(path).variance_epsilon = head_norm_eps
+        out = layer.get_submodule(modules["attention_output"]).weight
+        attn_shortcut = torch.zeros(d_in, d_attn, dtype=out.dtype, device=out.device) if with_shortcuts else None
+        mlp_shortcut = torch.zeros(d_attn, d_mlp, dtype=out.dtype, device=out.device) if with_shortcuts else None
         new_layers.append(CompressedDecoderLayer(attn, mlp, RMSN(hidden_size, eps), RMSN(hidden_size, eps),
                                                  attn_shortcut, mlp_shortcut))
-    inner.layers = nn.ModuleList(new_layers)
-    inner.norm = RMSN(hidden_size, eps)
-    head = model.lm_head
-    model.lm_head = _resized_linear(head, in_features=widths[-1])
+    _set(model, modules["layers"], nn.ModuleList(new_layers))
+    _set(model, modules["final_norm"], RMSN(hidden_size, eps))
+    _resize(model, modules["lm_head"], in_features=widths[-1])
 
 
 class _DotResizeMixin:
     """Builds the source architecture, then reshapes it to the widths recorded in ``config.dotresize``."""
 
+    dotresize_modules: dict = LLAMA_MODULES
     _tied_weights_keys: dict = {}
     _no_split_modules = ["CompressedDecoderLayer"]
 
@@ -145,7 +186,8 @@ class _DotResizeMixin:
         sizes = spec.get("intermediate_sizes")
         compress_structure(self, list(spec["widths"]), int(spec["hidden_size"]), float(config.rms_norm_eps),
                            with_shortcuts=bool(spec.get("shortcuts", True)),
-                           intermediate_sizes=None if sizes is None else [int(m) for m in sizes])
+                           intermediate_sizes=None if sizes is None else [int(m) for m in sizes],
+                           modules=self.dotresize_modules)
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -174,6 +216,28 @@ class DotResizeMistralForCausalLM(_DotResizeMixin, MistralForCausalLM):
 class DotResizeQwen2ForCausalLM(_DotResizeMixin, Qwen2ForCausalLM):
     config_class = DotResizeQwen2Config
     config: DotResizeQwen2Config
+    _can_record_outputs = {"hidden_states": CompressedDecoderLayer}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._compress(config)
+
+
+class DotResizeQwen3ForCausalLM(_DotResizeMixin, Qwen3ForCausalLM):
+    config_class = DotResizeQwen3Config
+    config: DotResizeQwen3Config
+    dotresize_modules = QWEN3_MODULES
+    _can_record_outputs = {"hidden_states": CompressedDecoderLayer}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._compress(config)
+
+
+class DotResizePhi3ForCausalLM(_DotResizeMixin, Phi3ForCausalLM):
+    config_class = DotResizePhi3Config
+    config: DotResizePhi3Config
+    dotresize_modules = PHI3_MODULES
     _can_record_outputs = {"hidden_states": CompressedDecoderLayer}
 
     def __init__(self, config):

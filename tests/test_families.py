@@ -1,0 +1,161 @@
+"""Every family against one base (issue 13): what the shared invariance/export tests do not cover per family.
+
+The family-parametrised tests elsewhere (tests/test_invariance.py, tests/test_export.py) run on every tiny config
+in conftest.FAMILY_CONFIGS; here: the compressed class agrees with its adapter's layout, the global layout is exact
+at a width below D (against the per-point layout with the same basis at every point, with a large eps so that any
+misplaced eps shows), its stock export loads in a fresh process, and the MLP axis slices fused projections right.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_tiny_model, tiny_calibration
+from dotresize import CompressionConfig, compress, load_compressed, save_compressed
+from dotresize.adapters import ADAPTERS, get_adapter
+from dotresize.api import build_compressed_model
+from dotresize.bases import Basis
+from dotresize.config import MlpOptions
+from dotresize.layerwise import ResidentModel
+from dotresize.mlp.model import MlpReducedModel, capture_mlp_stats, input_rows, reduce_parallel
+
+INTERMEDIATE = 112  # the tiny configs' intermediate size
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=lambda a: a.family)
+def test_every_compressed_class_uses_its_adapters_module_paths(adapter):
+    """The shipped modeling code keeps its own copy of the paths (it cannot import dotresize): it must agree."""
+    modules = adapter.compressed_model_class.dotresize_modules
+    assert {key: getattr(adapter.layout, key) for key in modules} == modules
+
+
+def test_fused_and_head_norm_layouts_are_declared_and_used():
+    phi3, qwen3 = make_tiny_model("phi3"), make_tiny_model("qwen3")
+    mods = get_adapter(phi3).layer_modules(0)
+    assert [m.out_features for m in mods.attention_inputs] == [64 + 2 * 2 * 16]  # q + k + v heads, fused
+    assert [m.out_features for m in mods.mlp_inputs] == [2 * INTERMEDIATE]       # gate and up, fused
+    layout = get_adapter(qwen3).layout
+    norms = [qwen3.model.layers[0].get_submodule(p) for p in layout.head_norms]
+    assert [n.weight.shape[0] for n in norms] == [24, 24]  # head_dim wide, not hidden_size
+    assert not torch.allclose(norms[0].weight, torch.ones(24))  # randomised: the tests below really exercise them
+    assert input_rows(torch.tensor([0, 5]), 112, 2).tolist() == [0, 5, 112, 117]
+
+
+def _random_basis(width: int, hidden: int = 64, seed: int = 7) -> Basis:
+    generator = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(hidden, width, dtype=torch.float64, generator=generator))
+    return Basis(Q)
+
+
+@pytest.mark.parametrize("mlp_widths", [None, [104, 72, 40]], ids=["stock", "per-point-class"])
+def test_global_layout_equals_per_point_layout_with_one_basis(family, mlp_widths):
+    """At d < D the global layout rescales norms and eps; with eps 0.5 (every norm's eps matters) it must still
+    equal the per-point layout with the same basis at every point, which rescales nothing. Qwen3's per-head
+    norms share the config's eps: without the √(D/d) on q_proj / k_proj this differs by 3e-3 (else ≤ 3e-7)."""
+    source = make_tiny_model(family, rms_norm_eps=0.5)
+    layout = get_adapter(source).layout
+    with torch.no_grad():  # at init attention is nearly uniform and adds little: make q, k and its output matter
+        for layer in get_adapter(source).layers():
+            for path in (*layout.attention_inputs, layout.attention_output):
+                layer.get_submodule(path).weight.mul_(10.0)
+    model = ResidentModel(source)
+    ids = tiny_calibration(samples=16)
+    if mlp_widths is not None:
+        stats = capture_mlp_stats(model, list(ids.split(8)), progress=False)
+        model = MlpReducedModel(model, reduce_parallel(model, stats, mlp_widths, MlpOptions()))
+    basis = _random_basis(48)
+    per_point = build_compressed_model(model, [basis] * model.num_points, "per-point")
+    global_ = build_compressed_model(model, [basis] * model.num_points, "global")
+    stock = mlp_widths is None
+    assert (type(global_) is model.model_class) is stock
+    assert global_.get_input_embeddings().weight.shape[1] == 48
+    reference = _logits(per_point, ids[:4])
+    assert (_logits(global_, ids[:4]) - reference).abs().max() <= 1e-5
+
+
+def _run_isolated(script: str, cwd) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_global_export_is_a_stock_model_in_a_fresh_process(tmp_path, family):
+    model = make_tiny_model(family)
+    source_class, model_type = type(model).__name__, model.config.model_type
+    ids = tiny_calibration(samples=32)
+    compressed, report = compress(model, ids, CompressionConfig(method="pca", ratio=0.25, layout="global"),
+                                  progress=False)
+    out = save_compressed(compressed, tmp_path / "model", compression=report.config)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == model_type and config["hidden_size"] == report.widths[0] == 48
+    assert "auto_map" not in config and not (out / "modeling_dotresize.py").exists()
+    torch.save(ids[:2].clone(), tmp_path / "ids.pt")  # test-only fixtures, read back with weights_only
+    torch.save(_logits(compressed, ids[:2]), tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32).eval()
+assert "dotresize" not in sys.modules
+assert type(m).__name__ == {source_class!r} and type(m).__module__.startswith("transformers."), type(m)
+ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)
+exp = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+with torch.no_grad():
+    diff = (m(input_ids=ids).logits - exp).abs().max().item()
+assert diff <= 1e-5, diff
+"""
+    _run_isolated(script, tmp_path)
+
+
+def _duplicate_half_of_the_neurons(model) -> None:
+    """Neurons 56..111 copy 0..55 (their rows in every block of every MLP input linear), down columns x 0.01."""
+    layout, half = get_adapter(model).layout, INTERMEDIATE // 2
+    with torch.no_grad():
+        for layer in get_adapter(model).layers():
+            for path in layout.mlp_inputs:
+                weight = layer.get_submodule(path).weight
+                for block in range(layout.mlp_input_blocks):
+                    start = block * INTERMEDIATE
+                    weight[start + half:start + INTERMEDIATE] = weight[start:start + half]
+            down = layer.get_submodule(layout.mlp_output).weight
+            down[:, half:] = 0.01 * down[:, :half]
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_mlp_axis_folds_duplicated_neurons_back_exactly(tmp_path, family, mode):
+    """lsq is exact when the removed neurons copy kept ones: only if every block of a fused input linear keeps
+    the same neurons (a wrong block would change the function by O(1))."""
+    model = make_tiny_model(family)
+    _duplicate_half_of_the_neurons(model)
+    ids = tiny_calibration(samples=32)
+    expected = _logits(model, ids[:4])
+    config = CompressionConfig(ratio=0.0, mlp_ratio=0.5, mode=mode, mlp=MlpOptions(method="lsq", ridge=0.0))
+    compressed, report = compress(model, ids, config, progress=False)
+    assert report.mlp["widths"] == [INTERMEDIATE // 2] * 3
+    assert compressed.config.intermediate_size == INTERMEDIATE // 2
+    assert (_logits(compressed, ids[:4]) - expected).abs().max() <= 1e-5
+    out = save_compressed(compressed, tmp_path / "model", compression=report.config)
+    assert (_logits(load_compressed(out), ids[:4]) - expected).abs().max() <= 1e-5
+
+
+def test_both_axes_export_with_the_per_point_code(tmp_path, family):
+    model = make_tiny_model(family)
+    ids = tiny_calibration(samples=32)
+    compressed, report = compress(model, ids, CompressionConfig(method="pca", ratio=0.25, mlp_widths=(104, 72, 40)),
+                                  progress=False)
+    out = save_compressed(compressed, tmp_path / "model", compression=report.config)
+    expected = _logits(compressed, ids[:4])
+    mlp_output = get_adapter(make_tiny_model(family)).layout.mlp_output
+    for loaded in (load_compressed(out), load_compressed(out, trust_remote_code=True)):
+        assert [l.get_submodule(mlp_output).in_features for l in loaded.model.layers] == [104, 72, 40]
+        assert (_logits(loaded, ids[:4]) - expected).abs().max() <= 1e-5
