@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import make_tiny_model, tiny_calibration
+from conftest import make_tiny_model, tiny_calibration, write_model_dir
 from dotresize import CompressionConfig, compress, load_compressed, save_compressed
 from dotresize.adapters import ADAPTERS, get_adapter
 from dotresize.api import build_compressed_model
@@ -159,3 +159,21 @@ def test_both_axes_export_with_the_per_point_code(tmp_path, family):
     for loaded in (load_compressed(out), load_compressed(out, trust_remote_code=True)):
         assert [l.get_submodule(mlp_output).in_features for l in loaded.model.layers] == [104, 72, 40]
         assert (_logits(loaded, ids[:4]) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["qwen3", "phi3"])
+def test_cli_compresses_both_axes_of_a_new_family(capsys, tiny_env, name):
+    """The command line reads a checkpoint of the family from disk (in memory: no Prefect server needed here)."""
+    from flows.cli import main
+
+    src = write_model_dir(tiny_env / "src", family=name)
+    out = tiny_env / "out"
+    code = main(["-q", "compress", "--model", str(src), "--ratio", "0.25", "--mlp-ratio", "0.3", "--in-memory",
+                 "--calib-samples", "8", "--calib-seqlen", "32", "--out", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert result["mlp_widths"] == [72] * 3 and result["parameters_after"] < result["parameters_before"]
+    loaded = load_compressed(out)
+    assert type(loaded).__name__ == get_adapter(make_tiny_model(name)).compressed_model_class.__name__
+    assert loaded.config.dotresize["widths"][0] == 48

@@ -2,7 +2,9 @@
 
 The names are data (:class:`FamilyLayout`): module paths inside the causal LM and inside one decoder layer.
 Everything that walks a model — fusion, capture, absorption, the layer-streamed loader reading a checkpoint
-tensor by tensor — asks the layout, so a Llama-like family is one adapter file with its layout and a tiny config.
+tensor by tensor, the MLP axis — asks the layout, so a Llama-like family is one adapter file with its layout and a
+tiny config, plus its compressed config and model class in :mod:`dotresize.modeling` (that code ships inside exports
+without dotresize, so it keeps its own copy of the paths; tests/test_families.py checks that they agree).
 """
 
 from __future__ import annotations
