@@ -209,6 +209,29 @@ def _find_record(model_dir: Path, run_dir: Path | None, lineage: dict, lineage_s
     return None
 
 
+def _is_remote(spec: str) -> bool:
+    scheme = urlparse(spec).scheme
+    return "://" in spec and len(scheme) > 1 and scheme not in ("file", "models")
+
+
+def _download_target(spec: str, temp: list) -> Path:
+    """A local copy of a run directory or model directory stored at a URL (``s3://...``; the endpoint and
+    credentials come from the usual settings of that filesystem): the model, and for a run directory its records
+    and stage outputs too, so that every check below runs on what the store holds."""
+    from storage import RunDir
+
+    run = RunDir(spec)
+    if run.exists(f"{layout.MODEL}/{LINEAGE}"):
+        pass  # a run directory
+    elif not run.exists(LINEAGE):
+        raise LineageError(f"{spec} holds no {LINEAGE}: pass a run directory or a model directory exported by the "
+                           "dotresize pipeline")
+    tmp = Path(tempfile.mkdtemp(prefix="dotresize-verify-"))
+    temp.append(tmp)
+    name = Path(run.path().rstrip("/")).name or "run"
+    return run.download("", tmp / name)
+
+
 def _parse_models_uri(spec: str) -> tuple[str, str | None, str | None]:
     rest = spec[len("models:/"):].strip("/")
     if "@" in rest:
@@ -246,7 +269,11 @@ def resolve_target(spec: str, tracking_uri: str | None = None, use_mlflow: bool 
         hint = errors[0] if errors else "no MLflow tracking database found"
         raise LineageError(f"{spec} is not a registered model version ({hint}): set MLFLOW_TRACKING_URI or "
                            "DOTRESIZE_HOME, or pass --tracking-uri")
-    path = Path(spec).expanduser().resolve()
+    if _is_remote(spec):  # an object store (s3://bucket/run or .../model): checked on a local copy
+        spec_local = _download_target(spec, temp)
+    else:
+        spec_local = spec
+    path = Path(spec_local).expanduser().resolve()
     if not path.exists():
         raise LineageError(f"{spec} does not exist: pass a compressed model directory or models:/<name>/<version>")
     if path.is_dir() and (path / "model" / LINEAGE).is_file():

@@ -1,4 +1,13 @@
-"""The run directory: a local path or any fsspec URL, written atomically (temporary name, then rename).
+"""The run directory: a local path or any fsspec URL, written atomically.
+
+Local disks (and remote filesystems that rename): a temporary name, then a rename. Object stores (``s3://``,
+``gs://``, ``az://``, ``memory://``) have no rename: there every file is written whole in one request (a single
+PUT, or a multipart upload, which becomes visible only when it completes), so a reader sees the old object,
+none, or the whole new one; a stage is complete only when its manifest (``stages/...``) or its Zarr ``complete``
+attribute, written last, says so. ``s3://`` goes through s3fs: endpoint and credentials come from the usual AWS
+settings (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``,
+``~/.aws``), so a Dask worker on another host needs nothing but the URL and those settings. Listings are never
+cached (another process, a worker elsewhere, may have written since).
 
 This module is the only place that knows the layout of a run (see ``architecture.md``)::
 
@@ -111,15 +120,39 @@ def manifest_file(stage: str, name: str | None = None) -> str:
     return f"{STAGES}/{stage}.json" if name is None else f"{STAGES}/{stage}/{name}.json"
 
 
+#: filesystems whose single write of a whole object is atomic and which have no (atomic) rename
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def open_url(url: str):
+    """``(filesystem, path)`` of ``url``; remote filesystems without a listings cache (s3fs caches ``ls`` and
+    ``info`` per process, so a file another process wrote would stay invisible)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem) or getattr(fs, "dircache", None) is None:
+        return fs, root
+    if set(_protocols(fs)) & {"memory"}:
+        return fs, root  # one process's dictionary: nothing to go stale
+    try:
+        return fsspec.core.url_to_fs(url, use_listings_cache=False)
+    except TypeError:
+        return fs, root
+
+
 # --- the run directory ----------------------------------------------------------------------------------------
 class RunDir:
     """A run directory on any fsspec filesystem; relative paths use ``/``."""
 
     def __init__(self, url: str | os.PathLike):
         self.url = str(url)
-        fs, root = fsspec.core.url_to_fs(self.url)
+        fs, root = open_url(self.url)
         self.fs = fs
         self.is_local = isinstance(fs, LocalFileSystem)
+        #: an object store: whole-object writes are atomic, there is no rename (see the module docstring)
+        self.is_object_store = not self.is_local and bool(set(_protocols(fs)) & OBJECT_STORE_PROTOCOLS)
         self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
         if self.is_local:
             self.url = self.root
@@ -167,12 +200,16 @@ class RunDir:
 
     # atomic bytes ----------------------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> str:
-        """Write ``data`` under a temporary name in the same directory, then rename it into place.
+        """Write ``data`` under a temporary name in the same directory, then rename it into place; on an object
+        store, as one whole object (one PUT).
 
         A reader never sees a partial file: either the old content, or nothing, or the complete new one.
         Returns the sha256 of ``data``.
         """
         final = self.path(rel)
+        if self.is_object_store:
+            self.fs.pipe_file(final, bytes(data))  # atomic: the object appears whole or not at all
+            return sha256_bytes(data)
         parent = posixpath.dirname(final) if not self.is_local else os.path.dirname(final)
         if self.is_local:
             os.makedirs(parent, exist_ok=True)
@@ -324,7 +361,7 @@ class RunDir:
                 apply_umask(tmp)
                 os.replace(tmp, self.path(rel))
             else:
-                self.write_bytes(rel, Path(tmp).read_bytes())
+                self.put_file(tmp, rel)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -356,22 +393,52 @@ class RunDir:
         except Exception as error:
             raise CorruptArtifactError(f"{self.uri(rel)} cannot be read: {error}") from None
 
+    def put_file(self, local: str | os.PathLike, rel: str) -> None:
+        """Upload the complete local file ``local`` as ``rel`` (remote runs): on an object store in one request (a
+        multipart upload for a large file is also visible only once complete), elsewhere through a temporary name
+        and a rename. Nothing is read into memory as a whole."""
+        final = self.path(rel)
+        if self.is_object_store:
+            self.fs.put_file(str(local), final)
+            return
+        parent = posixpath.dirname(final)
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".{posixpath.basename(final)}.tmp-{uuid.uuid4().hex}")
+        try:
+            self.fs.put_file(str(local), tmp)
+            if self.fs.exists(final):
+                self.fs.rm(final)
+            self.fs.mv(tmp, final)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.fs.rm(tmp)
+            raise
+
     # zarr -------------------------------------------------------------------------------------------------------
     def zarr_store(self, rel: str):
+        """The Zarr store at ``rel``: a local directory, or an fsspec store on the same URL (each chunk and each
+        metadata document is one whole object; the ``complete`` attribute, written last, marks a group done)."""
         from zarr.storage import FsspecStore, LocalStore
 
         if self.is_local:
             os.makedirs(self.path(rel), exist_ok=True)
             return LocalStore(self.path(rel))
-        return FsspecStore.from_url(self.uri(rel))
+        options = {"use_listings_cache": False} if "memory" not in _protocols(self.fs) else {}
+        try:
+            return FsspecStore.from_url(self.uri(rel), storage_options=options or None)
+        except TypeError:
+            return FsspecStore.from_url(self.uri(rel))
 
     # directories (exports) ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def staged_dir(self, rel: str) -> Iterator[Path]:
         """A local directory to fill; on success it replaces ``rel`` as a whole.
 
-        Local runs: the caller's directory is renamed into place (atomic). Remote runs: it is uploaded under a
-        temporary name and moved into place.
+        Local runs: the caller's directory is renamed into place (atomic). Object stores (no rename): every file
+        is uploaded whole to its final name, objects of an earlier content that the new one lacks are deleted
+        afterwards, and the JSON files (index, config, lineage) go last; the caller's manifest, written after
+        this block, is what makes the directory complete. Other remote filesystems: uploaded under a temporary
+        name and moved into place.
         """
         if self.is_local:
             final = self.local_path(rel)
@@ -391,6 +458,13 @@ class RunDir:
                 shutil.rmtree(tmp, ignore_errors=True)
             return
         tmp = Path(tempfile.mkdtemp(prefix="dotresize-stage-"))
+        if self.is_object_store:
+            try:
+                yield tmp
+                self._upload_tree(tmp, rel)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return
         try:
             yield tmp
             remote_tmp = self.path(f"{rel}.tmp-{uuid.uuid4().hex}")
@@ -399,6 +473,19 @@ class RunDir:
             self.fs.mv(remote_tmp, self.path(rel), recursive=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _upload_tree(self, local: Path, rel: str) -> None:
+        files = sorted((p for p in local.rglob("*") if p.is_file()),
+                       key=lambda p: (p.suffix == ".json", p.relative_to(local).as_posix()))
+        names = {p.relative_to(local).as_posix() for p in files}
+        base = self.path(rel)
+        stale = [p for p in (self.fs.find(base) if self.fs.exists(base) else [])
+                 if p[len(base):].lstrip("/") not in names]
+        for path in files:
+            self.put_file(path, f"{rel}/{path.relative_to(local).as_posix()}")
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
 
     def link_into(self, rel: str, target: Path) -> None:
         """Put the file ``rel`` at local path ``target``: a hard link where the filesystem allows (no second
@@ -428,6 +515,25 @@ class RunDir:
             yield target
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def download(self, rel: str, target: str | os.PathLike) -> Path:
+        """Copy ``rel`` (a file, or a directory without its hidden entries such as ``.lease``) to the local path
+        ``target``; returns it."""
+        target = Path(target)
+        base = self.path(rel)
+        if not self.fs.isdir(base):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(base, str(target))
+            return target
+        target.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.fs.find(base)):
+            name = path[len(base):].lstrip("/\\").replace(os.sep, "/")
+            if not name or any(part.startswith(".") for part in name.split("/")):
+                continue
+            local = target.joinpath(*name.split("/"))
+            local.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(path, str(local))
+        return target
 
     def file_digests(self, rel: str) -> dict[str, str]:
         """sha256 of every file under a directory, keyed by path relative to it (hidden files skipped)."""
