@@ -11,6 +11,9 @@ OFFLINE_DEFAULTS = {
     "DO_NOT_TRACK": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
+    # MLflow prints "View run ... at: http://..." to stdout when a run against a tracking server ends: stdout is
+    # the command's result (--json), so the links stay in the MLflow UI
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 
