@@ -72,6 +72,9 @@ class Services:
     def start(self, name: str, argv: list[str], *, env: dict | None = None, cwd: Path | None = None) -> Service:
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
+        if not Path(argv[0]).is_file():
+            pytest.fail(f"{argv[0]} is not installed: `make setup` (pip install -c constraints.txt -e '.[all]') "
+                        f"installs it, so that {name} can be started", pytrace=False)
         with open(log, "wb") as handle:  # its own session: the whole process group is stopped at the end
             process = subprocess.Popen(argv, env=env or self.env, cwd=cwd or self.root, stdin=subprocess.DEVNULL,
                                        stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
