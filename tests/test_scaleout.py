@@ -31,7 +31,6 @@ import pytest
 from conftest import write_model_dir
 
 BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "dotresize"
 RUN_URL = f"s3://{BUCKET}/run"
 ARGS = ["--ratio", "0.25", "--method", "dot", "--calib-samples", "16", "--calib-seqlen", "32", "--seed", "7"]
@@ -143,9 +142,6 @@ def _client_env(root: Path, data_dir: Path) -> dict:
         "DOTRESIZE_HOME": str(root / "home"),  # only used were MLFLOW_TRACKING_URI unset: it is set below
     })
     env.pop("DOTRESIZE_TEST_PAUSE_AT", None)
-    # the checkout as a regular path entry: with an editable install alone, a Dask worker imports its own spill
-    # directory (<local-directory>/worker-*/storage, first on its sys.path) as a namespace package `storage`
-    env["PYTHONPATH"] = str(ROOT)
     return env
 
 
