@@ -305,8 +305,8 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
         from prefect.runtime import flow_run
 
         result["flow_run_id"] = str(flow_run.id)
-    except Exception:
-        pass
+    except Exception as error:  # outside a flow run (flow.fn in a test): no id to record
+        logger.debug("no Prefect flow run id: %s", error)
     from tasks.lineage import lineage_task
 
     lineage = lineage_task(run_url, export, tags)  # + evaluations, stage digests, code version, tags

@@ -305,8 +305,8 @@ def _log_compression(run_url: str, bundle: dict, register_name: str | None = Non
                 logger().info("reused register %s (MLflow run %s, %s v%s)", export["model_sha256"][:12],
                               previous["run_id"], name, previous["version"])
                 return {**previous, "reused": True}
-        except Exception:
-            pass
+        except Exception as error:  # the run or version is gone or unreadable: register again
+            logger().debug("previous MLflow registration not reusable: %s", error)
     resume = previous.get("run_id") if (previous.get("tracking_uri") == uri and
                                         previous.get("model_sha256") == export["model_sha256"]) else None
     if resume:

@@ -85,7 +85,8 @@ def _evaluation(run: RunDir, model_sha256: str, source_digest: str | None) -> di
         rel = f"{layout.EVAL}/{name}"
         try:
             data = run.read_json(rel)
-        except Exception:
+        except Exception as error:  # an unreadable evaluation file is left out of the lineage, said in the log
+            log.warning("lineage: %s is unreadable (%s); left out", rel, error)
             continue
         if not isinstance(data, dict):
             continue
