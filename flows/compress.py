@@ -30,6 +30,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
+from dotresize.api import export_layout
 from dotresize.errors import DotResizeError
 from storage import RunDir, content_key
 
@@ -73,12 +74,6 @@ def build_config(*, ratio: float, method: str, mode: str, layout_name: str, seed
         else:
             data[key] = value
     return CompressionConfig.from_dict(data).validate()
-
-
-def export_layout(config) -> str:
-    from dotresize.api import export_layout as layout_of
-
-    return layout_of(config)
 
 
 def make_recipe(config, source: dict, calib: dict) -> dict:

@@ -210,8 +210,8 @@ class RunDir:
         if self.is_object_store:
             self.fs.pipe_file(final, bytes(data))  # atomic: the object appears whole or not at all
             return sha256_bytes(data)
-        parent = posixpath.dirname(final) if not self.is_local else os.path.dirname(final)
         if self.is_local:
+            parent = os.path.dirname(final)
             os.makedirs(parent, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
             try:
@@ -226,18 +226,24 @@ class RunDir:
                     os.unlink(tmp)
                 raise
         else:
-            self.fs.makedirs(parent, exist_ok=True)
-            tmp = posixpath.join(parent, f".{posixpath.basename(final)}.tmp-{uuid.uuid4().hex}")
-            try:
-                self.fs.pipe_file(tmp, data)
-                if self.fs.exists(final):
-                    self.fs.rm(final)
-                self.fs.mv(tmp, final)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    self.fs.rm(tmp)
-                raise
+            self._through_temporary(final, lambda tmp: self.fs.pipe_file(tmp, data))
         return sha256_bytes(data)
+
+    def _through_temporary(self, final: str, write) -> None:
+        """``write(tmp)`` to a temporary name beside ``final`` on a remote filesystem with renames, then move it
+        into place (the temporary is removed if anything fails)."""
+        parent = posixpath.dirname(final)
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".{posixpath.basename(final)}.tmp-{uuid.uuid4().hex}")
+        try:
+            write(tmp)
+            if self.fs.exists(final):
+                self.fs.rm(final)
+            self.fs.mv(tmp, final)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.fs.rm(tmp)
+            raise
 
     def read_bytes(self, rel: str, sha256: str | None = None) -> bytes:
         """Read a file; with ``sha256`` the content is checked and a mismatch raises :class:`CorruptArtifactError`."""
@@ -401,18 +407,7 @@ class RunDir:
         if self.is_object_store:
             self.fs.put_file(str(local), final)
             return
-        parent = posixpath.dirname(final)
-        self.fs.makedirs(parent, exist_ok=True)
-        tmp = posixpath.join(parent, f".{posixpath.basename(final)}.tmp-{uuid.uuid4().hex}")
-        try:
-            self.fs.put_file(str(local), tmp)
-            if self.fs.exists(final):
-                self.fs.rm(final)
-            self.fs.mv(tmp, final)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.fs.rm(tmp)
-            raise
+        self._through_temporary(final, lambda tmp: self.fs.put_file(str(local), tmp))
 
     # zarr -------------------------------------------------------------------------------------------------------
     def zarr_store(self, rel: str):

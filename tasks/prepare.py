@@ -217,8 +217,8 @@ def plan_mlp_task(run: RunDir, inspect: dict, recipe: dict) -> list[int]:
     if not size:
         from dotresize.errors import InvalidConfigError
 
-        raise InvalidConfigError(f"the model at {inspect.get('family', 'this model')} has no intermediate_size: "
-                                 "the MLP axis (mlp_ratio / mlp_widths) needs one")
+        raise InvalidConfigError(f"this {inspect.get('family', '')} model's config has no intermediate_size: the MLP "
+                                 "axis (mlp_ratio / mlp_widths) needs one; compress without it")
     return plan_mlp_widths(config_of(recipe), int(size), int(inspect["num_layers"]))
 
 

@@ -153,3 +153,56 @@ def pipeline_env(tiny_env, prefect_api, monkeypatch):
     monkeypatch.setenv("DOTRESIZE_HOME", str(tiny_env / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tiny_env
+
+
+def assert_fresh_process_logits(model_dir, ids: torch.Tensor, expected: torch.Tensor, cwd, *, checks: str = "",
+                                trust_remote_code: bool = False) -> None:
+    """Load ``model_dir`` with plain transformers in a new isolated Python (``-I``: no cwd or user site on its path;
+    dotresize must not be imported) and check its logits on ``ids`` against ``expected`` (<= 1e-5). ``checks``: more
+    lines of the script, run on the loaded model ``m``."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    cwd = Path(cwd)
+    torch.save(ids.clone(), cwd / "ids.pt")  # test-only fixtures, read back with weights_only
+    torch.save(expected, cwd / "expected.pt")
+    remote = ", trust_remote_code=True" if trust_remote_code else ""
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, dtype=torch.float32{remote}).eval()
+assert "dotresize" not in sys.modules, "dotresize was imported"
+{textwrap.dedent(checks).strip()}
+ids = torch.load({str(cwd / 'ids.pt')!r}, weights_only=True)
+exp = torch.load({str(cwd / 'expected.pt')!r}, weights_only=True)
+with torch.no_grad():
+    diff = (m(input_ids=ids).logits - exp).abs().max().item()
+assert diff <= 1e-5, diff
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def kill_when_paused(process, paused, timeout: float = 180) -> str:
+    """SIGKILL ``process``'s whole session once ``paused()`` is true (the run wrote its pause marker, see
+    ``DOTRESIZE_TEST_PAUSE_AT``); fails if it ends or times out first. Returns its stderr."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not paused():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before pausing:\n{process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError("the run never reached its pause point")
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    return err

@@ -1,16 +1,13 @@
 """Done-when 3: exports reload both ways with identical logits; global exports are stock models."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_model, tiny_calibration
+from conftest import assert_fresh_process_logits, make_tiny_model, tiny_calibration
 from dotresize import CompressionConfig, compress, load_compressed, save_compressed
 from dotresize.errors import OutputExistsError
 
@@ -49,21 +46,7 @@ def test_per_point_export_reloads_both_ways(tmp_path, family):
 def test_remote_code_export_loads_in_a_process_without_dotresize(tmp_path):
     compressed, report, ids = _compressed()
     out = save_compressed(compressed, tmp_path / "model")
-    torch.save(ids[:2].clone(), tmp_path / "ids.pt")  # test-only fixture, read back with weights_only
-    torch.save(_logits(compressed, ids[:2]), tmp_path / "expected.pt")
-    script = f"""
-import sys, torch
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32, trust_remote_code=True).eval()
-assert "dotresize" not in sys.modules, "dotresize was imported"
-ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)
-exp = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
-with torch.no_grad():
-    diff = (m(input_ids=ids).logits - exp).abs().max().item()
-print(diff)
-assert diff <= 1e-5, diff
-"""
-    _run_isolated(script, tmp_path)
+    assert_fresh_process_logits(out, ids[:2], _logits(compressed, ids[:2]), tmp_path, trust_remote_code=True)
 
 
 def test_global_export_is_a_stock_model_in_a_fresh_process(tmp_path):
@@ -72,30 +55,8 @@ def test_global_export_is_a_stock_model_in_a_fresh_process(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "qwen2" and config["hidden_size"] == report.widths[0]
     assert "auto_map" not in config and not (out / "modeling_dotresize.py").exists()
-    torch.save(ids[:2].clone(), tmp_path / "ids.pt")
-    torch.save(_logits(compressed, ids[:2]), tmp_path / "expected.pt")
-    script = f"""
-import sys, torch
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32).eval()
-assert "dotresize" not in sys.modules
-assert type(m).__name__ == "Qwen2ForCausalLM"
-ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)
-exp = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
-with torch.no_grad():
-    diff = (m(input_ids=ids).logits - exp).abs().max().item()
-assert diff <= 1e-5, diff
-"""
-    _run_isolated(script, tmp_path)
-
-
-def _run_isolated(script: str, cwd: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    # -I: isolated mode, no cwd / user site on sys.path; run from tmp so the source tree is not importable
-    result = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert_fresh_process_logits(out, ids[:2], _logits(compressed, ids[:2]), tmp_path,
+                                checks='assert type(m).__name__ == "Qwen2ForCausalLM"')
 
 
 def test_export_is_byte_identical_for_the_same_inputs(tmp_path):

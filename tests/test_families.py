@@ -7,14 +7,11 @@ misplaced eps shows), its stock export loads in a fresh process, and the MLP axi
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import make_tiny_model, tiny_calibration, write_model_dir
+from conftest import assert_fresh_process_logits, make_tiny_model, tiny_calibration, write_model_dir
 from dotresize import CompressionConfig, compress, load_compressed, save_compressed
 from dotresize.adapters import ADAPTERS, get_adapter
 from dotresize.api import build_compressed_model
@@ -82,14 +79,6 @@ def test_global_layout_equals_per_point_layout_with_one_basis(family, mlp_widths
     assert (_logits(global_, ids[:4]) - reference).abs().max() <= 1e-5
 
 
-def _run_isolated(script: str, cwd) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
 def test_global_export_is_a_stock_model_in_a_fresh_process(tmp_path, family):
     model = make_tiny_model(family)
     source_class, model_type = type(model).__name__, model.config.model_type
@@ -100,21 +89,9 @@ def test_global_export_is_a_stock_model_in_a_fresh_process(tmp_path, family):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == model_type and config["hidden_size"] == report.widths[0] == 48
     assert "auto_map" not in config and not (out / "modeling_dotresize.py").exists()
-    torch.save(ids[:2].clone(), tmp_path / "ids.pt")  # test-only fixtures, read back with weights_only
-    torch.save(_logits(compressed, ids[:2]), tmp_path / "expected.pt")
-    script = f"""
-import sys, torch
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32).eval()
-assert "dotresize" not in sys.modules
+    assert_fresh_process_logits(out, ids[:2], _logits(compressed, ids[:2]), tmp_path, checks=f"""
 assert type(m).__name__ == {source_class!r} and type(m).__module__.startswith("transformers."), type(m)
-ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)
-exp = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
-with torch.no_grad():
-    diff = (m(input_ids=ids).logits - exp).abs().max().item()
-assert diff <= 1e-5, diff
-"""
-    _run_isolated(script, tmp_path)
+""")
 
 
 def _duplicate_half_of_the_neurons(model) -> None:

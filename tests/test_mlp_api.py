@@ -5,15 +5,12 @@ tests/test_mlp.py; here the axis is tested end to end on tiny in-code models.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_model, tiny_calibration, write_model_dir
+from conftest import assert_fresh_process_logits, make_tiny_model, tiny_calibration, write_model_dir
 from dotresize import CompressionConfig, compress, load_compressed, save_compressed
 from dotresize.config import MlpDotOptions, MlpOptions
 from dotresize.errors import InvalidConfigError
@@ -184,14 +181,6 @@ def test_both_axes_compose_in_either_mode():
 
 
 # --- export ---------------------------------------------------------------------------------------------------------
-def _run_isolated(script: str, cwd) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
 @pytest.mark.parametrize("family, config", [
     ("qwen2", {"method": "pca", "ratio": 0.25, "layout": "global", "mlp_ratio": 0.3}),
     ("llama-tied", {"ratio": 0.0, "mlp_ratio": 0.3, "mlp": MlpOptions(method="dot")}),
@@ -212,22 +201,10 @@ def test_uniform_mlp_width_exports_a_stock_model_that_loads_in_a_fresh_process(t
             assert "lm_head.weight" not in f.keys()
         layers, hidden = 3, saved["hidden_size"]
         assert report.parameters_before - report.parameters_after == layers * 3 * hidden * (112 - 72)
-    torch.save(ids[:2].clone(), tmp_path / "ids.pt")  # test-only fixtures, read back with weights_only
-    torch.save(_logits(compressed, ids[:2]), tmp_path / "expected.pt")
-    script = f"""
-import sys, torch
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32).eval()
-assert "dotresize" not in sys.modules
+    assert_fresh_process_logits(out, ids[:2], _logits(compressed, ids[:2]), tmp_path, checks="""
 assert type(m).__module__.startswith("transformers."), type(m)
 assert all(l.mlp.down_proj.in_features == 72 for l in m.model.layers)
-ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)
-exp = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
-with torch.no_grad():
-    diff = (m(input_ids=ids).logits - exp).abs().max().item()
-assert diff <= 1e-5, diff
-"""
-    _run_isolated(script, tmp_path)
+""")
 
 
 @pytest.mark.parametrize("config", [

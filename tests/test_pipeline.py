@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_model_dir
+from conftest import kill_when_paused, write_model_dir
 
 ARGS = dict(ratio=0.25, calib_samples=16, calib_seqlen=32, seed=7)
 
@@ -163,17 +163,7 @@ def _cli(src: Path, run: Path, env: dict, pause: str | None = None) -> subproces
 
 
 def _kill_when_paused(process: subprocess.Popen, marker: Path, timeout: float = 180) -> str:
-    deadline = time.time() + timeout
-    while not marker.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended before pausing:\n{process.stderr.read()}")
-        if time.time() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise AssertionError("the run never reached its pause point")
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+    err = kill_when_paused(process, marker.exists, timeout)
     marker.unlink()
     return err
 

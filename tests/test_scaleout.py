@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_model_dir
+from conftest import kill_when_paused, write_model_dir
 
 BIN = Path(sys.executable).parent
 BUCKET = "dotresize"
@@ -266,17 +266,7 @@ def test_killed_on_s3_during_the_solves_resumes_on_remote_workers_byte_identical
 
     paused = _compress(svc, RUN_URL, pause="solve")  # the in-process cluster: the pause hook runs in this process
     marker = f"{BUCKET}/run/.paused-solve"
-    deadline = time.monotonic() + 240
-    while not fs.exists(marker):
-        if paused.poll() is not None:
-            raise AssertionError(f"the run ended before pausing:\n{paused.stderr.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            os.killpg(paused.pid, signal.SIGKILL)
-            raise AssertionError("the run never reached its pause point in the solves")
-        time.sleep(0.2)
-    os.killpg(paused.pid, signal.SIGKILL)
-    paused.communicate(timeout=60)
-    assert paused.returncode == -signal.SIGKILL
+    kill_when_paused(paused, lambda: fs.exists(marker), timeout=240)
     fs.rm_file(marker)
     # killed mid-solve: a Zarr store with complete points on the same URL, no solve 2, no model, a dead lease
     attrs = json.loads(fs.cat_file(f"{BUCKET}/run/activations.zarr/point_0/zarr.json"))["attributes"]
