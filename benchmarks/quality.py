@@ -6,6 +6,9 @@ Two groups of rows:
   targets: the "add-on to pruning" reading) at every ratio, in three settings: parallel calibration with
   per-point bases, sequential calibration (SliceGPT's order) with per-point bases, and parallel calibration with
   one ``global`` basis (the ``global`` layout needs parallel statistics).
+* **MLP axis** (``--mlp-ratios``, ``--mlp-methods``): every main row again with that fraction of every MLP's
+  intermediate neurons removed (issue 16), plus the MLP-only rows (residual ratio 0), with the parameter count
+  relative to dense: the table a Pareto front is read from.
 * **ablations** of DOT's options at one ratio (parallel, per-point): ε, cost normalisation (with ε), L1 vs L2
   cost, target rule, decompression (``pinv`` / ``plan`` / ``lsq``), marginals, token outliers excluded or not.
   Every axis's best value is then combined into one proposed configuration, which is evaluated too; the
@@ -18,6 +21,8 @@ protocol reuses them, so a long table can be interrupted and resumed.
 
     python -m benchmarks quality --size reduced --json out.json --markdown out.md
     python -m benchmarks quality --ratios 0.2 --settings parallel/per-point --methods pca,dot --no-ablations
+    python -m benchmarks quality --ratios 0,0.1 --mlp-ratios 0.2,0.3 --mlp-methods lsq,prune --methods pca \
+        --settings parallel/per-point,sequential/per-point --no-ablations
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ from .common import (fmt, log, machine_info, machine_line, markdown_table, quiet
 
 SETTINGS = ("parallel/per-point", "sequential/per-point", "parallel/global")
 METHODS = ("pca", "prune", "dot", "dot+prune-keep")
+MLP_METHODS = ("prune", "lsq", "dot")
+#: the method name of a row whose residual stream is left alone (ratio 0, MLP axis only)
+MLP_ONLY = "mlp-only"
 
 
 # --- sizes -------------------------------------------------------------------------------------------------------
@@ -55,6 +63,10 @@ class QualitySpec:
     model: str | None = None
     ratios: tuple[float, ...] = (0.1, 0.2, 0.3)
     methods: tuple[str, ...] = METHODS
+    #: fractions of every MLP's intermediate neurons removed (0: the residual axis alone); with any > 0 a ratio 0
+    #: in ``ratios`` adds the MLP-only rows
+    mlp_ratios: tuple[float, ...] = (0.0,)
+    mlp_methods: tuple[str, ...] = ("lsq",)
     settings: tuple[str, ...] = SETTINGS
     #: (setting, ratio) pairs of the main table to run; None = every combination
     only: tuple[tuple[str, float], ...] | None = None
@@ -110,8 +122,9 @@ def spec_for(size: str, **overrides: Any) -> QualitySpec:
         raise SystemExit(f"unknown size {size!r}: choose from {', '.join(SIZES)}")
     values = {**SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}
     spec = QualitySpec(**values)
-    if spec.ablation_ratio not in spec.ratios:
-        spec.ablation_ratio = sorted(spec.ratios)[len(spec.ratios) // 2]
+    positive = sorted(r for r in spec.ratios if r > 0) or [0.2]
+    if spec.ablation_ratio not in positive:
+        spec.ablation_ratio = positive[len(positive) // 2]
     return spec
 
 
@@ -126,6 +139,8 @@ class Variant:
     ratio: float
     dot: tuple[tuple[str, Any], ...] = ()
     outlier_tokens: float | None = None
+    mlp_ratio: float = 0.0         # fraction of every MLP's intermediate neurons removed (0: MLPs untouched)
+    mlp_method: str = "lsq"
 
     @property
     def mode(self) -> str:
@@ -140,6 +155,8 @@ class Variant:
         extra = [f"{k}={v}" for k, v in self.dot]
         if self.outlier_tokens is not None:
             extra.append(f"outlier_tokens={self.outlier_tokens}")
+        if self.mlp_ratio > 0:  # rows without the MLP axis keep their labels (and keys: rows files stay valid)
+            extra.append(f"mlp={self.mlp_method}@{self.mlp_ratio:g}")
         return self.method + (" " + " ".join(extra) if extra else "")
 
     @property
@@ -147,15 +164,16 @@ class Variant:
         return f"{self.setting}|{self.ratio}|{self.label}"
 
     def config(self, spec: QualitySpec, keep_sets=None):
-        from dotresize import CompressionConfig, DotOptions
+        from dotresize import CompressionConfig, DotOptions, MlpOptions
 
         dot = dict(self.dot)
         if spec.dot_max_iter is not None:
             dot.setdefault("max_iter", spec.dot_max_iter)
-        method = "dot" if self.method == "dot+prune-keep" else self.method
+        method = {"dot+prune-keep": "dot", MLP_ONLY: "pca"}.get(self.method, self.method)  # (ratio 0: unused)
         config = CompressionConfig(method=method, ratio=self.ratio, mode=self.mode, layout=self.layout,
                                    seed=spec.seed, batch_size=spec.batch_size, outlier_tokens=self.outlier_tokens,
-                                   keep_sets=keep_sets, dot=DotOptions(**dot))
+                                   keep_sets=keep_sets, dot=DotOptions(**dot), mlp_ratio=self.mlp_ratio,
+                                   mlp=MlpOptions(method=self.mlp_method))
         return config.validate()
 
 
@@ -163,12 +181,21 @@ def main_variants(spec: QualitySpec) -> list[Variant]:
     """The main rows, the ablation ratio first (so a long run that is stopped early has one complete column)."""
     ratios = sorted(spec.ratios, key=lambda r: (r != spec.ablation_ratio, r))
     out = []
-    for ratio in ratios:
-        for setting in spec.settings:
-            if spec.only is not None and (setting, ratio) not in spec.only:
-                continue
-            for method in spec.methods:
-                out.append(Variant("main", method, setting, ratio))
+    for mlp_ratio in sorted(spec.mlp_ratios):
+        for mlp_method in spec.mlp_methods if mlp_ratio > 0 else ("lsq",):
+            for ratio in ratios:
+                for setting in spec.settings:
+                    if spec.only is not None and (setting, ratio) not in spec.only:
+                        continue
+                    if ratio == 0:  # the residual stream untouched: one row per setting, and only with the MLP axis
+                        if mlp_ratio > 0 and not (setting == "parallel/global" and "parallel/per-point" in
+                                                  spec.settings):  # (same model as per-point then)
+                            out.append(Variant("main", MLP_ONLY, setting, 0.0, mlp_ratio=mlp_ratio,
+                                               mlp_method=mlp_method))
+                        continue
+                    for method in spec.methods:
+                        out.append(Variant("main", method, setting, ratio, mlp_ratio=mlp_ratio,
+                                           mlp_method=mlp_method))
     return out
 
 
@@ -275,7 +302,7 @@ class QualityRunner:
 
     def _kept_of(self, variant: Variant) -> tuple[tuple[int, ...], ...] | None:
         """The keep-sets of the prune row of the same setting and ratio (its basis info)."""
-        prune = dataclasses.replace(variant, method="prune", group="main", dot=())
+        prune = dataclasses.replace(variant, method="prune", group="main", dot=(), mlp_ratio=0.0, mlp_method="lsq")
         row = self.rows.get(prune.key) or self.run(prune)
         return None if row.get("kept") is None else tuple(tuple(k) for k in row["kept"])
 
@@ -288,6 +315,8 @@ class QualityRunner:
                                "method": variant.method, "label": variant.label, "ratio": variant.ratio,
                                "dot": dict(variant.dot), "outlier_tokens": variant.outlier_tokens,
                                "protocol": self.protocol}
+        if variant.mlp_ratio > 0:
+            row.update(mlp_ratio=variant.mlp_ratio, mlp_method=variant.mlp_method)
         try:
             keep_sets = self._kept_of(variant) if variant.method == "dot+prune-keep" else None
             same = self._same_as_dot(variant, keep_sets)
@@ -301,7 +330,7 @@ class QualityRunner:
             row["parameters"] = sum(p.numel() for p in model.parameters())
             row["shapes"] = _shape_signature(model)
             row.update(_point_summary(points))
-            if variant.method == "prune":
+            if variant.method == "prune" and variant.mlp_ratio == 0:
                 row["kept"] = [p.get("kept", list(range(p["width"]))) for p in points] \
                     if variant.layout == "per-point" else [points[0].get("kept")] * (2 * self.n_layers() + 1)
             evaluation = self.ppl(model)
@@ -332,7 +361,8 @@ class QualityRunner:
         from dotresize.bases.common import target_scores, top_indices
         from dotresize.statistics import pool_stats
 
-        if variant.method != "dot+prune-keep" or variant.mode != "parallel" or keep_sets is None:
+        if (variant.method != "dot+prune-keep" or variant.mode != "parallel" or keep_sets is None
+                or variant.mlp_ratio > 0):  # with the MLP axis the statistics come from the reduced MLPs' pass
             return None
         config = variant.config(self.spec)
         stats, _ = self.stats(None, False)
@@ -357,7 +387,7 @@ class QualityRunner:
         from dotresize.statistics import pool_stats
 
         start = time.perf_counter()
-        if variant.mode == "sequential":
+        if variant.mode == "sequential" or config.mlp_active:  # the MLP axis: the API's one-pass capture
             model, report = compress(copy.deepcopy(self.pristine), self.calibration.input_ids, config,
                                      progress=self.progress)
             return model, report.points, time.perf_counter() - start
@@ -552,7 +582,7 @@ def markdown(result: dict[str, Any]) -> str:
     if dense:
         lines.append(f"Dense: **{dense['ppl']:.2f}** ({dense['parameters']:,} parameters).")
         lines.append("")
-    ratios = spec["ratios"]
+    ratios = [r for r in spec["ratios"] if r > 0]  # (ratio 0 rows are MLP-only: in the MLP table)
     main = [r for r in rows if r["group"] == "main" and not r["dot"] and r.get("outlier_tokens") is None]
     if main:
         header = ["setting", "method"] + [f"{int(round(100 * r))} %" for r in ratios] + ["params (last ratio)"]
@@ -577,6 +607,7 @@ def markdown(result: dict[str, Any]) -> str:
                   "parallel settings they are DOT's own default targets, so that row equals `dot` by construction, "
                   "while in sequential mode the prune run's signals choose them):", "",
                   markdown_table(header, table), ""]
+    lines += _mlp_lines(rows, dense)
     ablation = [r for r in rows if r["group"].startswith("ablation") or r["group"] == "proposed"]
     reference = by_key.get(f"parallel/per-point|{spec['ablation_ratio']}|dot")
     if ablation:
@@ -616,6 +647,32 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _mlp_lines(rows: list[dict], dense: dict | None) -> list[str]:
+    """The MLP-axis table: every row of the main group with a perplexity, the residual-only rows beside the MLP
+    rows, by size; ``*`` marks the Pareto front (no smaller row has a lower perplexity)."""
+    if not any(r.get("mlp_ratio") for r in rows):
+        return []
+    candidates = [r for r in rows if r["group"] == "main" and not r["dot"] and r.get("outlier_tokens") is None
+                  and _ok(r) and "parameters" in r and "same_as" not in r]
+    candidates.sort(key=lambda r: (r["parameters"], r["ppl"]))
+    front, best = set(), math.inf
+    for r in candidates:  # ascending size: on the front when it beats every smaller row
+        if r["ppl"] < best:
+            front.add(r["key"])
+            best = r["ppl"]
+    table = []
+    for r in sorted(candidates, key=lambda r: (-r["parameters"], r["ppl"])):
+        residual = "-" if r["method"] == MLP_ONLY else f"{r['method']} {int(round(100 * r['ratio']))} %"
+        mlp = f"{r['mlp_method']} {int(round(100 * r['mlp_ratio']))} %" if r.get("mlp_ratio") else "-"
+        size = f"{r['parameters'] / dense['parameters']:.3f}x" if dense else ""
+        table.append([r["setting"], residual, mlp, f"{r['parameters'] / 1e6:.1f} M", size,
+                      ("**" + f"{r['ppl']:.2f}" + "** *") if r["key"] in front else f"{r['ppl']:.2f}"])
+    return ["MLP axis (every MLP's intermediate neurons removed by the fraction shown, the removed ones handled by "
+            "the method; residual rows without it beside them), largest first; `*` = Pareto front (no smaller "
+            "model has a lower perplexity):", "",
+            markdown_table(["setting", "residual", "MLP", "params", "x dense", "ppl"], table), ""]
+
+
 # --- command line ------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="full",
@@ -624,6 +681,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratios", default=None, help="comma-separated, e.g. 0.1,0.2,0.3")
     parser.add_argument("--methods", default=None, help=f"comma-separated from {','.join(METHODS)}")
     parser.add_argument("--settings", default=None, help=f"comma-separated from {','.join(SETTINGS)}")
+    parser.add_argument("--mlp-ratios", default=None,
+                        help="comma-separated fractions of MLP neurons removed, e.g. 0,0.2,0.3 (with --ratios 0,...: "
+                             "MLP-only rows too)")
+    parser.add_argument("--mlp-methods", default=None, help=f"comma-separated from {','.join(MLP_METHODS)}")
     parser.add_argument("--calib-samples", type=int, default=None)
     parser.add_argument("--calib-seqlen", type=int, default=None)
     parser.add_argument("--ctx", type=int, default=None)
@@ -646,16 +707,23 @@ def spec_from_args(args) -> QualitySpec:
 
     spec = spec_for(args.size, model=args.model, ratios=floats(args.ratios), methods=words(args.methods),
                     settings=words(args.settings), calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                    ctx=args.ctx, max_windows=args.max_windows, epsilons=floats(args.epsilons))
+                    ctx=args.ctx, max_windows=args.max_windows, epsilons=floats(args.epsilons),
+                    mlp_ratios=floats(args.mlp_ratios), mlp_methods=words(args.mlp_methods))
     if args.ratios is not None or args.settings is not None:
         spec.only = None
     spec.ablations = spec.ablations and not args.no_ablations
     spec.proposed_in_main = spec.proposed_in_main or args.proposed_in_main
-    if args.ratios is not None and spec.ablation_ratio not in spec.ratios:
-        spec.ablation_ratio = spec.ratios[0]
-    unknown = set(spec.methods) - set(METHODS) | set(spec.settings) - set(SETTINGS)
+    positive = [r for r in spec.ratios if r > 0]
+    if args.ratios is not None and spec.ablation_ratio not in positive:
+        spec.ablation_ratio = positive[0] if positive else spec.ablation_ratio
+    unknown = set(spec.methods) - set(METHODS) | set(spec.settings) - set(SETTINGS) \
+        | set(spec.mlp_methods) - set(MLP_METHODS)
     if unknown:
-        raise SystemExit(f"unknown methods/settings: {sorted(unknown)}")
+        raise SystemExit(f"unknown methods/settings/MLP methods: {sorted(unknown)}")
+    if any(not 0 <= r < 1 for r in spec.ratios + spec.mlp_ratios):
+        raise SystemExit("--ratios and --mlp-ratios are fractions in [0, 1)")
+    if 0.0 in spec.ratios and not any(spec.mlp_ratios):
+        raise SystemExit("--ratios 0 compresses nothing without --mlp-ratios (e.g. --mlp-ratios 0.2,0.3)")
     return spec
 
 

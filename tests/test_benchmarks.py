@@ -76,3 +76,25 @@ def test_suite_writes_measured_json_and_markdown(tiny_env, tmp_path):
         assert row["tokens_per_second"] > 0 and row["decode_ms_per_token_median"] > 0
         assert _finite(row["forward_speedup"])
     assert "### Compressed-model speed" in summary
+
+
+def test_quality_benchmark_has_the_mlp_axis(tiny_env, tmp_path):
+    """Rows with MLP neurons removed (with and without the residual axis) beside the residual rows, their size
+    relative to dense, and a Pareto table."""
+    from benchmarks.quality import run_quality, spec_for
+
+    model = write_model_dir(tmp_path / "model")
+    spec = spec_for("tiny", model=str(model), ratios=(0.0, 0.25), methods=("pca",), mlp_ratios=(0.0, 0.3),
+                    mlp_methods=("lsq", "prune"), settings=("parallel/per-point", "sequential/per-point"),
+                    ablations=False)
+    result = run_quality(spec)
+    rows = {r["key"]: r for r in result["rows"]}
+    residual = rows["parallel/per-point|0.25|pca"]
+    both = rows["parallel/per-point|0.25|pca mlp=lsq@0.3"]
+    only = rows["sequential/per-point|0.0|mlp-only mlp=prune@0.3"]
+    for row in (residual, both, only, rows["parallel/per-point|0.0|mlp-only mlp=lsq@0.3"]):
+        assert _finite(row.get("ppl")), row
+    assert both["parameters"] < residual["parameters"] and only["parameters"] < rows["dense"]["parameters"]
+    assert both["mlp_ratio"] == 0.3 and both["mlp_method"] == "lsq" and "mlp_ratio" not in residual
+    assert "| parallel/per-point | pca 25 % | lsq 30 % |" in result["markdown"]
+    assert "Pareto front" in result["markdown"] and "** *" in result["markdown"]
