@@ -20,7 +20,10 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-register_auto_classes()
+from .adapters import ADAPTERS  # noqa: E402
+
+register_auto_classes([cls for a in ADAPTERS for cls in a.model_classes],
+                      {cls.config_class.model_type: a.layout.to_dict() for a in ADAPTERS for cls in a.model_classes})
 
 from .api import CompressionReport, compress, count_parameters  # noqa: E402
 from .export import load_compressed, save_compressed  # noqa: E402

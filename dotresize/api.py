@@ -16,9 +16,10 @@ from transformers import PreTrainedModel
 from .bases import Basis, compute_basis
 from .calibration import capture_point_stats, iter_batches, sequential_bases
 from .config import CompressionConfig
+from .adapters import check_layout, get_adapter
 from .errors import CalibrationError, InvalidConfigError
 from .layerwise import LayeredModel, ResidentModel
-from .modeling import FORMAT_VERSION, MLP_FORMAT_VERSION
+from .modeling import CONFIG_FORMAT_VERSION
 from .statistics import PointStats, pool_stats
 from .surgery import compressed_state_dict
 
@@ -64,8 +65,11 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def plan_widths(model, config: CompressionConfig) -> list[int]:
     """Width d_p of every slice point (method.md decision 6); ``model`` has ``hidden_size``, ``num_points`` and
-    ``num_attention_heads`` (a :class:`~dotresize.layerwise.LayeredModel` or a record of those)."""
+    ``num_attention_heads`` (a :class:`~dotresize.layerwise.LayeredModel` or a record of those, with ``family``
+    for the global layout's refusal where a family has no stock form of it)."""
     full, points = model.hidden_size, model.num_points
+    check_layout(getattr(model, "adapter_cls", None) or getattr(model, "family", None), config.layout,
+                 config.residual_active)
     if config.widths is not None:
         widths = [int(w) for w in config.widths]
         if len(widths) != points:
@@ -162,28 +166,31 @@ def compressed_config(model: LayeredModel, widths: list[int], layout: str, mlp_w
         source.pop(key, None)
     source["tie_word_embeddings"] = bool(tied)  # a rotated stream unties them; the MLP axis alone may keep it
     source["head_dim"] = int(getattr(model.config, "head_dim", None) or model.hidden_size // model.num_attention_heads)
+    family = model.layout
     if mlp_widths is not None:
-        source["intermediate_size"] = max(mlp_widths)
+        source[family.intermediate_size] = max(mlp_widths)
     if is_stock(layout, mlp_widths):
         width = widths[0]
         source["hidden_size"] = width
-        source["rms_norm_eps"] = model.rms_norm_eps * model.hidden_size / width
+        if width != model.hidden_size and isinstance(family.norm_eps, str):
+            source[family.norm_eps] = model.rms_norm_eps * model.hidden_size / width
         config = type(model.config)(**source)
         config.architectures = [model.model_class.__name__]
         return config
-    adapter = model.adapter_cls
-    cls = adapter.compressed_config_class
-    source["dotresize"] = {"format_version": FORMAT_VERSION, "hidden_size": model.hidden_size,
-                           "widths": [int(w) for w in widths]}
+    model_cls = model.adapter_cls.compressed_model_class
+    cls = model_cls.config_class
+    source["dotresize"] = {"format_version": CONFIG_FORMAT_VERSION, "hidden_size": model.hidden_size,
+                           "widths": [int(w) for w in widths], "norm_eps": model.rms_norm_eps,
+                           "layout": family.to_dict()}
     if mlp_widths is not None:
-        source["dotresize"].update(format_version=MLP_FORMAT_VERSION, intermediate_sizes=mlp_widths)
+        source["dotresize"].update(intermediate_sizes=mlp_widths)
     if layout == "global":
-        source["dotresize"].update(format_version=MLP_FORMAT_VERSION, shortcuts=False)
+        source["dotresize"].update(shortcuts=False)
     config = cls(**source)
-    config.architectures = [adapter.compressed_model_class.__name__]
+    config.architectures = [model_cls.__name__]
     config.auto_map = {
         "AutoConfig": f"configuration_dotresize.{cls.__name__}",
-        "AutoModelForCausalLM": f"modeling_dotresize.{adapter.compressed_model_class.__name__}",
+        "AutoModelForCausalLM": f"modeling_dotresize.{model_cls.__name__}",
     }
     return config
 
@@ -223,12 +230,11 @@ def assemble_model(model: LayeredModel, widths: list[int], layout: str, state: d
 
 
 def without_norm_weights(model: LayeredModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A global-layout state without its (constant) norm weights: the per-point class's norms have none."""
+    """A global-layout state without its (constant) norm weights and biases: the per-point class's norms have none."""
     layout = model.layout
-    names = {layout.weight(layout.final_norm)}
-    for index in range(model.num_layers):
-        prefix = layout.layer_prefix(index)
-        names |= {prefix + layout.weight(layout.input_norm), prefix + layout.weight(layout.post_attention_norm)}
+    paths = [layout.final_norm] + [layout.layer_prefix(index) + path for index in range(model.num_layers)
+                                   for path in (layout.input_norm, layout.post_attention_norm)]
+    names = {name for path in paths for name in (layout.weight(path), layout.bias(path))}
     return {k: v for k, v in state.items() if k not in names}
 
 
@@ -321,6 +327,7 @@ def compress(model: PreTrainedModel, calibration: torch.Tensor, config: Compress
     torch.manual_seed(config.seed)
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    check_layout(get_adapter(model).__class__, config.layout, config.residual_active)  # before fusing anything
     layered = ResidentModel(model)  # fuses the norms in place
     check_calibration(calibration, layered.hidden_size)
     timings["fuse"] = time.perf_counter() - start

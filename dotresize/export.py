@@ -110,7 +110,10 @@ def _mlp_record(model: PreTrainedModel, compression: dict[str, Any]) -> dict[str
     if is_per_point(model):
         sizes = model.config.dotresize.get("intermediate_sizes")
     elif compression.get("mlp_ratio") or compression.get("mlp_widths"):
-        sizes = [model.config.intermediate_size] * model.config.num_hidden_layers
+        from .adapters import adapter_class_for_config
+
+        size = adapter_class_for_config(model.config).layout.intermediate_size_of(model.config)
+        sizes = [size] * model.config.num_hidden_layers
     else:
         sizes = None
     return {} if sizes is None else {"intermediate_sizes": [int(m) for m in sizes]}

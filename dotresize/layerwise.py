@@ -31,7 +31,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from .adapters import ModelAdapter, adapter_class_for_config, get_adapter
 from .adapters.base import FamilyLayout, set_submodule
 from .checkpoint import TensorReader, storage_dtype
-from .fusion import fuse_layer, fuse_norms
+from .fusion import centre_rows, fuse_layer, fuse_norms, fused_head_bias
 
 #: decoder layers materialised at once in one process (capture, absorb and sequential tasks share the budget)
 MAX_LIVE_LAYERS = 2
@@ -136,6 +136,32 @@ class LayeredModel:
         """The source's final norm weight as stored (not folded into the head), float32."""
         raise NotImplementedError
 
+    def final_norm_bias(self) -> torch.Tensor | None:
+        """The source's final norm bias as stored (LayerNorm families), float32, else None."""
+        raise NotImplementedError
+
+    def head_bias(self) -> torch.Tensor | None:
+        """The fused head's bias (the final LayerNorm's bias through the head), float32, else None."""
+        raise NotImplementedError
+
+    @property
+    def position_count(self) -> int:
+        """Rows of the learned position table (0 without one)."""
+        raise NotImplementedError
+
+    def position_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the (fused: mean-free) learned position table, float32."""
+        raise NotImplementedError
+
+    def _with_positions(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` (batch x length x D embeddings) plus the learned positions 0..length-1, where the family has
+        them (no padding, no cache: what calibration feeds)."""
+        if self.layout.position_embeddings is None:
+            return hidden
+        offset, length = self.layout.position_offset, hidden.shape[-2]
+        rows = self.position_rows(offset, offset + length).to(device=hidden.device, dtype=hidden.dtype)
+        return hidden + rows
+
     @property
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
@@ -154,7 +180,8 @@ class LayeredModel:
 
     @property
     def rms_norm_eps(self) -> float:
-        return float(self.config.rms_norm_eps)
+        """The norms' eps (whatever the config calls it)."""
+        return self.layout.eps(self.config)
 
     @property
     def vocab_size(self) -> int:
@@ -170,7 +197,8 @@ class LayeredModel:
         raise NotImplementedError
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """The embedding output (float32, on ``device``) of a batch of token ids."""
+        """The first layer's input (float32, on ``device``) for a batch of token ids: the embedding rows times the
+        family's embedding scale, plus its learned positions."""
         raise NotImplementedError
 
     def layer_kwargs(self, hidden: torch.Tensor) -> list[dict[str, Any]]:
@@ -206,8 +234,10 @@ class ResidentModel(LayeredModel):
         self._parameters = _count_unique(model)
         self._dtype = next(model.parameters()).dtype
         self._tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-        final_norm = model.get_submodule(self.layout.final_norm).weight
-        self._final_norm = final_norm.detach().to(torch.float32).clone()
+        final_norm = model.get_submodule(self.layout.final_norm)
+        self._final_norm = final_norm.weight.detach().to(torch.float32).clone()
+        bias = getattr(final_norm, "bias", None)
+        self._final_norm_bias = None if bias is None else bias.detach().to(torch.float32).clone()
         fuse_norms(self.adapter)
         self._sink: list = [None]
 
@@ -224,8 +254,8 @@ class ResidentModel(LayeredModel):
         return self._dtype
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.adapter.embeddings()(ids.to(self.device))
+        with torch.no_grad():  # the module applies the family's embedding scale itself
+            return self._with_positions(self.adapter.embeddings()(ids.to(self.device)))
 
     def layer_kwargs(self, hidden: torch.Tensor) -> list[dict[str, Any]]:
         layers = self.adapter.layers()
@@ -252,6 +282,21 @@ class ResidentModel(LayeredModel):
 
     def final_norm_weight(self) -> torch.Tensor:
         return self._final_norm
+
+    def final_norm_bias(self) -> torch.Tensor | None:
+        return self._final_norm_bias
+
+    def head_bias(self) -> torch.Tensor | None:
+        bias = self.adapter.lm_head().bias
+        return None if bias is None else bias.detach()
+
+    @property
+    def position_count(self) -> int:
+        table = self.adapter.position_embeddings()
+        return 0 if table is None else int(table.weight.shape[0])
+
+    def position_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.adapter.position_embeddings().weight[start:stop]
 
     def parameter_count(self) -> int:
         return self._parameters
@@ -281,12 +326,20 @@ class StreamedModel(LayeredModel):
                       nn.ModuleList([_Recorder(i, self._sink) for i in range(len(self._templates))]))
         if self.layout.rotary:
             skeleton.get_submodule(self.layout.rotary).to(self.device)
+        if self.layout.position_embeddings:  # the skeleton's forward adds them (what it computes is not used)
+            table = skeleton.get_submodule(self.layout.position_embeddings).to_empty(device=self.device)
+            torch.nn.init.zeros_(table.weight)
         self._skeleton = skeleton
         self._embedding = self.layout.weight(self.layout.embeddings)
         head = self.layout.weight(self.layout.lm_head)
         self._head = head if head in reader else self._embedding  # a tied head is not stored
         self._final_norm = self.layout.weight(self.layout.final_norm)
+        self._final_bias = self.layout.bias(self.layout.final_norm)
+        self._positions = (self.layout.weight(self.layout.position_embeddings) if self.layout.position_embeddings
+                           else None)
         self._final_scale: torch.Tensor | None = None
+        self._head_bias: torch.Tensor | None = None
+        self._multiplier = self.layout.embedding_multiplier(config)
 
     # --- structure ------------------------------------------------------------------------------------------
     @property
@@ -315,8 +368,10 @@ class StreamedModel(LayeredModel):
             stop = min(start + EMBED_ROWS, self.vocab_size)
             wanted = (flat >= start) & (flat < stop)
             if bool(wanted.any()):
-                out[wanted] = self._rows(self._embedding, start, stop)[flat[wanted] - start].to(torch.float32)
-        return out.reshape(*ids.shape, -1).to(self.device)
+                out[wanted] = self.embedding_rows(start, stop).cpu()[flat[wanted] - start]
+        if self._multiplier != 1.0:
+            out = out * self._multiplier
+        return self._with_positions(out.reshape(*ids.shape, -1).to(self.device))
 
     def layer_kwargs(self, hidden: torch.Tensor) -> list[dict[str, Any]]:
         with self._kwargs_lock:
@@ -358,14 +413,50 @@ class StreamedModel(LayeredModel):
             return read_rows(name, start, stop)
         return self.reader.read([name])[name][start:stop]
 
+    def _fused_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows of a table of residual-stream vectors (float32): made mean-free for a LayerNorm family."""
+        rows = self._rows(name, start, stop).to(device=self.device, dtype=torch.float32)
+        return centre_rows(rows) if self.layout.layernorm else rows
+
     def embedding_rows(self, start: int, stop: int) -> torch.Tensor:
-        return self._rows(self._embedding, start, stop).to(device=self.device, dtype=torch.float32)
+        return self._fused_rows(self._embedding, start, stop)
+
+    @property
+    def position_count(self) -> int:
+        return 0 if self._positions is None else int(self.reader.infos()[self._positions].shape[0])
+
+    def position_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self._fused_rows(self._positions, start, stop)
 
     def head_rows(self, start: int, stop: int) -> torch.Tensor:
         if self._final_scale is None:
-            self._final_scale = self.reader.read([self._final_norm])[self._final_norm].to(torch.float64)
+            weight = self.reader.read([self._final_norm])[self._final_norm].to(torch.float64)
+            self._final_scale = weight + self.layout.norm_offset
         rows = self._rows(self._head, start, stop).to(device=self.device, dtype=torch.float64)
         return (rows * self._final_scale.to(self.device)[None, :]).to(torch.float32)
+
+    def final_norm_bias(self) -> torch.Tensor | None:
+        if self._final_bias not in self.reader:
+            return None
+        return self.reader.read([self._final_bias])[self._final_bias].to(device=self.device, dtype=torch.float32)
+
+    def head_bias(self) -> torch.Tensor | None:
+        """The final norm's bias through the unscaled head (and the head's own bias), a block of rows at a time."""
+        bias = self.final_norm_bias()
+        head = self.layout.bias(self.layout.lm_head)
+        if bias is None and head not in self.reader:
+            return None
+        if self._head_bias is None:
+            out = torch.zeros(self.vocab_size, dtype=torch.float64, device=self.device)
+            if bias is not None:
+                for start in range(0, self.vocab_size, EMBED_ROWS):
+                    stop = min(start + EMBED_ROWS, self.vocab_size)
+                    rows = self._rows(self._head, start, stop).to(device=self.device, dtype=torch.float64)
+                    out[start:stop] = fused_head_bias(rows, bias.to(torch.float64))
+            if head in self.reader:
+                out += self.reader.read([head])[head].to(device=self.device, dtype=torch.float64)
+            self._head_bias = out.to(torch.float32)
+        return self._head_bias
 
     @property
     def tied(self) -> bool:

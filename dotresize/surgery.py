@@ -18,7 +18,7 @@ from torch import nn
 from .adapters import LayerModules
 from .adapters.base import FamilyLayout
 from .bases import Basis
-from .modeling import RMSN, CompressedDecoderLayer
+from .modeling import compressed_layer
 
 F64 = torch.float64
 
@@ -78,30 +78,44 @@ def _bias(bias: torch.Tensor, Q: torch.Tensor | None, dtype: torch.dtype) -> tor
     return bias.to(dtype) if Q is None else (Q.to(bias.device).T @ _f64(bias)).to(dtype)
 
 
+def _branch_weight(norm: nn.Module, Q: torch.Tensor | None, offset: float, dtype: torch.dtype) -> torch.Tensor:
+    """A :class:`~dotresize.modeling.BranchNorm`'s projection (d x D): ``Qᵀ diag(scale)``, the norm's scale (its
+    weight + ``offset``) applied after the weight-free norm over D and before the point's basis."""
+    scale = norm.weight.detach().to(F64) + offset
+    if Q is None:
+        return torch.diag(scale).to(dtype)
+    return (Q.to(scale.device).T * scale[None, :]).to(dtype)
+
+
 @torch.no_grad()
 def absorb_layer(mods: LayerModules, decoder_in: torch.Tensor | None, Q_attn: torch.Tensor | None,
                  decoder_attn: torch.Tensor | None, Q_mlp: torch.Tensor | None,
                  dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The compressed tensors of one fused layer, keyed like :class:`CompressedDecoderLayer`'s state dict.
 
-    Products are computed in float64 and cast once to ``dtype`` (default: the layer's own dtype).
+    A block whose output goes through a norm before the residual add keeps its output linear full width; the
+    norm becomes a weight-free norm and a projection to the point's basis (``attn_output_norm`` /
+    ``mlp_output_norm``). Products are computed in float64 and cast once to ``dtype`` (default: the layer's own).
     """
-    layer = mods.layer
+    layer, layout = mods.layer, mods.layout
     dtype = dtype or mods.attention_output.weight.dtype
+    branch = tuple(path + "." for path in layout.branch_norms)
     out: dict[str, torch.Tensor] = {k: v.to(dtype) if v.is_floating_point() else v
-                                    for k, v in layer.state_dict().items()}
+                                    for k, v in layer.state_dict().items() if not k.startswith(branch)}
     for linear in mods.attention_inputs:
         out[_linear_keys(layer, linear) + ".weight"] = _consume(linear.weight, decoder_in, dtype)
-    name = _linear_keys(layer, mods.attention_output)
-    out[name + ".weight"] = _produce(mods.attention_output.weight, Q_attn, dtype)
-    if mods.attention_output.bias is not None:
-        out[name + ".bias"] = _bias(mods.attention_output.bias, Q_attn, dtype)
+    for linear, norm, Q in ((mods.attention_output, mods.attention_output_norm, Q_attn),
+                            (mods.mlp_output, mods.mlp_output_norm, Q_mlp)):
+        if norm is not None:  # the block's output stays full width; its norm projects
+            key = "attn_output_norm" if linear is mods.attention_output else "mlp_output_norm"
+            out[key + ".weight"] = _branch_weight(norm, Q, layout.norm_offset, dtype)
+            continue
+        name = _linear_keys(layer, linear)
+        out[name + ".weight"] = _produce(linear.weight, Q, dtype)
+        if linear.bias is not None:
+            out[name + ".bias"] = _bias(linear.bias, Q, dtype)
     for linear in mods.mlp_inputs:
         out[_linear_keys(layer, linear) + ".weight"] = _consume(linear.weight, decoder_attn, dtype)
-    name = _linear_keys(layer, mods.mlp_output)
-    out[name + ".weight"] = _produce(mods.mlp_output.weight, Q_mlp, dtype)
-    if mods.mlp_output.bias is not None:
-        out[name + ".bias"] = _bias(mods.mlp_output.bias, Q_mlp, dtype)
     attn_shortcut = _shortcut(decoder_in, Q_attn, dtype)
     mlp_shortcut = _shortcut(decoder_attn, Q_mlp, dtype)
     if attn_shortcut is not None:
@@ -123,21 +137,22 @@ def frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 @torch.no_grad()
 def build_layer(mods: LayerModules, tensors: dict[str, torch.Tensor], hidden_size: int, eps: float) -> nn.Module:
-    """A runnable :class:`CompressedDecoderLayer` from :func:`absorb_layer`'s tensors (shares no storage)."""
-    import copy
-
+    """A runnable :class:`CompressedDecoderLayer` from :func:`absorb_layer`'s tensors (holding them, no copy; the
+    source layer is left unchanged)."""
     layout = mods.layout
-    attn = copy.copy(mods.layer.get_submodule(layout.attention_block))
-    mlp = copy.copy(mods.layer.get_submodule(layout.mlp_block))
-    attn._modules = dict(attn._modules)
-    mlp._modules = dict(mlp._modules)
-    for owner, prefix in ((attn, layout.attention_block), (mlp, layout.mlp_block)):
-        for child_name, child in list(owner._modules.items()):
-            if isinstance(child, nn.Linear):
-                key = f"{prefix}.{child_name}"
-                owner._modules[child_name] = frozen_linear(tensors[key + ".weight"], tensors.get(key + ".bias"))
-    return CompressedDecoderLayer(attn, mlp, RMSN(hidden_size, eps), RMSN(hidden_size, eps),
-                                  tensors.get("attn_shortcut"), tensors.get("mlp_shortcut"))
+    d_in = tensors[layout.weight(layout.attention_inputs[0])].shape[1]
+    d_attn = tensors[layout.weight(layout.mlp_inputs[0])].shape[1]
+    d_mlp = tensors["mlp_output_norm.weight" if layout.mlp_output_norm else layout.weight(layout.mlp_output)].shape[0]
+    inner = tensors[layout.weight(layout.mlp_output)].shape[1]
+    layer = compressed_layer(mods.layer, layout.to_dict(), d_in, d_attn, d_mlp, hidden_size, eps, inner_width=inner,
+                             shortcuts=False, device="meta")
+    for name in ("attn_shortcut", "mlp_shortcut"):
+        if name in tensors:
+            setattr(layer, name, nn.Parameter(torch.empty_like(tensors[name], device="meta"), requires_grad=False))
+    layer.load_state_dict(tensors, strict=True, assign=True)
+    for parameter in layer.parameters():
+        parameter.requires_grad_(False)
+    return layer
 
 
 def _encoder(basis: Basis, full: int) -> torch.Tensor | None:
@@ -199,11 +214,26 @@ def embeddings_chunks(model, Q: torch.Tensor | None, dtype: torch.dtype) -> Tens
                         _row_chunks(model.embedding_rows, model.vocab_size, lambda w: _produce(w.T, Q, dtype).T))
 
 
-def head_chunks(model, decoder: torch.Tensor | None, dtype: torch.dtype) -> TensorChunks:
-    """The fused head decoding the last point."""
+def position_chunks(model, Q: torch.Tensor | None, dtype: torch.dtype) -> list[TensorChunks]:
+    """The learned position table (OPT's), rotated like the token embeddings; none for other families."""
+    path = model.layout.position_embeddings
+    if path is None:
+        return []
+    width = model.hidden_size if Q is None else Q.shape[1]
+    rows = model.position_count
+    return [TensorChunks(model.layout.weight(path), (rows, width), dtype,
+                         _row_chunks(model.position_rows, rows, lambda w: _produce(w.T, Q, dtype).T))]
+
+
+def head_chunks(model, decoder: torch.Tensor | None, dtype: torch.dtype) -> list[TensorChunks]:
+    """The fused head decoding the last point, and its bias where the final norm had one (LayerNorm families)."""
     width = model.hidden_size if decoder is None else decoder.shape[0]
-    return TensorChunks(model.layout.weight(model.layout.lm_head), (model.vocab_size, width), dtype,
-                        _row_chunks(model.head_rows, model.vocab_size, lambda w: _consume(w, decoder, dtype)))
+    out = [TensorChunks(model.layout.weight(model.layout.lm_head), (model.vocab_size, width), dtype,
+                        _row_chunks(model.head_rows, model.vocab_size, lambda w: _consume(w, decoder, dtype)))]
+    bias = model.head_bias()
+    if bias is not None:
+        out.append(_constant(model.layout.bias(model.layout.lm_head), bias.to(device="cpu", dtype=dtype)))
+    return out
 
 
 def _constant(name: str, value: torch.Tensor) -> TensorChunks:
@@ -217,28 +247,54 @@ def _ends_dtype(model, dtype: torch.dtype | None) -> torch.dtype:
 def per_point_ends(model, first: Basis, last: Basis, dtype: torch.dtype | None = None) -> list[TensorChunks]:
     """Embeddings (rotated by the first point's basis) and head (decoding the last point) of the per-point model."""
     full, dtype = model.hidden_size, _ends_dtype(model, dtype)
-    return [embeddings_chunks(model, _encoder(first, full), dtype), head_chunks(model, _decoder(last, full), dtype)]
+    encoder = _encoder(first, full)
+    return [embeddings_chunks(model, encoder, dtype), *position_chunks(model, encoder, dtype),
+            *head_chunks(model, _decoder(last, full), dtype)]
 
 
-def _global_norm_weight(hidden_size: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """A stock RMSNorm over d dims with eps·D/d equals RMSN over D times √(d/D): its weight is √(D/d)."""
-    return torch.full((width,), math.sqrt(hidden_size / width), dtype=dtype)
+def _global_norm_weight(hidden_size: int, width: int, dtype: torch.dtype, offset: float = 0.0) -> torch.Tensor:
+    """A stock RMSNorm over d dims with eps·D/d equals RMSN over D times √(d/D): its scale is √(D/d) (stored as
+    √(D/d) − ``offset`` where the stored weight w means the scale w + offset)."""
+    return torch.full((width,), math.sqrt(hidden_size / width) - offset, dtype=dtype)
+
+
+def _global_norms(layout: FamilyLayout, paths: list[str], hidden_size: int, width: int,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Weights (and, for LayerNorms, zero biases) of the stock model's norms before a block or the head."""
+    out = {}
+    for path in paths:
+        out[layout.weight(path)] = _global_norm_weight(hidden_size, width, dtype, layout.norm_offset)
+        if layout.layernorm:
+            out[layout.bias(path)] = torch.zeros(width, dtype=dtype)
+    return out
 
 
 @torch.no_grad()
 def global_layer_state(layout: FamilyLayout, mods: LayerModules, index: int, basis: Basis, hidden_size: int,
-                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """``<layers>.<index>.*`` of the global-layout model (no shortcuts: QᵀQ = I)."""
+                       dtype: torch.dtype | None = None, stock: bool = True) -> dict[str, torch.Tensor]:
+    """``<layers>.<index>.*`` of the global-layout model (no shortcuts: QᵀQ = I); ``stock`` false: for the
+    per-point class without shortcuts (weight-free norms, branch norms as projections). A family whose stock form
+    cannot hold a rotated stream (``ModelAdapter.global_layout_refusal``) gets here only with the identity (the
+    MLP axis alone): its norms on block outputs then keep their own weights."""
     Qm, Um = basis.Q, basis.decoder
     tensors = absorb_layer(mods, Um, Qm, Um, Qm, dtype)
     tensors.pop("attn_shortcut", None)
     tensors.pop("mlp_shortcut", None)
     dtype = dtype or mods.attention_output.weight.dtype
-    norm = _global_norm_weight(hidden_size, basis.width, dtype)
-    tensors[layout.weight(layout.input_norm)] = norm.clone()
-    tensors[layout.weight(layout.post_attention_norm)] = norm.clone()
     if basis.width != hidden_size:
         _scale_head_norm_inputs(mods, tensors, Um, math.sqrt(hidden_size / basis.width), dtype)
+    if not stock:
+        return _prefixed(layout, index, tensors)
+    tensors.update(_global_norms(layout, [layout.input_norm, layout.post_attention_norm], hidden_size, basis.width,
+                                 dtype))
+    for key, norm, path in (("attn_output_norm", mods.attention_output_norm, layout.attention_output_norm),
+                            ("mlp_output_norm", mods.mlp_output_norm, layout.mlp_output_norm)):
+        if norm is None:
+            continue
+        if not _is_identity(basis, hidden_size):
+            raise ValueError(f"{path} normalises a full-width block output: no stock model holds a rotated stream")
+        tensors.pop(key + ".weight")
+        tensors[layout.weight(path)] = norm.weight.detach().to(dtype)
     return _prefixed(layout, index, tensors)
 
 
@@ -262,14 +318,23 @@ def keeps_tied_ends(model, basis: Basis) -> bool:
 
 def global_ends(model, basis: Basis, dtype: torch.dtype | None = None, keep_tied: bool = False) -> list[TensorChunks]:
     """Embeddings, final norm and head of the global-layout model; ``keep_tied`` (a stock export) and
-    :func:`keeps_tied_ends`: no head, the final norm's own weight."""
+    :func:`keeps_tied_ends`: no head, the final norm's own weight (and bias)."""
     dtype = _ends_dtype(model, dtype)
+    layout = model.layout
     if keep_tied and keeps_tied_ends(model, basis):
-        norm = model.final_norm_weight().to(device="cpu", dtype=dtype)
-        return [embeddings_chunks(model, None, dtype), _constant(model.layout.weight(model.layout.final_norm), norm)]
-    norm = _global_norm_weight(model.hidden_size, basis.width, dtype)
-    return [embeddings_chunks(model, basis.Q, dtype), _constant(model.layout.weight(model.layout.final_norm), norm),
-            head_chunks(model, basis.decoder, dtype)]
+        norm = {layout.weight(layout.final_norm): model.final_norm_weight()}
+        if model.final_norm_bias() is not None:
+            norm[layout.bias(layout.final_norm)] = model.final_norm_bias()
+        return [embeddings_chunks(model, None, dtype), *position_chunks(model, None, dtype),
+                *(_constant(k, v.to(device="cpu", dtype=dtype)) for k, v in norm.items())]
+    if keep_tied and model.head_bias() is not None:
+        raise ValueError("the stock head has no bias for the final LayerNorm's: an untied LayerNorm source exports "
+                         "with the per-point layout")
+    if layout.embedding_scale and basis.width != model.hidden_size:
+        raise ValueError("the stock model scales its embeddings by its own width: no global layout below it")
+    norm = _global_norms(layout, [layout.final_norm], model.hidden_size, basis.width, dtype)
+    return [embeddings_chunks(model, basis.Q, dtype), *position_chunks(model, basis.Q, dtype),
+            *(_constant(k, v) for k, v in norm.items()), *head_chunks(model, basis.decoder, dtype)]
 
 
 @torch.no_grad()
@@ -278,7 +343,9 @@ def layer_state(model, index: int, layer: nn.Module, bases: list[Basis], layout_
     """The compressed tensors of fused layer ``index`` (``bases``: the three per-point bases, or the global one)."""
     mods = model.adapter_cls.modules_of(layer)
     if layout_name == "global":
-        return global_layer_state(model.layout, mods, index, bases[0], model.hidden_size, dtype)
+        widths = getattr(model, "mlp_widths", None)  # non-uniform MLP widths: the per-point class, no shortcuts
+        return global_layer_state(model.layout, mods, index, bases[0], model.hidden_size, dtype,
+                                  stock=widths is None or len(set(widths)) == 1)
     return per_point_layer_state(model.layout, mods, index, *bases, model.hidden_size, dtype)
 
 

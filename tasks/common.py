@@ -25,7 +25,7 @@ CODE_VERSIONS = {
     "pool": "2",
     "solve": "2",
     "absorb": "2",
-    "export": "2",
+    "export": "3",
     "evaluate": "1",
 }
 

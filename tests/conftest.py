@@ -17,15 +17,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from dotresize.adapters import ADAPTERS  # noqa: E402
+from dotresize.adapters import BY_FAMILY  # noqa: E402
 
+#: every family's tiny config (the shared family tests run on each): one line per family
 FAMILY_CONFIGS = {
-    "llama-tied": lambda: ADAPTERS[0].tiny_config(),
-    "llama-untied": lambda: ADAPTERS[0].tiny_config(tie_word_embeddings=False),
-    "mistral": lambda: ADAPTERS[1].tiny_config(),
-    "qwen2": lambda: ADAPTERS[2].tiny_config(),
-    "qwen3": lambda: ADAPTERS[3].tiny_config(),
-    "phi3": lambda: ADAPTERS[4].tiny_config(),
+    "llama-tied": lambda: BY_FAMILY["llama"].tiny_config(),
+    "llama-untied": lambda: BY_FAMILY["llama"].tiny_config(tie_word_embeddings=False),
+    "mistral": lambda: BY_FAMILY["mistral"].tiny_config(),
+    "qwen2": lambda: BY_FAMILY["qwen2"].tiny_config(),
+    "qwen3": lambda: BY_FAMILY["qwen3"].tiny_config(),
+    "phi3": lambda: BY_FAMILY["phi3"].tiny_config(),
 }
 
 

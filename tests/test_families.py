@@ -7,11 +7,12 @@ misplaced eps shows), its stock export loads in a fresh process, and the MLP axi
 """
 
 import json
+import re
 
 import pytest
 import torch
 
-from conftest import assert_fresh_process_logits, make_tiny_model, tiny_calibration, write_model_dir
+from conftest import FAMILY_CONFIGS, assert_fresh_process_logits, make_tiny_model, tiny_calibration, write_model_dir
 from dotresize import CompressionConfig, compress, load_compressed, save_compressed
 from dotresize.adapters import ADAPTERS, get_adapter
 from dotresize.api import build_compressed_model
@@ -28,11 +29,44 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("adapter", ADAPTERS, ids=lambda a: a.family)
-def test_every_compressed_class_uses_its_adapters_module_paths(adapter):
-    """The shipped modeling code keeps its own copy of the paths (it cannot import dotresize): it must agree."""
-    modules = adapter.compressed_model_class.dotresize_modules
-    assert {key: getattr(adapter.layout, key) for key in modules} == modules
+def test_every_adapter_has_a_tiny_config_in_the_shared_tests():
+    """A family is its adapter file (found by scanning dotresize.adapters) and its line in FAMILY_CONFIGS."""
+    tested = {make_tiny_model(name).config.model_type for name in FAMILY_CONFIGS}
+    assert {t for a in ADAPTERS for t in a.model_types} <= tested
+
+
+def test_the_compressed_config_records_the_layout_and_the_code_reads_nothing_else(tmp_path, family):
+    """The shipped modeling code knows no family: what it builds comes from the config's recorded layout (an
+    export whose layout names other paths fails to load, so the layout is really what is used)."""
+    model = make_tiny_model(family)
+    ids = tiny_calibration(samples=32)
+    compressed, report = compress(model, ids, CompressionConfig(method="pca", ratio=0.25), progress=False)
+    out = save_compressed(compressed, tmp_path / "model", compression=report.config)
+    config = json.loads((out / "config.json").read_text())
+    adapter = get_adapter(make_tiny_model(family))
+    assert config["dotresize"]["layout"] == adapter.layout.to_dict() and config["dotresize"]["format_version"] == 3
+    assert config["model_type"] == "dotresize_" + model.config.model_type
+    assert config["architectures"] == ["DotResize" + type(model).__name__]
+    source = (out / "modeling_dotresize.py").read_text() + (out / "configuration_dotresize.py").read_text()
+    assert type(model).__name__ not in source and not re.search(r"\bfrom transformers import \w+For", source)
+    config["dotresize"]["layout"]["mlp_output"] = "mlp.no_such_proj"
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match="no_such_proj"):
+        load_compressed(out, trust_remote_code=True)
+
+
+def test_an_export_written_before_format_3_still_loads(tmp_path):
+    """Configs of formats 1-2 record no layout: ``import dotresize`` knows their family's (old model types too)."""
+    compressed, report = compress(make_tiny_model("qwen3"), tiny_calibration(samples=32),
+                                  CompressionConfig(method="pca", ratio=0.25), progress=False)
+    out = save_compressed(compressed, tmp_path / "model", compression=report.config)
+    expected = _logits(compressed, tiny_calibration(samples=2))
+    config = json.loads((out / "config.json").read_text())
+    for key in ("layout", "norm_eps"):
+        del config["dotresize"][key]
+    config["dotresize"]["format_version"] = 1
+    (out / "config.json").write_text(json.dumps(config))
+    assert (_logits(load_compressed(out), tiny_calibration(samples=2)) - expected).abs().max() <= 1e-5
 
 
 def test_fused_and_head_norm_layouts_are_declared_and_used():

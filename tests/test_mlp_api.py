@@ -216,7 +216,7 @@ def test_non_uniform_mlp_widths_export_with_the_per_point_code(tmp_path, config)
     compressed, report, ids = _compress("mistral", **config)
     out = save_compressed(compressed, tmp_path / "model", compression=report.config)
     spec = json.loads((out / "config.json").read_text())["dotresize"]
-    assert spec["intermediate_sizes"] == [104, 72, 40] and spec["format_version"] == 2
+    assert spec["intermediate_sizes"] == [104, 72, 40] and spec["format_version"] >= 2
     assert spec.get("shortcuts", True) is (config.get("layout") != "global" and config["ratio"] > 0)
     expected = _logits(compressed, ids[:4])
     for loaded in (load_compressed(out), AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)):

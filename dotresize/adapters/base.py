@@ -1,24 +1,32 @@
 """What an adapter declares: where a family keeps its norms, linears, embeddings and head.
 
-The names are data (:class:`FamilyLayout`): module paths inside the causal LM and inside one decoder layer.
-Everything that walks a model — fusion, capture, absorption, the layer-streamed loader reading a checkpoint
-tensor by tensor, the MLP axis — asks the layout, so a Llama-like family is one adapter file with its layout and a
-tiny config, plus its compressed config and model class in :mod:`dotresize.modeling` (that code ships inside exports
-without dotresize, so it keeps its own copy of the paths; tests/test_families.py checks that they agree).
+The names are data (:class:`FamilyLayout`): module paths inside the causal LM and inside one decoder layer, the
+norm kind and where the norms sit. Everything that walks a model — fusion, capture, absorption, the layer-streamed
+loader reading a checkpoint tensor by tensor, the MLP axis — asks the layout, and the compressed config records it,
+so the shipped modeling code builds any family from it (:mod:`dotresize.modeling` has no entry per family). Adapters
+are found by scanning this package: a Llama-like family is one adapter file (its model classes and a tiny config)
+plus its line in the tests' ``FAMILY_CONFIGS``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from ..modeling import compressed_config_class, compressed_model_class
+
+#: the values of :attr:`FamilyLayout.embedding_scale`: the factor the model multiplies its embedding rows by
+EMBEDDING_SCALES = {None: lambda config: 1.0,
+                    "sqrt_hidden_size": lambda config: math.sqrt(int(config.hidden_size))}
+
 
 @dataclass(frozen=True)
 class FamilyLayout:
-    """Module paths of a pre-norm decoder LM (dotted, as in ``named_modules`` / state-dict keys).
+    """Module paths of a pre-norm decoder LM (dotted, as in ``named_modules`` / state-dict keys) and its norms.
 
     ``layers`` is the ModuleList of decoder layers in the causal LM; the other model-level paths are the
     embeddings, the final norm and the head; the layer-level paths are relative to one decoder layer.
@@ -29,6 +37,16 @@ class FamilyLayout:
     its outputs (gate then up: 2). ``head_norm_inputs`` are the linears whose outputs an RMSNorm with the config's
     eps normalises per head (Qwen3's q_proj / k_proj before ``head_norms`` q_norm / k_norm): the global layout
     scales them by √(D/d), which makes the stock config's eps·D/d leave those norms exact.
+
+    Beyond Llama's shape: ``norm`` is ``"rms"`` or ``"layernorm"`` (mean subtraction and a bias: fusion makes the
+    residual stream mean-free and folds the bias into the next linears' biases, SliceGPT's way); ``norm_offset`` is
+    added to a stored norm weight to give its scale (Gemma stores w for 1 + w); ``norm_eps`` is the config key of
+    the norms' eps, or the eps itself; ``position_embeddings`` is a learned position table added to the token
+    embeddings (``position_offset``: the row of position 0); ``embedding_scale`` a factor the model applies to its
+    embedding rows (one of :data:`EMBEDDING_SCALES`); ``attention_output_norm`` / ``mlp_output_norm`` are norms on
+    a block's output before the residual add (Gemma 3); ``mlp_activation`` names the activation module when the MLP
+    is a chain on the layer itself (OPT's fc1 → activation_fn → fc2); ``intermediate_size`` is the config key of
+    the MLP width.
     """
 
     layers: str = "model.layers"
@@ -36,15 +54,25 @@ class FamilyLayout:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
     rotary: str | None = "model.rotary_emb"
+    position_embeddings: str | None = None
+    position_offset: int = 0
+    embedding_scale: str | None = None
+    norm: str = "rms"
+    norm_offset: float = 0.0
+    norm_eps: str | float = "rms_norm_eps"
     input_norm: str = "input_layernorm"
     post_attention_norm: str = "post_attention_layernorm"
+    attention_output_norm: str | None = None
+    mlp_output_norm: str | None = None
     attention_inputs: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     attention_output: str = "self_attn.o_proj"
     mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
     mlp_output: str = "mlp.down_proj"
     mlp_input_blocks: int = 1
+    mlp_activation: str | None = None
     head_norm_inputs: tuple[str, ...] = ()
     head_norms: tuple[str, ...] = ()
+    intermediate_size: str = "intermediate_size"
 
     @property
     def attention_block(self) -> str:
@@ -53,8 +81,16 @@ class FamilyLayout:
 
     @property
     def mlp_block(self) -> str:
-        """The MLP module's path in a layer (the parent of its output linear)."""
+        """The MLP module's path in a layer (the parent of its output linear; "" for a chain on the layer)."""
         return self.mlp_output.rpartition(".")[0]
+
+    @property
+    def layernorm(self) -> bool:
+        return self.norm == "layernorm"
+
+    @property
+    def branch_norms(self) -> tuple[str, ...]:
+        return tuple(p for p in (self.attention_output_norm, self.mlp_output_norm) if p)
 
     def layer_prefix(self, index: int) -> str:
         """State-dict prefix of decoder layer ``index`` (``model.layers.3.``)."""
@@ -71,10 +107,29 @@ class FamilyLayout:
     def weight(self, path: str) -> str:
         return f"{path}.weight"
 
+    def bias(self, path: str) -> str:
+        return f"{path}.bias"
+
+    def eps(self, config: PretrainedConfig) -> float:
+        """The norms' eps in ``config``."""
+        return float(self.norm_eps if not isinstance(self.norm_eps, str) else getattr(config, self.norm_eps))
+
+    def embedding_multiplier(self, config: PretrainedConfig) -> float:
+        return float(EMBEDDING_SCALES[self.embedding_scale](config))
+
+    def intermediate_size_of(self, config: PretrainedConfig) -> int | None:
+        size = getattr(config, self.intermediate_size, None)
+        return int(size) if size else None
+
+    def to_dict(self) -> dict:
+        """The layout as JSON (what a compressed config records)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
 
 @dataclass
 class LayerModules:
-    """The modules of one pre-norm decoder layer that compression touches."""
+    """The modules of one pre-norm decoder layer that compression touches (``*_output_norm``: a norm on that
+    block's output before the residual add, or None)."""
 
     layer: nn.Module
     input_norm: nn.Module
@@ -84,6 +139,8 @@ class LayerModules:
     mlp_inputs: list[nn.Linear]
     mlp_output: nn.Linear
     layout: FamilyLayout = FamilyLayout()
+    attention_output_norm: nn.Module | None = None
+    mlp_output_norm: nn.Module | None = None
 
 
 def layer_modules_of(layout: FamilyLayout, layer: nn.Module) -> LayerModules:
@@ -97,6 +154,9 @@ def layer_modules_of(layout: FamilyLayout, layer: nn.Module) -> LayerModules:
         mlp_inputs=[layer.get_submodule(p) for p in layout.mlp_inputs],
         mlp_output=layer.get_submodule(layout.mlp_output),
         layout=layout,
+        attention_output_norm=layer.get_submodule(layout.attention_output_norm) if layout.attention_output_norm
+        else None,
+        mlp_output_norm=layer.get_submodule(layout.mlp_output_norm) if layout.mlp_output_norm else None,
     )
 
 
@@ -110,9 +170,11 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 class ModelAdapter:
     """Adapter for pre-norm decoder LMs; the family's names live in ``layout``.
 
-    Subclasses name their model classes, model types, compressed classes, layout and a tiny test config.
-    An instance wraps a loaded model (the in-memory path); the class-level declarations are used without one
-    (the layer-streamed path reads a checkpoint through them).
+    Subclasses name their model classes, model types, layout and a tiny test config; their compressed classes are
+    made from the model class (``DotResize<Source>ForCausalLM``, :mod:`dotresize.modeling`). An instance wraps a
+    loaded model (the in-memory path); the class-level declarations are used without one (the layer-streamed path
+    reads a checkpoint through them). ``global_layout_refusal``: why a sliced or rotated residual stream has no stock
+    form in this family (the global layout is then refused; the MLP axis alone still exports a stock model).
     """
 
     family: ClassVar[str] = ""
@@ -121,6 +183,13 @@ class ModelAdapter:
     compressed_model_class: ClassVar[type[PreTrainedModel]]
     compressed_config_class: ClassVar[type[PretrainedConfig]]
     layout: ClassVar[FamilyLayout] = FamilyLayout()
+    global_layout_refusal: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.model_classes:
+            cls.compressed_model_class = compressed_model_class(cls.model_classes[0])
+            cls.compressed_config_class = compressed_config_class(cls.model_classes[0].config_class)
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
@@ -130,6 +199,11 @@ class ModelAdapter:
     def tiny_config(cls, **overrides) -> PretrainedConfig:
         """A few-kilobyte config of this family for fast, exact tests."""
         raise NotImplementedError(f"{cls.__name__} must define tiny_config")
+
+    @classmethod
+    def check_config(cls, config: PretrainedConfig) -> None:
+        """Refuse (:class:`~dotresize.errors.UnsupportedArchitectureError`, one line) a variant of the family this
+        adapter cannot compress exactly; called before any weight is read."""
 
     @classmethod
     def modules_of(cls, layer: nn.Module) -> LayerModules:
@@ -154,7 +228,8 @@ class ModelAdapter:
 
     @property
     def rms_norm_eps(self) -> float:
-        return float(self.config.rms_norm_eps)
+        """The norms' eps (whatever the config calls it)."""
+        return self.layout.eps(self.config)
 
     @property
     def num_attention_heads(self) -> int:
@@ -163,8 +238,15 @@ class ModelAdapter:
     def embeddings(self) -> nn.Embedding:
         return self.model.get_submodule(self.layout.embeddings)
 
+    def position_embeddings(self) -> nn.Embedding | None:
+        path = self.layout.position_embeddings
+        return None if path is None else self.model.get_submodule(path)
+
     def lm_head(self) -> nn.Linear:
         return self.model.get_submodule(self.layout.lm_head)
+
+    def set_lm_head(self, module: nn.Module) -> None:
+        set_submodule(self.model, self.layout.lm_head, module)
 
     def final_norm(self) -> nn.Module:
         return self.model.get_submodule(self.layout.final_norm)

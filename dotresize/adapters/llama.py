@@ -2,12 +2,6 @@
 
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from ..modeling import (
-    DotResizeLlamaConfig,
-    DotResizeLlamaForCausalLM,
-    DotResizeMistralConfig,
-    DotResizeMistralForCausalLM,
-)
 from .base import ModelAdapter
 
 _TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
@@ -18,8 +12,6 @@ class LlamaAdapter(ModelAdapter):
     family = "llama"
     model_classes = (LlamaForCausalLM,)
     model_types = ("llama",)
-    compressed_model_class = DotResizeLlamaForCausalLM
-    compressed_config_class = DotResizeLlamaConfig
 
     @classmethod
     def tiny_config(cls, **overrides) -> LlamaConfig:
@@ -30,8 +22,6 @@ class MistralAdapter(ModelAdapter):
     family = "mistral"
     model_classes = (MistralForCausalLM,)
     model_types = ("mistral",)
-    compressed_model_class = DotResizeMistralForCausalLM
-    compressed_config_class = DotResizeMistralConfig
 
     @classmethod
     def tiny_config(cls, **overrides) -> MistralConfig:

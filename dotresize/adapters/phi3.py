@@ -7,7 +7,6 @@ then up rows (``mlp_input_blocks = 2``): a kept neuron keeps its row in both hal
 
 from transformers import Phi3Config, Phi3ForCausalLM
 
-from ..modeling import DotResizePhi3Config, DotResizePhi3ForCausalLM
 from .base import FamilyLayout, ModelAdapter
 
 
@@ -15,8 +14,6 @@ class Phi3Adapter(ModelAdapter):
     family = "phi3"
     model_classes = (Phi3ForCausalLM,)
     model_types = ("phi3",)
-    compressed_model_class = DotResizePhi3ForCausalLM
-    compressed_config_class = DotResizePhi3Config
     layout = FamilyLayout(attention_inputs=("self_attn.qkv_proj",), mlp_inputs=("mlp.gate_up_proj",),
                           mlp_input_blocks=2)
 

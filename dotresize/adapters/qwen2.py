@@ -2,7 +2,6 @@
 
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from ..modeling import DotResizeQwen2Config, DotResizeQwen2ForCausalLM
 from .base import ModelAdapter
 
 
@@ -10,8 +9,6 @@ class Qwen2Adapter(ModelAdapter):
     family = "qwen2"
     model_classes = (Qwen2ForCausalLM,)
     model_types = ("qwen2",)
-    compressed_model_class = DotResizeQwen2ForCausalLM
-    compressed_config_class = DotResizeQwen2Config
 
     @classmethod
     def tiny_config(cls, **overrides) -> Qwen2Config:

@@ -8,7 +8,6 @@ scaled by √(D/d) to compensate (``head_norm_inputs``).
 
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from ..modeling import DotResizeQwen3Config, DotResizeQwen3ForCausalLM
 from .base import FamilyLayout, ModelAdapter
 
 
@@ -16,8 +15,6 @@ class Qwen3Adapter(ModelAdapter):
     family = "qwen3"
     model_classes = (Qwen3ForCausalLM,)
     model_types = ("qwen3",)
-    compressed_model_class = DotResizeQwen3ForCausalLM
-    compressed_config_class = DotResizeQwen3Config
     layout = FamilyLayout(head_norm_inputs=("self_attn.q_proj", "self_attn.k_proj"),
                           head_norms=("self_attn.q_norm", "self_attn.k_norm"))
 

@@ -34,10 +34,11 @@ from .weights import reduce_mlp_weights
 
 
 def intermediate_size(model: LayeredModel) -> int:
-    """The source's MLP intermediate width I (the config's ``intermediate_size``)."""
-    size = getattr(model.config, "intermediate_size", None)
+    """The source's MLP intermediate width I (the config's ``intermediate_size``, whatever the family calls it)."""
+    size = model.layout.intermediate_size_of(model.config)
     if not size:
-        raise InvalidConfigError(f"{type(model.config).__name__} has no intermediate_size: the MLP axis needs one")
+        raise InvalidConfigError(f"{type(model.config).__name__} has no {model.layout.intermediate_size}: the MLP "
+                                 "axis needs one")
     return int(size)
 
 
@@ -253,6 +254,19 @@ class MlpReducedModel(LayeredModel):
 
     def final_norm_weight(self) -> torch.Tensor:
         return self.base.final_norm_weight()
+
+    def final_norm_bias(self) -> torch.Tensor | None:
+        return self.base.final_norm_bias()
+
+    def head_bias(self) -> torch.Tensor | None:
+        return self.base.head_bias()
+
+    @property
+    def position_count(self) -> int:
+        return self.base.position_count
+
+    def position_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.base.position_rows(start, stop)
 
     def parameter_count(self) -> int:
         return self.base.parameter_count()

@@ -4,24 +4,24 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .configuration_dotresize import (
-    FORMAT_VERSION,
-    MLP_FORMAT_VERSION,
-    DotResizeLlamaConfig,
-    DotResizeMistralConfig,
-    DotResizePhi3Config,
-    DotResizeQwen2Config,
-    DotResizeQwen3Config,
-)
+from .configuration_dotresize import compressed_config_class
 from .modeling_dotresize import (
+    DEFAULT_LAYOUTS,
+    MAX_FORMAT_VERSION,
     RMSN,
+    BranchNorm,
     CompressedDecoderLayer,
-    DotResizeLlamaForCausalLM,
-    DotResizeMistralForCausalLM,
-    DotResizePhi3ForCausalLM,
-    DotResizeQwen2ForCausalLM,
-    DotResizeQwen3ForCausalLM,
+    compressed_layer,
+    compressed_model_class,
+    layout_of,
 )
+
+#: ``dotresize.json``'s format (the export directory's record)
+FORMAT_VERSION = 1
+#: the config format that may hold ``intermediate_sizes`` and ``shortcuts``
+MLP_FORMAT_VERSION = 2
+#: the config format every compressed config is written in: it records the family's layout and norm eps
+CONFIG_FORMAT_VERSION = MAX_FORMAT_VERSION
 
 #: files copied into every per-point export so that ``trust_remote_code=True`` loading works without dotresize.
 MODELING_FILES = (
@@ -29,18 +29,15 @@ MODELING_FILES = (
     Path(__file__).with_name("modeling_dotresize.py"),
 )
 
-_PAIRS = (
-    (DotResizeLlamaConfig, DotResizeLlamaForCausalLM),
-    (DotResizeMistralConfig, DotResizeMistralForCausalLM),
-    (DotResizeQwen2Config, DotResizeQwen2ForCausalLM),
-    (DotResizeQwen3Config, DotResizeQwen3ForCausalLM),
-    (DotResizePhi3Config, DotResizePhi3ForCausalLM),
-)
 
-
-def register_auto_classes() -> None:
-    """Make ``AutoModelForCausalLM.from_pretrained(dir)`` load compressed exports without remote code."""
-    for config_cls, model_cls in _PAIRS:
+def register_auto_classes(model_classes, layouts: dict[str, dict] | None = None) -> None:
+    """Make ``AutoModelForCausalLM.from_pretrained(dir)`` load compressed exports of the source classes
+    ``model_classes`` without remote code; ``layouts`` (source model type → layout) serve configs written before
+    format 3, which record none."""
+    DEFAULT_LAYOUTS.update(layouts or {})
+    for base in model_classes:
+        model_cls = compressed_model_class(base)
+        config_cls = model_cls.config_class
         try:
             AutoConfig.register(config_cls.model_type, config_cls)
         except ValueError:
@@ -52,8 +49,7 @@ def register_auto_classes() -> None:
 
 
 __all__ = [
-    "FORMAT_VERSION", "MLP_FORMAT_VERSION", "MODELING_FILES", "RMSN", "CompressedDecoderLayer", "register_auto_classes",
-    "DotResizeLlamaConfig", "DotResizeMistralConfig", "DotResizeQwen2Config", "DotResizeQwen3Config",
-    "DotResizePhi3Config", "DotResizeLlamaForCausalLM", "DotResizeMistralForCausalLM", "DotResizeQwen2ForCausalLM",
-    "DotResizeQwen3ForCausalLM", "DotResizePhi3ForCausalLM",
+    "FORMAT_VERSION", "MLP_FORMAT_VERSION", "CONFIG_FORMAT_VERSION", "MODELING_FILES", "RMSN", "BranchNorm",
+    "CompressedDecoderLayer", "compressed_layer", "compressed_config_class", "compressed_model_class", "layout_of",
+    "register_auto_classes",
 ]

@@ -3,38 +3,51 @@
 This file ships inside every exported ``per-point`` model directory, so it imports only transformers.
 A compressed config is the source architecture's config plus one extra field, ``dotresize``::
 
-    {"format_version": 1, "hidden_size": D, "widths": [d_0, ..., d_2L]}
+    {"format_version": 3, "hidden_size": D, "widths": [d_0, ..., d_2L], "norm_eps": eps, "layout": {...}}
 
 ``hidden_size`` stays the *original* width D (the normalisation divides by it); ``widths[p]`` is the
 width of residual-stream point p (0 = embeddings, 2l+1 = after attention of layer l, 2l+2 = after its MLP).
 
 Format 2 adds two optional keys: ``intermediate_sizes`` (one MLP intermediate width per layer, when the MLPs were
 reduced) and ``shortcuts`` (false: no shortcut matrices, every width equal — the global layout with non-uniform
-MLP widths, or MLPs reduced with the residual stream untouched).
+MLP widths, or MLPs reduced with the residual stream untouched). Format 3 records the family's ``layout`` (module
+paths, norm kind, branch norms: what ``dotresize.adapters.base.FamilyLayout`` holds, as JSON) and ``norm_eps``, so
+the modeling code needs no entry per family; formats 1-2 carry neither (their families' layouts are registered by
+``import dotresize``, and their own shipped code still loads them).
+
+There is no class per family here: ``DotResize<Source>Config`` (``DotResizeLlamaConfig``, ``DotResizeOPTConfig``,
+...) is made on first use from transformers' ``<Source>Config``, with model type ``dotresize_<source type>``.
 """
 
-from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from __future__ import annotations
 
-FORMAT_VERSION = 1
-#: the format that may hold ``intermediate_sizes`` and ``shortcuts`` (written only by configs that use them)
-MLP_FORMAT_VERSION = 2
+import re
 
+import transformers
 
-class DotResizeLlamaConfig(LlamaConfig):
-    model_type = "dotresize_llama"
-
-
-class DotResizeMistralConfig(MistralConfig):
-    model_type = "dotresize_mistral"
+PREFIX = "DotResize"
+MODEL_TYPE_PREFIX = "dotresize_"
+_CLASSES: dict[str, type] = {}
 
 
-class DotResizeQwen2Config(Qwen2Config):
-    model_type = "dotresize_qwen2"
+def compressed_config_class(base: type) -> type:
+    """``DotResize<Base>``: ``base`` (a transformers config class) with the compressed model type."""
+    name = PREFIX + base.__name__
+    if name not in _CLASSES:
+        _CLASSES[name] = type(name, (base,), {
+            "model_type": MODEL_TYPE_PREFIX + base.model_type,
+            "dotresize_base_model_type": base.model_type,
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": f"{base.__name__} of a width-compressed model (see this module's docstring).",
+        })
+    return _CLASSES[name]
 
 
-class DotResizeQwen3Config(Qwen3Config):
-    model_type = "dotresize_qwen3"
-
-
-class DotResizePhi3Config(Phi3Config):
-    model_type = "dotresize_phi3"
+def __getattr__(name: str):
+    """``DotResizeXConfig`` for any transformers config class ``XConfig`` (what ``auto_map`` names)."""
+    match = re.fullmatch(PREFIX + r"(\w+Config)", name)
+    base = getattr(transformers, match.group(1), None) if match else None
+    if base is None or not isinstance(base, type):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return compressed_config_class(base)
