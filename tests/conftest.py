@@ -27,6 +27,7 @@ FAMILY_CONFIGS = {
     "qwen2": lambda: BY_FAMILY["qwen2"].tiny_config(),
     "qwen3": lambda: BY_FAMILY["qwen3"].tiny_config(),
     "phi3": lambda: BY_FAMILY["phi3"].tiny_config(),
+    "smollm3": lambda: BY_FAMILY["smollm3"].tiny_config(),
 }
 
 
