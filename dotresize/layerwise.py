@@ -217,6 +217,11 @@ class LayeredModel:
         """Rows ``start:stop`` of the fused head (final norm folded in, untied), float32."""
         raise NotImplementedError
 
+    def raw_embedding_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the embedding matrix as the source stores it (not made mean-free: what a tied head
+        that keeps its final norm reads), float32."""
+        raise NotImplementedError
+
     def parameter_count(self) -> int:
         """Parameters of the source model (tied weights once)."""
         raise NotImplementedError
@@ -238,6 +243,9 @@ class ResidentModel(LayeredModel):
         self._final_norm = final_norm.weight.detach().to(torch.float32).clone()
         bias = getattr(final_norm, "bias", None)
         self._final_norm_bias = None if bias is None else bias.detach().to(torch.float32).clone()
+        embeddings = self.adapter.embeddings().weight  # fusion makes a LayerNorm family's rows mean-free
+        self._embedding_means = (embeddings.detach().to(torch.float64).mean(dim=-1)
+                                 if self.layout.layernorm else None)
         fuse_norms(self.adapter)
         self._sink: list = [None]
 
@@ -275,6 +283,13 @@ class ResidentModel(LayeredModel):
 
     def head_rows(self, start: int, stop: int) -> torch.Tensor:
         return self.adapter.lm_head().weight[start:stop]
+
+    def raw_embedding_rows(self, start: int, stop: int) -> torch.Tensor:
+        rows = self.embedding_rows(start, stop)
+        if self._embedding_means is None:
+            return rows
+        means = self._embedding_means[start:stop].to(rows.device)
+        return (rows.to(torch.float64) + means[:, None]).to(rows.dtype)
 
     @property
     def tied(self) -> bool:
@@ -420,6 +435,9 @@ class StreamedModel(LayeredModel):
 
     def embedding_rows(self, start: int, stop: int) -> torch.Tensor:
         return self._fused_rows(self._embedding, start, stop)
+
+    def raw_embedding_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self._rows(self._embedding, start, stop).to(device=self.device, dtype=torch.float32)
 
     @property
     def position_count(self) -> int:

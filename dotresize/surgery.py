@@ -207,11 +207,12 @@ def _row_chunks(fetch, total: int, transform, rows: int = END_ROWS):
     return chunks
 
 
-def embeddings_chunks(model, Q: torch.Tensor | None, dtype: torch.dtype) -> TensorChunks:
-    """The embedding matrix rotated by the first point's encoder."""
+def embeddings_chunks(model, Q: torch.Tensor | None, dtype: torch.dtype, raw: bool = False) -> TensorChunks:
+    """The (fused) embedding matrix rotated by the first point's encoder; ``raw``: as the source stores it."""
     width = model.hidden_size if Q is None else Q.shape[1]
+    rows = model.raw_embedding_rows if raw else model.embedding_rows
     return TensorChunks(model.layout.weight(model.layout.embeddings), (model.vocab_size, width), dtype,
-                        _row_chunks(model.embedding_rows, model.vocab_size, lambda w: _produce(w.T, Q, dtype).T))
+                        _row_chunks(rows, model.vocab_size, lambda w: _produce(w.T, Q, dtype).T))
 
 
 def position_chunks(model, Q: torch.Tensor | None, dtype: torch.dtype) -> list[TensorChunks]:
@@ -325,7 +326,8 @@ def global_ends(model, basis: Basis, dtype: torch.dtype | None = None, keep_tied
         norm = {layout.weight(layout.final_norm): model.final_norm_weight()}
         if model.final_norm_bias() is not None:
             norm[layout.bias(layout.final_norm)] = model.final_norm_bias()
-        return [embeddings_chunks(model, None, dtype), *position_chunks(model, None, dtype),
+        # the head is the embedding matrix: as stored (a LayerNorm family's stock norms remove the stream's mean)
+        return [embeddings_chunks(model, None, dtype, raw=True), *position_chunks(model, None, dtype),
                 *(_constant(k, v.to(device="cpu", dtype=dtype)) for k, v in norm.items())]
     if keep_tied and model.head_bias() is not None:
         raise ValueError("the stock head has no bias for the final LayerNorm's: an untied LayerNorm source exports "

@@ -417,7 +417,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _check_with_transformers(args, paths: Paths, tensors: dict[str, TensorInfo] | None) -> Checked:
-    from dotresize.adapters import adapter_class_for_config
+    from dotresize.adapters import adapter_class_for_config, intermediate_size_of
     from dotresize.data import load_text, tokenize
     from dotresize.sources import resolve_source
 
@@ -431,7 +431,7 @@ def _check_with_transformers(args, paths: Paths, tensors: dict[str, TensorInfo] 
     text = load_text(args.calib_data)  # the authoritative decoding (one-line CalibrationError / DataNotFoundError)
     windows = _check_windows(source, text, args, tokenize)
     estimate = _check_space(args, paths, parameters, hidden, layers, tensors,
-                            int(getattr(config, "intermediate_size", 0) or 0))
+                            int(intermediate_size_of(config) or 0))
     return Checked(paths, parameters, hidden, layers, windows, estimate)
 
 

@@ -160,7 +160,7 @@ def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibrat
         }
         report["parameter_ratio"] = report["parameters_after"] / report["parameters_before"]
         if mlps:
-            report["mlp"] = {"intermediate_size": getattr(model.config, "intermediate_size", None),
+            report["mlp"] = {"intermediate_size": model.layout.intermediate_size_of(model.config),
                              "widths": mlp_widths, "method": config.mlp.method,
                              "layers": [{"layer": m["layer"], "width": m["width"], **m.get("info", {})}
                                         for m in mlps]}

@@ -184,7 +184,7 @@ def inspect_task(run_url: str, source: dict, trust_remote_code: bool = False) ->
             "num_layers": model.num_layers,
             "num_points": model.num_points,
             "num_attention_heads": model.num_attention_heads,
-            "intermediate_size": getattr(config, "intermediate_size", None),
+            "intermediate_size": model.layout.intermediate_size_of(config),
             "vocab_size": model.vocab_size,
             "parameters_before": int(model.parameter_count()),
             "tensors": len(reader.names()),
@@ -201,7 +201,7 @@ def plan_task(inspect: dict, recipe: dict) -> list[int]:
     from .common import config_of
 
     shape = SimpleNamespace(hidden_size=inspect["hidden_size"], num_points=inspect["num_points"],
-                            num_attention_heads=inspect["num_attention_heads"])
+                            num_attention_heads=inspect["num_attention_heads"], family=inspect.get("family"))
     return plan_widths(shape, config_of(recipe))
 
 
@@ -213,7 +213,9 @@ def plan_mlp_task(run: RunDir, inspect: dict, recipe: dict) -> list[int]:
 
     size = inspect.get("intermediate_size")
     if size is None:  # an inspect stage of an earlier version: its stored config has it
-        size = getattr(load_inspected(run, inspect)[0], "intermediate_size", None)
+        from dotresize.adapters import intermediate_size_of
+
+        size = intermediate_size_of(load_inspected(run, inspect)[0])
     if not size:
         from dotresize.errors import InvalidConfigError
 

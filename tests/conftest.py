@@ -28,7 +28,27 @@ FAMILY_CONFIGS = {
     "qwen3": lambda: BY_FAMILY["qwen3"].tiny_config(),
     "phi3": lambda: BY_FAMILY["phi3"].tiny_config(),
     "smollm3": lambda: BY_FAMILY["smollm3"].tiny_config(),
+    "opt": lambda: BY_FAMILY["opt"].tiny_config(),
 }
+
+
+def adapter_of(model):
+    """The adapter class of a source model or of its compressed form (a subclass of the source class)."""
+    from dotresize.adapters import ADAPTERS
+
+    return next(a for a in ADAPTERS if isinstance(model, a.model_classes))
+
+
+def layers_of(model):
+    """The decoder layers of a model of any family (source or compressed)."""
+    return model.get_submodule(adapter_of(model).layout.layers)
+
+
+def global_refusal(name: str) -> str | None:
+    """Why family ``name`` has no stock form of the global layout (it is then refused), or None."""
+    from dotresize.adapters import adapter_class_for_config
+
+    return adapter_class_for_config(FAMILY_CONFIGS[name]()).global_layout_refusal
 
 
 def make_tiny_model(name: str, seed: int = 0, **overrides):

@@ -12,12 +12,14 @@ import re
 import pytest
 import torch
 
-from conftest import FAMILY_CONFIGS, assert_fresh_process_logits, make_tiny_model, tiny_calibration, write_model_dir
+from conftest import (FAMILY_CONFIGS, assert_fresh_process_logits, global_refusal, layers_of, make_tiny_model,
+                      tiny_calibration, write_model_dir)
 from dotresize import CompressionConfig, compress, load_compressed, save_compressed
 from dotresize.adapters import ADAPTERS, get_adapter
-from dotresize.api import build_compressed_model
+from dotresize.api import build_compressed_model, plan_widths
 from dotresize.bases import Basis
 from dotresize.config import MlpOptions
+from dotresize.errors import InvalidConfigError
 from dotresize.layerwise import ResidentModel
 from dotresize.mlp.model import MlpReducedModel, capture_mlp_stats, input_rows, reduce_parallel
 
@@ -100,6 +102,10 @@ def test_global_layout_equals_per_point_layout_with_one_basis(family, mlp_widths
                 layer.get_submodule(path).weight.mul_(10.0)
     model = ResidentModel(source)
     ids = tiny_calibration(samples=16)
+    if mlp_widths is None and global_refusal(family):  # no stock form: the pipeline and the API refuse it
+        with pytest.raises(InvalidConfigError, match="layout 'global' is not available for"):
+            plan_widths(model, CompressionConfig(method="pca", ratio=0.25, layout="global"))
+        return
     if mlp_widths is not None:
         stats = capture_mlp_stats(model, list(ids.split(8)), progress=False)
         model = MlpReducedModel(model, reduce_parallel(model, stats, mlp_widths, MlpOptions()))
@@ -117,6 +123,10 @@ def test_global_export_is_a_stock_model_in_a_fresh_process(tmp_path, family):
     model = make_tiny_model(family)
     source_class, model_type = type(model).__name__, model.config.model_type
     ids = tiny_calibration(samples=32)
+    if global_refusal(family):
+        with pytest.raises(InvalidConfigError, match="layout 'global' is not available for"):
+            compress(model, ids, CompressionConfig(method="pca", ratio=0.25, layout="global"), progress=False)
+        return
     compressed, report = compress(model, ids, CompressionConfig(method="pca", ratio=0.25, layout="global"),
                                   progress=False)
     out = save_compressed(compressed, tmp_path / "model", compression=report.config)
@@ -129,15 +139,19 @@ assert type(m).__name__ == {source_class!r} and type(m).__module__.startswith("t
 
 
 def _duplicate_half_of_the_neurons(model) -> None:
-    """Neurons 56..111 copy 0..55 (their rows in every block of every MLP input linear), down columns x 0.01."""
+    """Neurons 56..111 copy 0..55 (their rows and biases in every block of every MLP input linear), down columns
+    x 0.01."""
     layout, half = get_adapter(model).layout, INTERMEDIATE // 2
     with torch.no_grad():
         for layer in get_adapter(model).layers():
             for path in layout.mlp_inputs:
-                weight = layer.get_submodule(path).weight
+                linear = layer.get_submodule(path)
                 for block in range(layout.mlp_input_blocks):
                     start = block * INTERMEDIATE
-                    weight[start + half:start + INTERMEDIATE] = weight[start:start + half]
+                    if linear.bias is not None:  # ReLU (OPT): no neuron dead on the calibration set, else zero
+                        linear.bias[start:start + half] += 1.0  # scores keep both copies of a live one (G_KK singular)
+                    for tensor in (linear.weight, linear.bias) if linear.bias is not None else (linear.weight,):
+                        tensor[start + half:start + INTERMEDIATE] = tensor[start:start + half]
             down = layer.get_submodule(layout.mlp_output).weight
             down[:, half:] = 0.01 * down[:, :half]
 
@@ -153,7 +167,7 @@ def test_mlp_axis_folds_duplicated_neurons_back_exactly(tmp_path, family, mode):
     config = CompressionConfig(ratio=0.0, mlp_ratio=0.5, mode=mode, mlp=MlpOptions(method="lsq", ridge=0.0))
     compressed, report = compress(model, ids, config, progress=False)
     assert report.mlp["widths"] == [INTERMEDIATE // 2] * 3
-    assert compressed.config.intermediate_size == INTERMEDIATE // 2
+    assert getattr(compressed.config, get_adapter(model).layout.intermediate_size) == INTERMEDIATE // 2
     assert (_logits(compressed, ids[:4]) - expected).abs().max() <= 1e-5
     out = save_compressed(compressed, tmp_path / "model", compression=report.config)
     assert (_logits(load_compressed(out), ids[:4]) - expected).abs().max() <= 1e-5
@@ -168,11 +182,51 @@ def test_both_axes_export_with_the_per_point_code(tmp_path, family):
     expected = _logits(compressed, ids[:4])
     mlp_output = get_adapter(make_tiny_model(family)).layout.mlp_output
     for loaded in (load_compressed(out), load_compressed(out, trust_remote_code=True)):
-        assert [l.get_submodule(mlp_output).in_features for l in loaded.model.layers] == [104, 72, 40]
+        assert [l.get_submodule(mlp_output).in_features for l in layers_of(loaded)] == [104, 72, 40]
         assert (_logits(loaded, ids[:4]) - expected).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["qwen3", "phi3"])
+def test_opt_fusion_makes_the_stream_mean_free_and_its_export_keeps_the_norm_biases(tmp_path):
+    """SliceGPT's LayerNorm fusion: writers' outputs mean-free, LayerNorm weights and biases in the next linears
+    (the final norm's bias in a bias of the head); the LayerNorm biases are not zero here, so this is exercised."""
+    model = make_tiny_model("opt")
+    assert model.model.decoder.layers[0].self_attn_layer_norm.bias.abs().max() > 0.05
+    ids = tiny_calibration(samples=32)
+    reference = _logits(model, ids[:4])
+    layered = ResidentModel(model)
+    hidden = layered.embed(ids[:4])
+    assert hidden.mean(dim=-1).abs().max() <= 1e-6  # token and position rows both made mean-free
+    with layered.layer(0) as layer:
+        out = layer(hidden, **layered.layer_kwargs(hidden)[0])
+    assert out.mean(dim=-1).abs().max() <= 1e-5 and out.abs().mean() > 0.1
+    assert model.lm_head.bias is not None and (_logits(model, ids[:4]) - reference).abs().max() <= 1e-5
+    compressed, report = compress(make_tiny_model("opt"), ids, CompressionConfig(method="pca", ratio=0.25),
+                                  progress=False)
+    assert compressed.model.decoder.embed_positions.weight.shape == (130, 48)
+    assert compressed.lm_head.bias is not None and compressed.lm_head.in_features == 64
+    out = save_compressed(compressed, tmp_path / "model", compression=report.config)
+    assert (_logits(load_compressed(out, trust_remote_code=True), ids[:4]) - _logits(compressed, ids[:4])).abs().max() \
+        <= 1e-5
+
+
+@pytest.mark.parametrize("overrides, why", [
+    ({"word_embed_proj_dim": 32}, "project_in / project_out"),
+    ({"do_layer_norm_before": False}, "post-LN"),
+    ({"enable_bias": False}, "without biases"),
+])
+def test_opt_variants_that_would_not_be_exact_are_refused_in_one_line(overrides, why):
+    from dotresize.adapters import adapter_class_for_config
+    from dotresize.errors import UnsupportedArchitectureError
+
+    config = FAMILY_CONFIGS["opt"]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    with pytest.raises(UnsupportedArchitectureError, match=why) as error:
+        adapter_class_for_config(config)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "phi3", "opt"])
 def test_cli_compresses_both_axes_of_a_new_family(capsys, tiny_env, name):
     """The command line reads a checkpoint of the family from disk (in memory: no Prefect server needed here)."""
     from flows.cli import main

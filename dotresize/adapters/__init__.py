@@ -64,6 +64,16 @@ def get_adapter(model: PreTrainedModel) -> ModelAdapter:
     )
 
 
+def intermediate_size_of(config: PretrainedConfig) -> int | None:
+    """The MLP intermediate width in ``config``, whatever its family calls it (``FamilyLayout.intermediate_size``);
+    None for an unsupported family or a config without one."""
+    try:
+        adapter = adapter_class_for_config(config)
+    except UnsupportedArchitectureError:
+        return None
+    return adapter.layout.intermediate_size_of(config)
+
+
 def check_layout(adapter: type[ModelAdapter] | str | None, layout: str, residual_active: bool = True) -> None:
     """Refuse the global layout, in one line, for a family whose rotated or sliced residual stream has no stock
     form (``adapter``: the adapter or its family name; the MLP axis alone, ``residual_active`` false, is fine)."""
@@ -76,4 +86,4 @@ def check_layout(adapter: type[ModelAdapter] | str | None, layout: str, residual
 
 
 __all__ = ["ADAPTERS", "BY_FAMILY", "FamilyLayout", "LayerModules", "ModelAdapter", "adapter_class_for_config",
-           "check_layout", "get_adapter", "supported_families"]
+           "check_layout", "get_adapter", "intermediate_size_of", "supported_families"]

@@ -248,6 +248,9 @@ class MlpReducedModel(LayeredModel):
     def head_rows(self, start: int, stop: int) -> torch.Tensor:
         return self.base.head_rows(start, stop)
 
+    def raw_embedding_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.base.raw_embedding_rows(start, stop)
+
     @property
     def tied(self) -> bool:
         return self.base.tied
