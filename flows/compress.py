@@ -15,7 +15,8 @@ Prefect's ``DaskTaskRunner``:
 Memory is a function of one layer: at most two decoder layers are materialised at once per process.
 
 Every stage has a content key and reuses a complete, verified output with that key: rerunning the same
-command resumes a killed run and recomputes only what is missing, stale or corrupted.
+command resumes a killed run and recomputes only what is missing, stale or corrupted. Prefect's cache machinery
+reports it (:mod:`tasks.cache`): a reused stage's task run is Cached.
 """
 
 from __future__ import annotations
@@ -217,10 +218,11 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
     common = {"run_url": run_url}
     with make_task_runner(dask_address, n_workers) as runner:
         quiet_dask_logs()
-        inspect = runner.submit(inspect_task, {**common, "source": source,
-                                               "trust_remote_code": trust_remote_code}).result()
-        calibration = runner.submit(calibration_task, {**common, "source": source, "calib": calib, "inspect": inspect,
-                                                       "hidden_size": architecture["hidden_size"]}).result()
+        inspect = manifest_of(runner.submit(inspect_task, {**common, "source": source,
+                                                           "trust_remote_code": trust_remote_code}))
+        calibration = manifest_of(runner.submit(calibration_task, {
+            **common, "source": source, "calib": calib, "inspect": inspect,
+            "hidden_size": architecture["hidden_size"]}))
         layers = inspect["num_layers"]
         residual = config.residual_active
         widths = plan_task(inspect, recipe) if residual else [inspect["hidden_size"]] * inspect["num_points"]
@@ -247,29 +249,29 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
                                                else solves[2 * layer:2 * layer + 3]})
                    for layer in range(layers)]
         _progress(solves or mlps, "bases" if config.mode == "parallel" else "sequential", progress)
-        captures_m = [c.result() for c in captures]
-        mlps_m = [m.result() for m in mlps]
-        solves_m = [s.result() for s in solves]
-        absorbs_m = [a.result() for a in absorbs]
-        export = runner.submit(export_task, {
+        captures_m = [manifest_of(c) for c in captures]
+        mlps_m = [manifest_of(m) for m in mlps]
+        solves_m = [manifest_of(s) for s in solves]
+        absorbs_m = [manifest_of(a) for a in absorbs]
+        export = manifest_of(runner.submit(export_task, {
             **common, "run_key": run_key, "recipe": recipe, "source": source, "calibration": calibration,
             "inspect": inspect, "widths": widths, "captures": captures_m, "bases": solves_m, "absorbs": absorbs_m,
-            "dtype": export_dtype, "device": device, "mlps": mlps_m}).result()
+            "dtype": export_dtype, "device": device, "mlps": mlps_m}))
         evaluation = evaluation_source = None
         eval_args = {**common, "ctx": ppl_ctx, "max_windows": ppl_max_windows, "progress": progress,
                      "dtype": eval_dtype}
         if ppl_source:
-            evaluation_source = runner.submit(evaluate_task, {**eval_args, "source": source,
-                                                              "target": "source"}).result()
+            evaluation_source = manifest_of(runner.submit(evaluate_task, {**eval_args, "source": source,
+                                                                          "target": "source"}))
         if ppl:
-            evaluation = runner.submit(evaluate_task, {**eval_args, "export": export, "target": "model"}).result()
+            evaluation = manifest_of(runner.submit(evaluate_task, {**eval_args, "export": export, "target": "model"}))
         zero_shot = zero_shot_source = None
         zs_args = {**common, "tasks": tasks, "limit": limit, "progress": progress, "dtype": eval_dtype}
         if tasks and tasks_source:
-            zero_shot_source = runner.submit(zero_shot_task, {**zs_args, "source": source,
-                                                              "target": "source"}).result()
+            zero_shot_source = manifest_of(runner.submit(zero_shot_task, {**zs_args, "source": source,
+                                                                          "target": "source"}))
         if tasks:
-            zero_shot = runner.submit(zero_shot_task, {**zs_args, "export": export, "target": "model"}).result()
+            zero_shot = manifest_of(runner.submit(zero_shot_task, {**zs_args, "export": export, "target": "model"}))
     manifests = [calibration, inspect, *captures_m, *mlps_m, *solves_m, *absorbs_m, export]
     manifests += [m for m in (evaluation_source, evaluation, zero_shot_source, zero_shot) if m is not None]
     stages = _stage_summary(manifests)
@@ -394,6 +396,15 @@ def _sequential_graph(runner, streamed: dict, calibration: dict, recipe: dict, w
         captures.append(capture)
         solves.append(runner.submit(solve_task, {**solve_args, "point": p, "capture": capture, "width": widths[p]}))
     return captures, solves
+
+
+def manifest_of(future) -> dict:
+    """A stage task's manifest; a task run Prefect reports as Cached (its outputs complete and verified, the task
+    body not run: tasks/cache.py) is a reused stage."""
+    manifest = future.result()
+    if future.state.name == "Cached":
+        manifest = {**manifest, "reused": True}
+    return manifest
 
 
 def _label(manifest: dict) -> str:

@@ -3,10 +3,11 @@
 One tick (one run of :func:`watch_flow`):
 
 1. find the checkpoints of ``source`` (a directory of ``checkpoint-*`` folders or ``.gguf`` files, a list of
-   them, or hub revisions where the hub is reachable);
+   them, hub revisions where the hub is reachable, or an object-store prefix such as ``s3://bucket/checkpoints``);
 2. leave any checkpoint that is still being written for the next tick (``storage.checkpoints``: no config, an
    unreadable or short safetensors/GGUF file, a shard the index names but that is not there, a missing marker
-   file, or sizes that change across two looks ``settle_seconds`` apart);
+   file, or sizes that change across two looks ``settle_seconds`` apart; in an object store, sizes and ETags,
+   and the checks on a local mirror of it, ``<home>/watched/...``, which the compression reads);
 3. for every ready checkpoint and every variant (ratio) of the recipe, the *identity* is the source digest
    (sha256 of the weight files and the config/tokenizer files) + the variant's recipe hash. A registered MLflow
    model version tagged ``dotresize.identity`` with it means done; otherwise, under an exclusive lock on
@@ -42,7 +43,8 @@ from prefect import flow, get_run_logger
 
 from dotresize.errors import DotResizeError
 from storage import RunDir, digest_of_digests
-from storage.checkpoints import Checkpoint, DigestCache, check_pattern, escape, scan, snapshot, static_problem
+from storage.checkpoints import (Checkpoint, DigestCache, check_pattern, escape, is_remote, mirror, remote_problem,
+                                 remote_snapshot, scan, scan_remote, snapshot, static_problem)
 from storage.locks import FileLock
 
 from flows.recipe import Recipe, Variant, load_recipe
@@ -54,6 +56,7 @@ TAG_CHECKPOINT = "dotresize.checkpoint"
 TAG_RECIPE_NAME = "dotresize.recipe_name"
 TAG_WATCH_SOURCE = "dotresize.watch_source"
 TAG_REVISION = "dotresize.revision"
+TAG_CHECKPOINT_URL = "dotresize.checkpoint_url"
 IDENTITY_VERSION = "1"
 
 log = logging.getLogger("dotresize")
@@ -110,6 +113,13 @@ def tracking_uri_of(root: Path) -> str:
     from flows.mlflow_logging import tracking_uri
 
     return tracking_uri(_probe_run(root))
+
+
+def mirror_root(root: Path, url: str) -> Path:
+    """Where the checkpoints found under a remote ``url`` are mirrored: ``<home>/watched/<scheme>/<path>``."""
+    scheme, _, path = url.partition("://")
+    parts = [p for p in path.split("/") if p and p not in (".", "..")]
+    return home_of(root) / "watched" / scheme / Path(*parts) if parts else home_of(root) / "watched" / scheme
 
 
 def lock_path(root: Path, identity: str) -> Path:
@@ -240,8 +250,50 @@ def _ready(checkpoints: list[Checkpoint], settle_seconds: float, marker: str | N
     return ready, pending
 
 
+def _remote_ready(url: str, pattern: str, settle_seconds: float, marker: str | None,
+                  local_root: Path) -> tuple[list[str], list[Checkpoint], list[dict], dict[Path, str]]:
+    """(names found, ready local mirrors, pending, {mirror path: remote URL}) of the checkpoints under ``url``:
+    judged from two listings ``settle_seconds`` apart (an object appears whole, but a checkpoint's objects one at
+    a time), then mirrored (once per content) and checked in full like a local checkpoint."""
+    try:
+        found = scan_remote(url, pattern)
+        first = {c.url: remote_snapshot(c) for c in found}
+    except OSError as error:
+        raise WatchError(f"cannot list {url}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+                         " (check the AWS settings: AWS_ENDPOINT_URL, credentials)") from None
+    pending, candidates = [], []
+    for checkpoint in found:
+        problem = remote_problem(checkpoint, first[checkpoint.url], marker)
+        if problem:
+            pending.append({"checkpoint": checkpoint.name, "reason": problem})
+        else:
+            candidates.append(checkpoint)
+    if candidates and settle_seconds > 0:
+        time.sleep(settle_seconds)
+    ready, origins = [], {}
+    for checkpoint in candidates:
+        again = remote_snapshot(checkpoint)
+        if again != first[checkpoint.url]:
+            pending.append({"checkpoint": checkpoint.name, "reason": "still being uploaded (its objects changed "
+                                                                     f"within {settle_seconds:g} s)"})
+            continue
+        try:
+            local = mirror(checkpoint, again, local_root)
+        except (OSError, DotResizeError) as error:  # gone or changed while copied: the next tick looks again
+            pending.append({"checkpoint": checkpoint.name, "reason": f"cannot copy it yet ({type(error).__name__}: "
+                                                                     f"{str(error).splitlines()[0] if str(error) else ''})"})
+            continue
+        problem = static_problem(local, marker)  # the full checks, on the files the compression will read
+        if problem:
+            pending.append({"checkpoint": checkpoint.name, "reason": problem})
+            continue
+        ready.append(local)
+        origins[local.path] = checkpoint.url
+    return [c.name for c in found], ready, pending, origins
+
+
 def _tags(checkpoint: Checkpoint, variant: Variant, identity: str, source: dict, recipe: Recipe,
-          watch_source: Any) -> dict[str, str]:
+          watch_source: Any, origin: str | None = None) -> dict[str, str]:
     from flows.mlflow_logging import TAG_RECIPE_LABEL
 
     # the registry alias current-<label> follows the latest checkpoint compressed with this recipe (variant)
@@ -251,12 +303,14 @@ def _tags(checkpoint: Checkpoint, variant: Variant, identity: str, source: dict,
             TAG_WATCH_SOURCE: str(watch_source)[:500]}
     if "@" in checkpoint.name and checkpoint.path.parent.name == "snapshots":
         tags[TAG_REVISION] = checkpoint.path.name  # the hub commit of a snapshot
+    if origin:
+        tags[TAG_CHECKPOINT_URL] = origin[:500]  # where a mirrored checkpoint was found
     return tags
 
 
 def _compress_one(checkpoint: Checkpoint, variant: Variant, identity: str, source: dict, recipe: Recipe, *,
                   root: Path, client, register_name: str, wait_for_lock: bool, lock_timeout: float | None,
-                  watch_source: Any, extra: dict) -> tuple[str, dict]:
+                  watch_source: Any, extra: dict, origin: str | None = None) -> tuple[str, dict]:
     """("existing" | "compressed" | "busy", record) for one identity, under its lock."""
     from flows.compress import compress_flow
 
@@ -275,7 +329,7 @@ def _compress_one(checkpoint: Checkpoint, variant: Variant, identity: str, sourc
         logger.info("%s (ratio %g): compressing into %s", checkpoint.name, variant.ratio, run_dir)
         result = compress_flow(model=checkpoint.spec, run_dir=str(run_dir), mlflow=True,
                                register_name=register_name, progress=False, expect_source_digest=source["digest"],
-                               tags=_tags(checkpoint, variant, identity, source, recipe, watch_source),
+                               tags=_tags(checkpoint, variant, identity, source, recipe, watch_source, origin),
                                **variant.compress_kwargs(), **extra)
         return "compressed", {**record, "registered_model": result["registered_model"],
                               "model_version": result["model_version"], "run_dir": result["run_dir"],
@@ -291,7 +345,8 @@ def watch_flow(source: Any, recipe: Any, runs_dir: str | None = None, pattern: s
     """One tick: compress and register every checkpoint of ``source`` not yet compressed with ``recipe``.
 
     ``source``: a directory of checkpoint folders / ``.gguf`` files (``pattern`` filters their names), a list,
-    or hub revisions (``hub:org/name@rev1,rev2``). ``recipe``: a YAML recipe file (see :mod:`flows.recipe`) or
+    hub revisions (``hub:org/name@rev1,rev2``), or the same in an object store (``s3://bucket/prefix``, with the
+    usual AWS settings; checkpoints are mirrored under ``<home>/watched/`` and compressed from there). ``recipe``: a YAML recipe file (see :mod:`flows.recipe`) or
     the same as a mapping. ``runs_dir``: where run directories go (default ``$DOTRESIZE_HOME/runs`` or
     ``./runs``; MLflow lives beside it as for ``dotresize compress``). ``settle_seconds``: a checkpoint's files
     must be unchanged for this long. ``marker``: a file a checkpoint must contain to count as complete (e.g.
@@ -313,13 +368,19 @@ def watch_flow(source: Any, recipe: Any, runs_dir: str | None = None, pattern: s
     register_name = register_name or spec.variants[0].register_name or default_register_name(source)
     client = _tracking_client(root)
     cache = DigestCache(home_of(root) / "digests.json")
-    found, refused = _find(source, pattern, follow_symlinks)
-    folders = {c.path: folder for c, folder in found}
-    checkpoints = [c for c, _ in found]
-    ready, pending = _ready(checkpoints, settle_seconds, marker)
+    if isinstance(source, str) and is_remote(source):
+        names, ready, pending, origins = _remote_ready(source, pattern, settle_seconds, marker,
+                                                       mirror_root(root, source))
+        folders: dict = {}
+        refused: list[dict] = []
+    else:
+        found, refused = _find(source, pattern, follow_symlinks)
+        folders = {c.path: folder for c, folder in found}
+        names, origins = [c.name for c, _ in found], {}
+        ready, pending = _ready([c for c, _ in found], settle_seconds, marker)
     report: dict[str, Any] = {"source": str(source), "recipe": spec.name,
                               "recipe_sha256": [v.sha256 for v in spec.variants], "runs_dir": str(root),
-                              "registered_model": register_name, "checkpoints": [c.name for c in checkpoints],
+                              "registered_model": register_name, "checkpoints": names,
                               "compressed": [], "existing": [], "busy": [], "pending": pending,
                               "refused": refused, "failed": []}
     for item in refused:
@@ -355,7 +416,8 @@ def watch_flow(source: Any, recipe: Any, runs_dir: str | None = None, pattern: s
                 outcome, record = _compress_one(checkpoint, variant, identity, source_record, spec, root=root,
                                                 client=client, register_name=register_name,
                                                 wait_for_lock=wait_for_lock, lock_timeout=lock_timeout,
-                                                watch_source=source, extra=extra)
+                                                watch_source=source, extra=extra,
+                                                origin=origins.get(checkpoint.path))
             except Exception as error:  # one bad checkpoint does not stop the others
                 message = str(error).splitlines()[0] if str(error) else type(error).__name__
                 logger.error("%s (ratio %g) failed: %s", checkpoint.name, variant.ratio, message)

@@ -14,6 +14,12 @@ Discovery is confined to the watched folder: ``pattern`` matches entry *names* (
 matches nothing), paths are resolved, and a checkpoint that is, or holds, a symbolic link resolving outside the
 folder is refused unless ``follow_symlinks``.
 
+Checkpoints in an object store (``s3://bucket/prefix``, any fsspec URL; endpoint and credentials from the usual
+AWS settings, as for run directories) are found the same way from a listing (:func:`scan_remote`), judged by what
+the listing shows (:func:`remote_problem`: config, weights, index shards, marker; sizes and ETags unchanged across
+two looks), then copied to a local mirror (:func:`mirror`, once per content: the mirror remembers the listing it
+was made from) whose files get the full checks above: the pipeline reads a source from a local path.
+
 Nothing here knows about Prefect or MLflow; digests are cached by (path, size, mtime, inode) so that a watch
 tick does not re-read unchanged multi-GB files.
 """
@@ -27,6 +33,8 @@ import json
 import os
 import re
 import struct
+import posixpath
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -327,5 +335,175 @@ class DigestCache:
             raise
 
 
+# --- checkpoints in an object store ------------------------------------------------------------------------------
+def is_remote(source) -> bool:
+    """Whether ``source`` is a URL of a remote filesystem (``s3://...``; ``file://`` and plain paths are local)."""
+    text = str(source)
+    return "://" in text and not text.startswith("file://")
+
+
+@dataclass(frozen=True)
+class RemoteCheckpoint:
+    """One checkpoint found under a watched URL: a model folder (``.../checkpoint-500``) or a ``.gguf`` object."""
+
+    name: str
+    url: str
+    kind: str    # "hf-dir" | "gguf"
+
+
+def _remote_fs(url: str):
+    from .rundir import open_url
+
+    return open_url(url)
+
+
+def _protocol(fs) -> str:
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
+def _is_hf_names(names: list[str]) -> bool:
+    return any(n == "config.json" or n.endswith(".safetensors") or n.endswith(".safetensors.index.json")
+               for n in names)
+
+
+def scan_remote(url: str, pattern: str = "*") -> list[RemoteCheckpoint]:
+    """Every checkpoint directly under ``url`` whose name matches ``pattern``, in natural order: folders holding a
+    ``config.json`` or safetensors weights, and ``.gguf`` objects (names starting with ``.`` or ``tmp`` skipped);
+    ``url`` itself when it is one. Nothing outside ``url`` is listed."""
+    check_pattern(pattern)
+    fs, root = _remote_fs(url)
+    root = root.rstrip("/")
+    protocol = _protocol(fs)
+    base = f"{protocol}://{root}"
+    if root.endswith(".gguf") and fs.isfile(root):
+        return [RemoteCheckpoint(posixpath.basename(root), base, "gguf")]
+    if not fs.exists(root):
+        return []
+    entries = fs.ls(root, detail=True)
+    names = [posixpath.basename(e["name"].rstrip("/")) for e in entries]
+    if "config.json" in names:
+        return [RemoteCheckpoint(posixpath.basename(root), base, "hf-dir")]
+    found = []
+    for entry, name in sorted(zip(entries, names), key=lambda item: natural_key(item[1])):
+        if not fnmatch.fnmatchcase(name, pattern) or name.startswith((".", "tmp")):
+            continue
+        path = entry["name"].rstrip("/")
+        if entry.get("type") == "directory":
+            inside = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+            if _is_hf_names(inside):
+                found.append(RemoteCheckpoint(name, f"{protocol}://{path}", "hf-dir"))
+        elif name.endswith(".gguf"):
+            found.append(RemoteCheckpoint(name, f"{protocol}://{path}", "gguf"))
+    return found
+
+
+def remote_snapshot(checkpoint: RemoteCheckpoint) -> dict[str, list]:
+    """``{relative path: [size, ETag or modification time]}`` of every object of the checkpoint (a remote
+    checkpoint is unchanged, and its mirror up to date, when this is)."""
+    fs, root = _remote_fs(checkpoint.url)
+    root = root.rstrip("/")
+    if checkpoint.kind == "gguf":
+        info = fs.info(root)
+        return {checkpoint.name: _stamp(info)}
+    out = {}
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        if info.get("type") == "directory":
+            continue
+        out[path[len(root):].lstrip("/")] = _stamp(info)
+    return out
+
+
+def _stamp(info: dict) -> list:
+    version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") \
+        or info.get("created") or ""
+    return [int(info.get("size") or 0), str(version)]
+
+
+def _unsafe(rel: str) -> bool:
+    """A relative object path that could not be mirrored inside the checkpoint's folder."""
+    parts = rel.split("/")
+    return not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts)
+
+
+def remote_problem(checkpoint: RemoteCheckpoint, snapshot: dict[str, list], marker: str | None = None) -> str | None:
+    """None when the listing ``snapshot`` of a checkpoint looks complete (the mirror gets the full checks); else
+    why not: no config, no weights, index shards not there yet, no marker, or an object name that would leave the
+    checkpoint's folder."""
+    unsafe = sorted(rel for rel in snapshot if _unsafe(rel))
+    if unsafe:
+        return f"object name {unsafe[0]!r} would leave the checkpoint's folder"
+    if checkpoint.kind == "gguf":
+        return None if snapshot else "not there any more"
+    if marker and marker not in snapshot:
+        return f"no {marker} yet"
+    if "config.json" not in snapshot:
+        return "no config.json yet"
+    indexes = sorted(rel for rel in snapshot if rel.endswith(".safetensors.index.json") and "/" not in rel)
+    if indexes:
+        fs, root = _remote_fs(checkpoint.url)
+        try:
+            index = json.loads(fs.cat_file(posixpath.join(root.rstrip("/"), indexes[0])))
+            shards = sorted({str(v) for v in index["weight_map"].values()})
+        except (OSError, ValueError, KeyError, AttributeError):
+            return f"{indexes[0]} unreadable"
+        missing = [s for s in shards if s not in snapshot]
+        if missing:
+            return f"{indexes[0]} lists shards not uploaded yet: {', '.join(missing[:3])}"
+    elif not any(rel.endswith(".safetensors") and "/" not in rel for rel in snapshot):
+        if any(rel.endswith((".bin", ".pt", ".pth")) for rel in snapshot):
+            return "only pickle weights (.bin/.pt), which dotresize never loads"
+        return "no *.safetensors weights yet"
+    return None
+
+
+#: beside a mirrored checkpoint, the listing it was copied from: ``.<name>.remote.json``
+def _mirror_record(local_root: Path, name: str) -> Path:
+    return local_root / f".{name}.remote.json"
+
+
+def mirror(checkpoint: RemoteCheckpoint, snapshot: dict[str, list], local_root: str | os.PathLike) -> Checkpoint:
+    """A local copy of a remote checkpoint as listed in ``snapshot``, at ``<local_root>/<name>``: reused when it
+    was made from the same listing (sizes and ETags), else downloaded whole into a temporary folder and renamed
+    into place, so a mirror is never partial. Returns it as a local :class:`Checkpoint`."""
+    local_root = Path(local_root)
+    local_root.mkdir(parents=True, exist_ok=True)
+    name = checkpoint.name
+    if "/" in name or name.startswith(".") or _unsafe(name):
+        raise DotResizeError(f"{checkpoint.url}: the name {name!r} cannot be mirrored")
+    target = local_root / name
+    record = _mirror_record(local_root, name)
+    wanted = {"url": checkpoint.url, "objects": snapshot}
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(record.read_text()) == wanted and target.exists():
+            return Checkpoint(name, target.resolve(), checkpoint.kind)
+    fs, root = _remote_fs(checkpoint.url)
+    root = root.rstrip("/")
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=local_root))
+    try:
+        local = staging / name
+        if checkpoint.kind == "gguf":
+            fs.get_file(root, str(local))
+        else:
+            local.mkdir()
+            for rel in snapshot:
+                path = local.joinpath(*rel.split("/"))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(posixpath.join(root, rel), str(path))
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(local, target)
+        text = json.dumps(wanted, sort_keys=True)
+        tmp = staging / "record.json"
+        tmp.write_text(text)
+        apply_umask(tmp)
+        os.replace(tmp, record)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Checkpoint(name, target.resolve(), checkpoint.kind)
+
+
 __all__ = ["Checkpoint", "Scan", "PatternError", "scan", "discover", "check_pattern", "escape", "snapshot", "static_problem", "safetensors_problem", "gguf_problem",
-           "natural_key", "sha256_file", "DigestCache"]
+           "natural_key", "sha256_file", "DigestCache", "RemoteCheckpoint", "is_remote", "scan_remote", "remote_snapshot",
+           "remote_problem", "mirror"]

@@ -23,6 +23,8 @@ This module is the only place that knows the layout of a run (see ``architecture
          model/               the compressed HF directory: sharded safetensors (the layer files, hard-linked
                               where the filesystem allows) + index, config, tokenizer, lineage.json
          lineage.json  timings.json  eval/  stages/<stage>/<name>.json (manifests)
+         .prefect/<stage>/[<name>/]<key>.json   Prefect's result record of the task run that made or reused a
+                              stage output with that key (hidden: the run's digests and copies skip it)
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ EVAL = "eval"
 STAGES = "stages"
 MLFLOW = "mlflow.json"
 MLP = "mlp"
+#: Prefect's result records of the stage tasks (tasks/cache.py): one small JSON per stage output and key
+TASK_RECORDS = ".prefect"
 
 
 def point_name(point: int | str) -> str:
@@ -118,6 +122,12 @@ def is_eval_file(rel: str) -> bool:
 
 def manifest_file(stage: str, name: str | None = None) -> str:
     return f"{STAGES}/{stage}.json" if name is None else f"{STAGES}/{stage}/{name}.json"
+
+
+def task_record_file(stage: str, name: str | None, key: str) -> str:
+    """Where the result record of the task run that produced (or reused) stage output ``stage[name]`` with content
+    key ``key`` is kept: beside the outputs, so that losing the run directory loses it too."""
+    return f"{TASK_RECORDS}/{stage}/{key}.json" if name is None else f"{TASK_RECORDS}/{stage}/{name}/{key}.json"
 
 
 #: filesystems whose single write of a whole object is atomic and which have no (atomic) rename

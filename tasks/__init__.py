@@ -2,7 +2,9 @@
 
 Every task computes its stage's content key, reuses a complete and verified output with that key (logging
 ``reused <stage> <key[:12]>``) or computes it (logging ``computing <stage> <key[:12]> (why)``), writes its
-outputs atomically with their digests and its manifest last.
+outputs atomically with their digests and its manifest last. The same key and completion check are the stage
+tasks' Prefect cache policy (:mod:`tasks.cache`): a reused stage's task run is Cached in Prefect, with a JSON
+result record in the run directory.
 """
 
 from .assemble import absorb_task, evaluate_task, export_task, speed_task, zero_shot_task

@@ -14,9 +14,7 @@ import math
 import platform
 import threading
 from importlib.metadata import PackageNotFoundError, version
-
-from prefect import task
-from prefect.cache_policies import NO_CACHE
+from types import SimpleNamespace
 
 from dotresize import surgery
 from dotresize.mlp.model import with_reduced_mlp
@@ -25,9 +23,10 @@ from storage import RunDir, load_basis
 from storage import rundir as layout
 from storage.errors import CorruptArtifactError
 
+from .cache import stage_task
+from .common import (Probe, basis_from, config_of, export_dtype, manifest_probe, pause_point, release_memory,
+                     run_probed, stage_key, streamed_model)
 from .mlp import load_reduction
-from .common import (basis_from, config_of, export_dtype, pause_point, release_memory, run_stage, stage_key,
-                     streamed_model)
 
 #: packages whose versions go into lineage.json
 VERSIONED = ("dotresize", "torch", "transformers", "safetensors", "POT", "numpy", "prefect", "prefect-dask", "dask",
@@ -61,19 +60,27 @@ def _load(run: RunDir, solve: dict):
     return basis_from(tensors, record)
 
 
-@task(name="absorb", task_run_name="absorb-{layer}", cache_policy=NO_CACHE, persist_result=False)
+def absorb_probe(run_url: str, layer: int, inspect: dict, bases: list[dict], layout_name: str,
+                 dtype: str | None = None, device: str | None = None, mlp: dict | None = None, **_) -> Probe:
+    from .common import compute_device
+
+    key = stage_key("absorb", inspect=inspect["key"], layer=layer, bases=[b["key"] for b in bases],
+                    layout=layout_name, dtype=str(export_dtype(dtype, inspect)), device=compute_device(device),
+                    **({"mlp": mlp["key"]} if mlp else {}))
+    return manifest_probe(RunDir(run_url), "absorb", str(layer), key)
+
+
+@stage_task(absorb_probe, name="absorb", task_run_name="absorb-{layer}")
 def absorb_task(run_url: str, layer: int, source: dict, inspect: dict, bases: list[dict], layout_name: str,
                 dtype: str | None = None, device: str | None = None, mlp: dict | None = None) -> dict:
     """The compressed tensors of one layer: per-point bases (2l, 2l+1, 2l+2) or the global basis (none: the
     residual stream is left as it is), after the layer's MLP reduction ``mlp`` (MLP axis)."""
     from .common import compute_device
 
-    run = RunDir(run_url)
+    probe = absorb_probe(run_url, layer, inspect, bases, layout_name, dtype, device, mlp)
+    run = probe.run
     device = compute_device(device)
     out_dtype = export_dtype(dtype, inspect)
-    key = stage_key("absorb", inspect=inspect["key"], layer=layer, bases=[b["key"] for b in bases],
-                    layout=layout_name, dtype=str(out_dtype), device=device,
-                    **({"mlp": mlp["key"]} if mlp else {}))
 
     def compute() -> dict:
         model = streamed_model(source, inspect, device)
@@ -92,7 +99,7 @@ def absorb_task(run_url: str, layer: int, source: dict, inspect: dict, bases: li
         release_memory()
         return {"layer": layer, "files": {rel: sha}, "shapes": shapes, "bytes": nbytes}
 
-    return run_stage(run, "absorb", str(layer), key, compute)
+    return run_probed(probe, compute)
 
 
 def export_key(inspect: dict, recipe: dict, widths: list[int], ends: list[dict], absorbs: list[dict],
@@ -108,7 +115,16 @@ def _ends_of(bases: list[dict], layout_name: str) -> list[dict]:
     return [bases[0]] if layout_name == "global" else [bases[0], bases[-1]]
 
 
-@task(name="export", cache_policy=NO_CACHE, persist_result=False)
+def export_probe(run_url: str, recipe: dict, inspect: dict, widths: list[int], bases: list[dict],
+                 absorbs: list[dict], dtype: str | None = None, **_) -> Probe:
+    from dotresize.api import export_layout
+
+    ends = _ends_of(bases, export_layout(config_of(recipe)))
+    key = export_key(inspect, recipe, widths, ends, absorbs, str(export_dtype(dtype, inspect)))
+    return manifest_probe(RunDir(run_url), "export", None, key)
+
+
+@stage_task(export_probe, name="export")
 def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibration: dict, inspect: dict,
                 widths: list[int], captures: list[dict], bases: list[dict], absorbs: list[dict],
                 dtype: str | None = None, device: str | None = None, mlps: list[dict] | None = None) -> dict:
@@ -121,7 +137,8 @@ def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibrat
     from .common import compute_device
     from .prepare import load_inspected
 
-    run = RunDir(run_url)
+    probe = export_probe(run_url, recipe, inspect, widths, bases, absorbs, dtype)
+    run, key = probe.run, probe.key
     config = config_of(recipe)
     device = compute_device(device)
     out_dtype = export_dtype(dtype, inspect)
@@ -129,7 +146,6 @@ def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibrat
     mlps = sorted(mlps or [], key=lambda m: m["layer"])
     mlp_widths = [int(m["width"]) for m in mlps] or None
     ends = _ends_of(bases, layout_name)
-    key = export_key(inspect, recipe, widths, ends, absorbs, str(out_dtype))
 
     def compute() -> dict:
         import torch
@@ -212,7 +228,7 @@ def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibrat
                 "parameter_ratio": report["parameter_ratio"], "widths": list(widths), "dtype": str(out_dtype),
                 "shards": total}
 
-    return run_stage(run, "export", None, key, compute)
+    return run_probed(probe, compute)
 
 
 def _numel(absorb: dict) -> int:
@@ -252,7 +268,22 @@ def _eval_digest(target: str, export: dict | None, source: dict | None) -> str:
     return export["model_sha256"] if target == "model" else source["digest"]
 
 
-@task(name="evaluate", task_run_name="evaluate-{target}", cache_policy=NO_CACHE, persist_result=False)
+def _ppl_key(target: str, digest: str, ctx: int, max_windows: int | None, text_sha256: str, label: str) -> str:
+    return stage_key("evaluate", target=target, model=digest, ctx=ctx, max_windows=max_windows, text=text_sha256,
+                     **_precision_key(label))
+
+
+def evaluate_probe(run_url: str, export: dict | None = None, source: dict | None = None, target: str = "model",
+                   ctx: int = 256, max_windows: int | None = 100, dtype: str = "float32", float32_head: bool = False,
+                   **_) -> Probe:
+    from dotresize.data import load_text
+
+    key = _ppl_key(target, _eval_digest(target, export, source), ctx, max_windows, load_text("wikitext2-test").sha256,
+                   precision_label(dtype, float32_head))
+    return manifest_probe(RunDir(run_url), "evaluate", target, key)
+
+
+@stage_task(evaluate_probe, name="evaluate", task_run_name="evaluate-{target}")
 def evaluate_task(run_url: str, export: dict | None = None, source: dict | None = None, target: str = "model",
                   ctx: int = 256, max_windows: int | None = 100, batch_size: int = 4, progress: bool = True,
                   dtype: str = "float32", float32_head: bool = False) -> dict:
@@ -265,8 +296,7 @@ def evaluate_task(run_url: str, export: dict | None = None, source: dict | None 
     text = load_text("wikitext2-test")
     digest = _eval_digest(target, export, source)
     label = precision_label(dtype, float32_head)
-    key = stage_key("evaluate", target=target, model=digest, ctx=ctx, max_windows=max_windows, text=text.sha256,
-                    **_precision_key(label))
+    probe = manifest_probe(run, "evaluate", target, _ppl_key(target, digest, ctx, max_windows, text.sha256, label))
     rel = eval_file("ppl", target)
 
     def compute() -> dict:
@@ -280,10 +310,40 @@ def evaluate_task(run_url: str, export: dict | None = None, source: dict | None 
         result["dtype"] = label
         return {"files": {rel: run.write_json(rel, result)}, "ppl": result}
 
-    return run_stage(run, "evaluate", target, key, compute)
+    return run_probed(probe, compute)
 
 
-@task(name="evaluate-zero-shot", task_run_name="zero-shot-{target}", cache_policy=NO_CACHE, persist_result=False)
+def _zero_shot_plan(run_url: str, tasks: list[str], export: dict | None, source: dict | None, target: str,
+                    limit: int | None, data_dir: str | None, dtype: str, float32_head: bool) -> SimpleNamespace:
+    """What a zero-shot evaluation's key is made of: every task's key (the model's sha256, the task, its config
+    hash, ``limit``, the lm-eval version, the precision), and the stage's probe."""
+    from dotresize.evaluation import zeroshot
+
+    digest = _eval_digest(target, export, source)
+    names = list(dict.fromkeys(tasks))
+    local = [n for n in names if n in zeroshot.LOCAL_TASKS]
+    root = data_dir or (str(zeroshot.default_data_dir()) if local else None)
+    lm_version = zeroshot.lm_eval_version()
+    task_hashes = {n: zeroshot.task_config_hash([n], root) for n in names}
+    label = precision_label(dtype, float32_head)
+    task_keys = {n: stage_key("evaluate", kind="lm_eval_task", target=target, model=digest, task=n,
+                              task_config_hash=task_hashes[n], limit=limit, lm_eval=lm_version,
+                              num_fewshot=zeroshot.NUM_FEWSHOT, **_precision_key(label))
+                 for n in names}
+    key = stage_key("evaluate", kind="lm_eval", target=target, tasks=sorted(task_keys.values()))
+    name = "lm_eval" if target == "model" else "lm_eval_source"
+    return SimpleNamespace(digest=digest, names=names, root=root, lm_version=lm_version, task_hashes=task_hashes,
+                           label=label, task_keys=task_keys,
+                           probe=manifest_probe(RunDir(run_url), "evaluate", name, key))
+
+
+def zero_shot_probe(run_url: str, tasks: list[str], export: dict | None = None, source: dict | None = None,
+                    target: str = "model", limit: int | None = None, data_dir: str | None = None,
+                    dtype: str = "float32", float32_head: bool = False, **_) -> Probe:
+    return _zero_shot_plan(run_url, tasks, export, source, target, limit, data_dir, dtype, float32_head).probe
+
+
+@stage_task(zero_shot_probe, name="evaluate-zero-shot", task_run_name="zero-shot-{target}")
 def zero_shot_task(run_url: str, tasks: list[str], export: dict | None = None, source: dict | None = None,
                    target: str = "model", limit: int | None = None, batch_size: int = 4,
                    data_dir: str | None = None, progress: bool = True, dtype: str = "float32",
@@ -297,21 +357,11 @@ def zero_shot_task(run_url: str, tasks: list[str], export: dict | None = None, s
     keeps the tasks it finished). Returns the results of ``tasks`` only."""
     from dotresize.evaluation import zeroshot
 
-    run = RunDir(run_url)
-    digest = _eval_digest(target, export, source)
-    names = list(dict.fromkeys(tasks))
-    local = [n for n in names if n in zeroshot.LOCAL_TASKS]
-    root = data_dir or (str(zeroshot.default_data_dir()) if local else None)
-    lm_version = zeroshot.lm_eval_version()
-    task_hashes = {n: zeroshot.task_config_hash([n], root) for n in names}
-    label = precision_label(dtype, float32_head)
-    task_keys = {n: stage_key("evaluate", kind="lm_eval_task", target=target, model=digest, task=n,
-                              task_config_hash=task_hashes[n], limit=limit, lm_eval=lm_version,
-                              num_fewshot=zeroshot.NUM_FEWSHOT, **_precision_key(label))
-                 for n in names}
-    key = stage_key("evaluate", kind="lm_eval", target=target, tasks=sorted(task_keys.values()))
+    plan = _zero_shot_plan(run_url, tasks, export, source, target, limit, data_dir, dtype, float32_head)
+    probe = plan.probe
+    run, digest, names, root, lm_version = probe.run, plan.digest, plan.names, plan.root, plan.lm_version
+    task_hashes, label, task_keys = plan.task_hashes, plan.label, plan.task_keys
     rel = eval_file("lm_eval", target)
-    name = "lm_eval" if target == "model" else "lm_eval_source"
 
     def compute() -> dict:
         import time
@@ -342,10 +392,22 @@ def zero_shot_task(run_url: str, tasks: list[str], export: dict | None = None, s
                   "seconds": round(time.perf_counter() - started, 3)}
         return {"files": {rel: run.write_json(rel, whole)}, "zero_shot": result}
 
-    return run_stage(run, "evaluate", name, key, compute)
+    return run_probed(probe, compute)
 
 
-@task(name="evaluate-speed", task_run_name="speed-{target}", cache_policy=NO_CACHE, persist_result=False)
+def speed_probe(run_url: str, export: dict | None = None, source: dict | None = None, target: str = "model",
+                batch: int = 8, ctx: int = 256, repeats: int = 3, prompt: int = 64, new_tokens: int = 32,
+                threads: int | None = None, **_) -> Probe:
+    import torch
+
+    key = stage_key("evaluate", kind="speed", target=target, model=_eval_digest(target, export, source), batch=batch,
+                    ctx=ctx, repeats=repeats, prompt=prompt, new_tokens=new_tokens,
+                    threads=threads or torch.get_num_threads(), torch=torch.__version__, host=platform.node(),
+                    cpu=platform.processor())
+    return manifest_probe(RunDir(run_url), "evaluate", "speed" if target == "model" else "speed_source", key)
+
+
+@stage_task(speed_probe, name="evaluate-speed", task_run_name="speed-{target}")
 def speed_task(run_url: str, export: dict | None = None, source: dict | None = None, target: str = "model",
                batch: int = 8, ctx: int = 256, repeats: int = 3, prompt: int = 64, new_tokens: int = 32,
                threads: int | None = None) -> dict:
@@ -356,14 +418,11 @@ def speed_task(run_url: str, export: dict | None = None, source: dict | None = N
     from dotresize import count_parameters
     from dotresize.evaluation.speed import forward_throughput, generation_latency
 
-    run = RunDir(run_url)
-    digest = _eval_digest(target, export, source)
     threads = threads or torch.get_num_threads()
-    key = stage_key("evaluate", kind="speed", target=target, model=digest, batch=batch, ctx=ctx, repeats=repeats,
-                    prompt=prompt, new_tokens=new_tokens, threads=threads, torch=torch.__version__,
-                    host=platform.node(), cpu=platform.processor())
+    probe = speed_probe(run_url, export, source, target, batch, ctx, repeats, prompt, new_tokens, threads)
+    run = probe.run
+    digest = _eval_digest(target, export, source)
     rel = eval_file("speed", target)
-    name = "speed" if target == "model" else "speed_source"
 
     def compute() -> dict:
         before = torch.get_num_threads()
@@ -383,7 +442,7 @@ def speed_task(run_url: str, export: dict | None = None, source: dict | None = N
         result["ms_per_token"] = 1000 * result["generation"]["seconds_per_token"]
         return {"files": {rel: run.write_json(rel, result)}, "speed": result}
 
-    return run_stage(run, "evaluate", name, key, compute)
+    return run_probed(probe, compute)
 
 
 # one evaluated model per process: the perplexity, zero-shot and speed tasks of one model share it

@@ -20,14 +20,13 @@ import contextlib
 import time
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from dotresize.calibration import embed_batches, rebase, run_layer, sequential_signals
 from storage import ActivationStore, RunDir, load_basis
 from storage import rundir as layout
 
+from .cache import stage_task
 from .common import (
+    Probe,
     basis_from,
     calibration_batches,
     capture_parts,
@@ -128,27 +127,43 @@ def _hidden_batches(store: ActivationStore, point: int, batches: list, dim: int,
     return [_batch_rows(store, point, batches, index, dim, device) for index in range(len(batches))]
 
 
-@task(name="capture", task_run_name="capture-{layer}", cache_policy=NO_CACHE, persist_result=False)
+def capture_probe(run_url: str, layer: int, inspect: dict, calibration: dict, recipe: dict,
+                  previous: dict | None = None, device: str | None = None, verify: bool = True, **_) -> Probe:
+    """Layer ``layer``'s capture: complete when every point it stores (and its MLP statistics) is."""
+    from .common import compute_device
+
+    run = RunDir(run_url)
+    config = config_of(recipe)
+    name = str(layer)
+    key = capture_key(inspect, calibration, recipe, layer, previous["key"] if previous else None,
+                      compute_device(device))
+    store = ActivationStore(run)
+    points = _layer_points(layer)
+    groups = points + ([layout.mlp_stats_name(layer)] if config.mlp_active else [])
+    status = {p: store.status(p, key, verify=verify) for p in groups}
+    if not all(ok for ok, _ in status.values()):
+        return Probe(run, "capture", name, key, False, "; ".join(sorted({w for ok, w in status.values() if not ok})))
+    fallback = {"stage": "capture", "name": name, "key": key, "uri": run.uri(), "seconds": 0.0}
+    return Probe(run, "capture", name, key, True, manifest={
+        **stored_or(run, "capture", name, key, fallback), "layer": layer,
+        "points": {str(p): store.digest(p) for p in points}})
+
+
+@stage_task(capture_probe, name="capture", task_run_name="capture-{layer}")
 def capture_task(run_url: str, layer: int, source: dict, inspect: dict, calibration: dict, recipe: dict,
                  previous: dict | None = None, device: str | None = None, verify: bool = True) -> dict:
     """Points 2l+1 and 2l+2 (and 0 for layer 0) from layer ``layer`` of the uncompressed model."""
     from .common import compute_device
 
-    run = RunDir(run_url)
+    probe = capture_probe(run_url, layer, inspect, calibration, recipe, previous, device, verify)
+    if probe.ok:
+        return reused("capture", probe.name, probe.key, probe.manifest)
+    run, name, key = probe.run, probe.name, probe.key
     config = config_of(recipe)
     device = compute_device(device)
-    name = str(layer)
-    key = capture_key(inspect, calibration, recipe, layer, previous["key"] if previous else None, device)
     store = ActivationStore(run)
     points = _layer_points(layer)
-    groups = points + ([layout.mlp_stats_name(layer)] if config.mlp_active else [])
-    status = {p: store.status(p, key, verify=verify) for p in groups}
-    if all(ok for ok, _ in status.values()):
-        fallback = {"stage": "capture", "name": name, "key": key, "uri": run.uri(), "seconds": 0.0}
-        return reused("capture", name, key, {**stored_or(run, "capture", name, key, fallback), "layer": layer,
-                                             "points": {str(p): store.digest(p) for p in points}})
-    why = "; ".join(sorted({w for ok, w in status.values() if not ok}))
-    computing("capture", name, key, why)
+    computing("capture", name, key, probe.why)
     started = time.time()
     model = streamed_model(source, inspect, device)
     ids, batches = calibration_batches(run, calibration, config)
@@ -186,7 +201,30 @@ def sequential_capture_key(inspect: dict, calibration: dict, recipe: dict, point
                      statistics=statistics_parts(config_of(recipe)), **capture_parts(config_of(recipe)))
 
 
-@task(name="capture-sequential", task_run_name="capture-{point}", cache_policy=NO_CACHE, persist_result=False)
+def _sequential_inputs(previous: dict | None, bases: list[dict] | None, mlp: dict | None) -> list[str]:
+    return ([previous["key"]] if previous else []) + [b["key"] for b in bases or []] + ([mlp["key"]] if mlp else [])
+
+
+def sequential_capture_probe(run_url: str, point: int, inspect: dict, calibration: dict, recipe: dict,
+                             previous: dict | None = None, bases: list[dict] | None = None,
+                             device: str | None = None, verify: bool = True, mlp: dict | None = None,
+                             **_) -> Probe:
+    from .common import compute_device
+
+    run = RunDir(run_url)
+    name = str(point)
+    key = sequential_capture_key(inspect, calibration, recipe, point, _sequential_inputs(previous, bases, mlp),
+                                 compute_device(device))
+    store = ActivationStore(run)
+    ok, why = store.status(point, key, verify=verify)
+    if not ok:
+        return Probe(run, "capture", name, key, False, why)
+    fallback = {"stage": "capture", "name": name, "key": key, "uri": run.uri(), "point": point, "seconds": 0.0}
+    return Probe(run, "capture", name, key, True, manifest={**stored_or(run, "capture", name, key, fallback),
+                                                           "points": {name: store.digest(point)}})
+
+
+@stage_task(sequential_capture_probe, name="capture-sequential", task_run_name="capture-{point}")
 def sequential_capture_task(run_url: str, point: int, source: dict, inspect: dict, calibration: dict, recipe: dict,
                             previous: dict | None = None, bases: list[dict] | None = None,
                             device: str | None = None, verify: bool = True, mlp: dict | None = None) -> dict:
@@ -197,20 +235,15 @@ def sequential_capture_task(run_url: str, point: int, source: dict, inspect: dic
     """
     from .common import compute_device
 
-    run = RunDir(run_url)
+    probe = sequential_capture_probe(run_url, point, inspect, calibration, recipe, previous, bases, device, verify,
+                                     mlp)
+    if probe.ok:
+        return reused("capture", probe.name, probe.key, probe.manifest)
+    run, name, key = probe.run, probe.name, probe.key
     config = config_of(recipe)
     device = compute_device(device)
-    bases = bases or []
-    inputs = ([previous["key"]] if previous else []) + [b["key"] for b in bases] + ([mlp["key"]] if mlp else [])
-    name = str(point)
-    key = sequential_capture_key(inspect, calibration, recipe, point, inputs, device)
     store = ActivationStore(run)
-    ok, why = store.status(point, key, verify=verify)
-    if ok:
-        fallback = {"stage": "capture", "name": name, "key": key, "uri": run.uri(), "point": point, "seconds": 0.0}
-        return reused("capture", name, key, {**stored_or(run, "capture", name, key, fallback),
-                                             "points": {name: store.digest(point)}})
-    computing("capture", name, key, why)
+    computing("capture", name, key, probe.why)
     started = time.time()
     model = streamed_model(source, inspect, device)
     ids, batches = calibration_batches(run, calibration, config)

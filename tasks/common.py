@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,19 +64,51 @@ def computing(stage: str, name: str | None, key: str, why: str) -> None:
     logger().info("computing %s %s (%s)", label(stage, name), key[:12], why)
 
 
-def run_stage(run: RunDir, stage: str, name: str | None, key: str, compute: Callable[[], dict],
-              verify: bool = True) -> dict:
-    """Reuse the stage's output when its manifest has ``key`` and every file verifies; else compute it.
+@dataclass
+class Probe:
+    """A stage output's key and state, as a task sees them before it reuses or computes (also what the task's
+    Prefect cache policy checks: tasks/cache.py)."""
+
+    run: RunDir
+    stage: str
+    name: str | None
+    key: str
+    ok: bool                       # complete, with this key, and (when verifying) every digest matches
+    why: str = "ok"                # why not: the ``computing ... (why)`` line
+    manifest: dict | None = None   # what reusing returns (ok only)
+
+    @property
+    def label(self) -> str:
+        return label(self.stage, self.name)
+
+    @property
+    def record_file(self) -> str:
+        """Where the Prefect result record of this output and key lives in the run directory."""
+        return layout.task_record_file(self.stage, self.name, self.key)
+
+    @property
+    def finished(self) -> Any:
+        """When the outputs were computed (their completion marker's time): which computation a record is of."""
+        return (self.manifest or {}).get("finished")
+
+
+def manifest_probe(run: RunDir, stage: str, name: str | None, key: str, verify: bool = True) -> Probe:
+    """The probe of a stage whose completion marker is its manifest (``stages/<stage>[/<name>].json``)."""
+    ok, why, manifest = manifest_status(run, stage, name, key, verify=verify)
+    return Probe(run, stage, name, key, ok, why, manifest if ok else None)
+
+
+def run_probed(probe: Probe, compute: Callable[[], dict]) -> dict:
+    """Reuse the probed output when it is complete (the stored manifest), else ``compute()`` it.
 
     ``compute()`` writes the outputs and returns the manifest's body (``files``: {path: sha256}, shapes, ...);
     the manifest is written last, with the key, the timing and the stage's uri.
     """
-    ok, why, manifest = manifest_status(run, stage, name, key, verify=verify)
-    if ok:
-        return reused(stage, name, key, manifest)
-    computing(stage, name, key, why)
+    if probe.ok:
+        return reused(probe.stage, probe.name, probe.key, probe.manifest)
+    computing(probe.stage, probe.name, probe.key, probe.why)
     started = time.time()
-    return finish_manifest(run, stage, name, key, started, compute())
+    return finish_manifest(probe.run, probe.stage, probe.name, probe.key, started, compute())
 
 
 def release_memory() -> None:

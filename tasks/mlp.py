@@ -13,15 +13,14 @@ from __future__ import annotations
 import time
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from storage import ActivationStore, RunDir, manifest_status
+from storage import ActivationStore, RunDir
 from storage import rundir as layout
 from storage.errors import CorruptArtifactError
 
-from .common import (calibration_batches, capture_parts, computing, config_of, finish_manifest, release_memory,
-                     reused, run_stage, stage_key, stored_or, streamed_model)
+from .cache import stage_task
+from .common import (Probe, calibration_batches, capture_parts, computing, config_of, finish_manifest, manifest_probe,
+                     release_memory, reused, run_probed, stage_key, stored_or, streamed_model)
 
 
 def mlp_parts(config) -> dict:
@@ -68,16 +67,23 @@ def _save(run: RunDir, layer: int, reduction) -> dict:
     return {"layer": layer, "width": reduction.width, "files": {rel: sha}, "info": reduction.scalar_info()}
 
 
-@task(name="mlp", task_run_name="mlp-{layer}", cache_policy=NO_CACHE, persist_result=False)
+def mlp_probe(run_url: str, layer: int, capture: dict, width: int, recipe: dict, verify: bool = True,
+              **_) -> Probe:
+    config = config_of(recipe)
+    key = stage_key("mlp", mode="parallel", layer=layer, capture=capture["key"], width=int(width),
+                    **mlp_parts(config))
+    return manifest_probe(RunDir(run_url), "mlp", str(layer), key, verify)
+
+
+@stage_task(mlp_probe, name="mlp", task_run_name="mlp-{layer}")
 def mlp_task(run_url: str, layer: int, source: dict, inspect: dict, capture: dict, width: int, recipe: dict,
              device: str | None = None, verify: bool = True) -> dict:
     """Layer ``layer``'s MLP reduced to ``width`` neurons from the statistics its capture stored (parallel mode)."""
     from dotresize.mlp.model import reduce_layer_mlp
 
-    run = RunDir(run_url)
+    probe = mlp_probe(run_url, layer, capture, width, recipe, verify)
+    run = probe.run
     config = config_of(recipe)
-    key = stage_key("mlp", mode="parallel", layer=layer, capture=capture["key"], width=int(width),
-                    **mlp_parts(config))
 
     def compute() -> dict:
         stats = load_mlp_stats(ActivationStore(run), layer)
@@ -88,7 +94,7 @@ def mlp_task(run_url: str, layer: int, source: dict, inspect: dict, capture: dic
         release_memory()
         return _save(run, layer, reduction)
 
-    return run_stage(run, "mlp", str(layer), key, compute, verify=verify)
+    return run_probed(probe, compute)
 
 
 def _signal_rows(store: ActivationStore, name: str, batches: list, dim: int, device):
@@ -97,7 +103,29 @@ def _signal_rows(store: ActivationStore, name: str, batches: list, dim: int, dev
         yield torch.from_numpy(rows).reshape(*batch.shape, dim).to(device)
 
 
-@task(name="mlp-sequential", task_run_name="mlp-{layer}", cache_policy=NO_CACHE, persist_result=False)
+def mlp_sequential_probe(run_url: str, layer: int, inspect: dict, calibration: dict, width: int, recipe: dict,
+                         previous: dict | None = None, device: str | None = None, verify: bool = True,
+                         **_) -> Probe:
+    """Complete when the layer's reduction is and, but for the last layer, the next layer's input through it."""
+    from .common import compute_device
+
+    run = RunDir(run_url)
+    config = config_of(recipe)
+    name = str(layer)
+    key = stage_key("mlp", mode="sequential", layer=layer, inspect=inspect["key"], calibration=calibration["digest"],
+                    previous=previous["key"] if previous else None, width=int(width), device=compute_device(device),
+                    **capture_parts(config), **mlp_parts(config))
+    probe = manifest_probe(run, "mlp", name, key, verify)
+    if probe.ok and layer != inspect["num_layers"] - 1:
+        ok, why = ActivationStore(run).status(layout.mlp_input_name(layer + 1), key, verify=verify)
+        if not ok:
+            return Probe(run, "mlp", name, key, False, why)
+    if probe.ok:
+        probe.manifest = stored_or(run, "mlp", name, key, probe.manifest)
+    return probe
+
+
+@stage_task(mlp_sequential_probe, name="mlp-sequential", task_run_name="mlp-{layer}")
 def mlp_sequential_task(run_url: str, layer: int, source: dict, inspect: dict, calibration: dict, width: int,
                         recipe: dict, previous: dict | None = None, device: str | None = None,
                         verify: bool = True) -> dict:
@@ -108,20 +136,14 @@ def mlp_sequential_task(run_url: str, layer: int, source: dict, inspect: dict, c
 
     from .common import compute_device
 
-    run = RunDir(run_url)
+    probe = mlp_sequential_probe(run_url, layer, inspect, calibration, width, recipe, previous, device, verify)
+    if probe.ok:
+        return reused("mlp", probe.name, probe.key, probe.manifest)
+    run, name, key, why = probe.run, probe.name, probe.key, probe.why
     config = config_of(recipe)
     device = compute_device(device)
-    name = str(layer)
-    key = stage_key("mlp", mode="sequential", layer=layer, inspect=inspect["key"], calibration=calibration["digest"],
-                    previous=previous["key"] if previous else None, width=int(width), device=device,
-                    **capture_parts(config), **mlp_parts(config))
     store = ActivationStore(run)
     last = layer == inspect["num_layers"] - 1
-    ok, why, manifest = manifest_status(run, "mlp", name, key, verify=verify)
-    if ok and not last:
-        ok, why = store.status(layout.mlp_input_name(layer + 1), key, verify=verify)
-    if ok:
-        return reused("mlp", name, key, stored_or(run, "mlp", name, key, manifest))
     computing("mlp", name, key, why)
     started = time.time()
     model = streamed_model(source, inspect, device)

@@ -19,7 +19,8 @@ from prefect.cache_policies import NO_CACHE
 from storage import RunDir, digest_of_digests, sha256_bytes
 from storage import rundir as layout
 
-from .common import logger, run_stage, stage_key
+from .cache import stage_task
+from .common import Probe, logger, manifest_probe, run_probed, stage_key
 
 #: small files of a model directory that change what is loaded (besides the weights)
 _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -101,14 +102,19 @@ def check_source(spec: str | None, expected: dict):
     return source, meta
 
 
-@task(name="calibration", cache_policy=NO_CACHE, persist_result=False)
+def calibration_probe(run_url: str, source: dict, calib: dict, **_) -> Probe:
+    key = stage_key("calibration", source=source["digest"], text=calib["text_sha256"], data=calib["data"],
+                    samples=calib["samples"], seqlen=calib["seqlen"], seed=calib["seed"])
+    return manifest_probe(RunDir(run_url), "calibration", None, key)
+
+
+@stage_task(calibration_probe, name="calibration")
 def calibration_task(run_url: str, source: dict, calib: dict, inspect: dict, hidden_size: int | None = None) -> dict:
     """Tokenise and sample the calibration windows with the source's tokenizer (as the inspect stage stored it:
     a GGUF tokenizer is converted once per run); store the ids and calibration.json (a set of fewer tokens than
     ``hidden_size`` is recorded and logged with a warning)."""
-    run = RunDir(run_url)
-    key = stage_key("calibration", source=source["digest"], text=calib["text_sha256"], data=calib["data"],
-                    samples=calib["samples"], seqlen=calib["seqlen"], seed=calib["seed"])
+    probe = calibration_probe(run_url, source, calib)
+    run = probe.run
 
     def compute() -> dict:
         from dotresize.data import calibration_set
@@ -131,15 +137,20 @@ def calibration_task(run_url: str, source: dict, calib: dict, inspect: dict, hid
                 "digest": meta["input_ids_sha256"], "tokens": meta["tokens"],
                 "shapes": {"input_ids": list(calibration.input_ids.shape)}, "meta": meta}
 
-    return run_stage(run, "calibration", None, key, compute)
+    return run_probed(probe, compute)
 
 
-@task(name="inspect", cache_policy=NO_CACHE, persist_result=False)
+def inspect_probe(run_url: str, source: dict, trust_remote_code: bool = False, **_) -> Probe:
+    key = stage_key("inspect", source=source["digest"], trust_remote_code=trust_remote_code)
+    return manifest_probe(RunDir(run_url), "inspect", None, key)
+
+
+@stage_task(inspect_probe, name="inspect")
 def inspect_task(run_url: str, source: dict, trust_remote_code: bool = False) -> dict:
     """The source's structure without its weights: family, widths, layers, dtype at rest, parameter count and
     attention implementation; its config, generation config and tokenizer go to ``inspect/`` (for the export)."""
-    run = RunDir(run_url)
-    key = stage_key("inspect", source=source["digest"], trust_remote_code=trust_remote_code)
+    probe = inspect_probe(run_url, source, trust_remote_code)
+    run = probe.run
 
     def compute() -> dict:
         from transformers import AutoTokenizer, GenerationConfig
@@ -190,7 +201,7 @@ def inspect_task(run_url: str, source: dict, trust_remote_code: bool = False) ->
             "tensors": len(reader.names()),
         }
 
-    return run_stage(run, "inspect", None, key, compute)
+    return run_probed(probe, compute)
 
 
 @task(name="plan-widths", cache_policy=NO_CACHE, persist_result=False)

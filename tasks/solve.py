@@ -11,12 +11,11 @@ from __future__ import annotations
 import time
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from storage import ActivationStore, RunDir, basis_status, save_basis
 
+from .cache import stage_task
 from .common import (
+    Probe,
     basis_parts,
     computing,
     config_of,
@@ -40,22 +39,32 @@ def _basis_index(point: int | str) -> int:
 
 
 # --- pooling (global layout) ----------------------------------------------------------------------------------
-@task(name="pool", cache_policy=NO_CACHE, persist_result=False)
-def pool_task(run_url: str, captures: list[dict], calibration: dict, recipe: dict, num_points: int,
-              verify: bool = True) -> dict:
-    """Pool every point's statistics into one (``dotresize.statistics.pool_stats``) for the global basis."""
-    from dotresize.statistics import pool_stats
-
+def pool_probe(run_url: str, captures: list[dict], recipe: dict, verify: bool = True, **_) -> Probe:
     run = RunDir(run_url)
     config = config_of(recipe)
     key = stage_key("pool", captures=sorted({c["key"] for c in captures}), pooling=config.global_pooling,
                     statistics=statistics_parts(config))
     store = ActivationStore(run)
     ok, why = store.status("pooled", key, verify=verify)
-    if ok:
-        fallback = {"stage": "pool", "name": None, "key": key, "uri": run.uri(), "seconds": 0.0}
-        return reused("pool", None, key, {**stored_or(run, "pool", None, key, fallback),
-                                          "digest": store.digest("pooled")})
+    if not ok:
+        return Probe(run, "pool", None, key, False, why)
+    fallback = {"stage": "pool", "name": None, "key": key, "uri": run.uri(), "seconds": 0.0}
+    return Probe(run, "pool", None, key, True, manifest={**stored_or(run, "pool", None, key, fallback),
+                                                        "digest": store.digest("pooled")})
+
+
+@stage_task(pool_probe, name="pool")
+def pool_task(run_url: str, captures: list[dict], calibration: dict, recipe: dict, num_points: int,
+              verify: bool = True) -> dict:
+    """Pool every point's statistics into one (``dotresize.statistics.pool_stats``) for the global basis."""
+    from dotresize.statistics import pool_stats
+
+    probe = pool_probe(run_url, captures, recipe, verify)
+    if probe.ok:
+        return reused("pool", None, probe.key, probe.manifest)
+    run, key, why = probe.run, probe.key, probe.why
+    config = config_of(recipe)
+    store = ActivationStore(run)
     computing("pool", None, key, why)
     started = time.time()
     pooled = pool_stats([point_stats(store, p, calibration, config) for p in range(num_points)],
@@ -80,25 +89,34 @@ def _is_identity(Q: torch.Tensor) -> bool:
     return Q.shape[0] == Q.shape[1] and bool(torch.equal(Q, torch.eye(Q.shape[0], dtype=Q.dtype, device=Q.device)))
 
 
-@task(name="solve", task_run_name="solve-{point}", cache_policy=NO_CACHE, persist_result=False)
+def solve_probe(run_url: str, point: int | str, capture: dict, width: int, recipe: dict,
+                device: str | None = None, verify: bool = True, **_) -> Probe:
+    run = RunDir(run_url)
+    device = solver_device(device)
+    name = str(point)
+    key = solve_key(capture["key"], recipe, point, width, device)
+    ok, why, record = basis_status(run, point, key, verify=verify)
+    if not ok:
+        return Probe(run, "solve", name, key, False, why)
+    return Probe(run, "solve", name, key, True, manifest={
+        "stage": "solve", "name": name, "key": key, "uri": run.uri(), "point": point,
+        "width": record["info"].get("width", width), "sha256": record["sha256"], "metrics": _metrics(record["info"]),
+        "seconds": record.get("seconds", 0.0), "started": record.get("started"), "finished": record.get("finished")})
+
+
+@stage_task(solve_probe, name="solve", task_run_name="solve-{point}")
 def solve_task(run_url: str, point: int | str, capture: dict, calibration: dict, width: int, recipe: dict,
                device: str | None = None, verify: bool = True) -> dict:
     """The basis of one point, stored under bases/: its statistics streamed from the store, then the solver
     (Sinkhorn + QR on CUDA when present, else the CPU)."""
     from dotresize.api import make_basis_fn
 
-    run = RunDir(run_url)
+    probe = solve_probe(run_url, point, capture, width, recipe, device, verify)
+    if probe.ok:
+        return reused("solve", probe.name, probe.key, probe.manifest)
+    run, name, key, why = probe.run, probe.name, probe.key, probe.why
     config = config_of(recipe)
     device = solver_device(device)
-    name = str(point)
-    key = solve_key(capture["key"], recipe, point, width, device)
-    ok, why, record = basis_status(run, point, key, verify=verify)
-    if ok:
-        manifest = {"stage": "solve", "name": name, "key": key, "uri": run.uri(), "point": point,
-                    "width": record["info"].get("width", width), "sha256": record["sha256"],
-                    "metrics": _metrics(record["info"]), "seconds": record.get("seconds", 0.0),
-                    "started": record.get("started"), "finished": record.get("finished")}
-        return reused("solve", name, key, manifest)
     computing("solve", name, key, why)
     if point == 2:
         pause_point(run, "solve")

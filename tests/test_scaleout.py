@@ -4,12 +4,15 @@
 * ``mlflow server`` whose artifacts go to that store (``--artifacts-destination s3://dotresize/mlartifacts``);
 * ``prefect server start`` (the pipeline finds it through ``PREFECT_API_URL``);
 * ``dask scheduler`` and two ``dask worker`` processes, each in its own working directory, that share nothing
-  with the submitting process but the run directory's URL and the settings in their environment.
+  with the submitting process but the run directory's URL and the settings in their environment;
+* ``dotresize serve`` of the watch deployment on a 60 s interval schedule, watching ``s3://dotresize/watched``.
 
 A tiny-model compression with ``--run-dir s3://dotresize/run`` is killed (SIGKILL) while its solves run, resumed
 on the Dask workers, and must give the same model bytes as a run on the local disk; MLflow, Prefect,
-``dotresize verify`` and ``dotresize lineage`` are checked against what the services hold. Nothing is mocked: a
-service that does not start fails the module with its log, it does not skip. See docs/scale-out.md.
+``dotresize verify`` and ``dotresize lineage`` are checked against what the services hold; the resumed run's
+reused stages are Cached task runs in Prefect. A checkpoint uploaded to the watched prefix is compressed by the
+first scheduled watch run and left alone by the next. Nothing is mocked: a service that does not start fails the
+module with its log, it does not skip. See docs/scale-out.md.
 """
 
 from __future__ import annotations
@@ -387,9 +390,127 @@ def test_prefect_server_holds_the_flow_runs_and_the_remote_task_runs(services, s
     names = {t["name"].rsplit("-", 1)[0] for t in tasks}
     assert {"capture", "solve", "absorb", "export"} <= names, names
     assert all(t["state_type"] == "COMPLETED" for t in tasks), [(t["name"], t["state_type"]) for t in tasks]
+    # Prefect's own cache machinery shows the reuse (tasks/cache.py): a stage the resumed run reused is a Cached
+    # task run, one it computed is not; the records behind it are plain JSON in the run directory, in the store
+    states = {t["name"]: t["state_name"] for t in tasks}
+    expected = {}
+    for stage, info in result["stages"].items():
+        for kind in ("reused", "computed"):
+            for name in info[kind]:
+                task_name = f"{stage}-{name}" if stage in ("capture", "solve", "absorb") else stage
+                expected[task_name] = "Cached" if kind == "reused" else "Completed"
+    seen = {name if name.rsplit("-", 1)[0] in ("capture", "solve", "absorb") else name.rsplit("-", 1)[0]: state
+            for name, state in states.items()}
+    assert {name: seen.get(name) for name in expected} == expected, states
+    assert "Cached" in expected.values() and "Completed" in expected.values(), expected
+    fs = _s3(services)
+    records = [p for p in fs.find(f"{BUCKET}/run/.prefect") if p.endswith(".json")]
+    assert len(records) >= len(expected), records
+    record = json.loads(fs.cat_file(records[0]))
+    assert record["metadata"]["serializer"]["type"] == "json", record["metadata"]
 
 
-# --- 5. everything stops, nothing is left behind ---------------------------------------------------------------
+# --- 5. the watch deployment, served against the Prefect server on a one-minute interval schedule, compresses a
+#        checkpoint that appears in a watched s3:// prefix, once -----------------------------------------------------
+WATCHED = f"s3://{BUCKET}/watched"
+WATCH_RECIPE = {"method": "dot", "ratio": 0.25, "calibration": {"samples": 8, "seqlen": 32, "seed": 3},
+                "evaluation": {"ppl": False}}
+FIRST_FIRING = 35.0  # seconds after `dotresize serve` starts: it registers the deployment well before that
+
+
+def _watch_deployments(svc: Services) -> Path:
+    """deployments/prefect.yaml with the watch deployment's schedule made a 60 s interval whose first firing is
+    FIRST_FIRING seconds from now (two firings fit the module's time budget)."""
+    import datetime
+
+    import yaml
+
+    from flows.serve import default_file
+
+    data = yaml.safe_load(default_file().read_text())
+    [watch] = [d for d in data["deployments"] if d["name"] == "watch-checkpoints"]
+    anchor = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=FIRST_FIRING)
+    watch["schedules"] = [{"interval": 60, "anchor_date": anchor.isoformat(), "timezone": "UTC", "active": True}]
+    data["deployments"] = [watch]
+    path = svc.root / "watch-deployments.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _stop_serving(service: Service) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(service.process.pid, signal.SIGINT)  # serve, and any flow run it started (same group)
+    try:
+        service.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(service.process.pid, signal.SIGKILL)
+        service.process.wait(timeout=10)
+
+
+def test_served_watch_deployment_compresses_a_checkpoint_in_an_s3_prefix_once(services, state):
+    import httpx
+    import yaml
+    from mlflow import MlflowClient
+
+    svc = services
+    fs = _s3(svc)
+    recipe = svc.root / "watch-recipe.yaml"
+    recipe.write_text(yaml.safe_dump(WATCH_RECIPE))
+    serve = svc.start("serve", [
+        sys.executable, "-m", "flows.cli", "serve", "--file", str(_watch_deployments(svc)),
+        "--name", "watch-checkpoints", "--param", f"source={WATCHED}", "--param", f"recipe={recipe}",
+        "--param", "settle_seconds=1", "--param", "register_name=tiny-watched"],
+        env={**svc.env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}, cwd=_mkdir(svc.root / "serve"))
+    try:
+        with httpx.Client(base_url=svc.prefect_url, timeout=30, trust_env=False) as client:
+            deadline = time.monotonic() + FIRST_FIRING
+            while (found := client.get("/deployments/name/dotresize-watch/watch-checkpoints")).status_code != 200:
+                if serve.process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the watch deployment was not served within {FIRST_FIRING:.0f} s:\n{serve.tail(40)}",
+                                pytrace=False)
+                time.sleep(1)
+            deployment = found.json()
+            assert deployment["schedules"][0]["schedule"]["interval"] == 60, deployment["schedules"]
+            # a checkpoint appears in the watched prefix (objects uploaded one by one, as a trainer's sync does)
+            local = write_model_dir(svc.root / "trained" / "checkpoint-1", seed=11)
+            for path in sorted(local.iterdir()):
+                fs.put_file(str(path), f"{BUCKET}/watched/checkpoint-1/{path.name}")
+
+            # the first firing compresses it, the next one (60 s later) finds it done
+            deadline = time.monotonic() + FIRST_FIRING + 60 + 150
+            while True:
+                runs = client.post("/flow_runs/filter", json={
+                    "flow_runs": {"deployment_id": {"any_": [deployment["id"]]}},
+                    "sort": "EXPECTED_START_TIME_ASC", "limit": 20}).json()
+                finished = [r for r in runs if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]
+                if len(finished) >= 2:
+                    break
+                if serve.process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"two scheduled watch runs did not finish: {[(r['name'], r['state_name']) for r in runs]}"
+                                f"\n{serve.tail(60)}", pytrace=False)
+                time.sleep(2)
+            first, second = finished[:2]
+            logs = {run["id"]: " | ".join(entry["message"] for entry in client.post("/logs/filter", json={
+                "logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200}).json()) for run in (first, second)}
+    finally:
+        _stop_serving(serve)
+    assert [r["state_name"] for r in (first, second)] == ["Completed", "Completed"], (logs, serve.tail(60))
+    assert first["auto_scheduled"] and second["auto_scheduled"], "not fired by the schedule"
+    assert first["parameters"]["source"] == WATCHED
+    assert f"watch {WATCHED}: 1 compressed, 0 already done" in logs[first["id"]], logs[first["id"]][-3000:]
+    assert f"watch {WATCHED}: 0 compressed, 1 already done" in logs[second["id"]], logs[second["id"]][-3000:]
+
+    # registered once on the tracking server, from the checkpoint in the store; the model is in its run directory
+    client = MlflowClient(svc.mlflow_url, registry_uri=svc.mlflow_url)
+    [version] = client.search_model_versions("name = 'tiny-watched'")
+    assert version.tags["dotresize.checkpoint"] == "checkpoint-1"
+    assert version.tags["dotresize.checkpoint_url"] == f"{WATCHED}/checkpoint-1"
+    run_dir = Path(client.get_run(version.run_id).data.tags["dotresize.run_dir"])
+    assert (run_dir / "model" / "model.safetensors.index.json").is_file()
+    assert run_dir.parent == svc.root / "home" / "runs" and len(list(run_dir.parent.iterdir())) == 1
+
+
+# --- 6. everything stops, nothing is left behind ---------------------------------------------------------------
 def test_every_service_stops_and_no_process_is_left(services):
     services.stop()
     deadline = time.monotonic() + 15

@@ -167,6 +167,59 @@ def test_a_crash_after_registration_does_not_register_twice(checkpoints, pipelin
     assert len(_versions(home, "tiny-watch")) == 1
 
 
+def test_a_checkpoint_uploaded_to_an_object_store_prefix_is_compressed_once(pipeline_env):
+    """Issue 15: the watch reads an fsspec URL (``memory://`` here, ``s3://`` in tests/test_scaleout.py): a
+    half-uploaded checkpoint waits, a complete one is mirrored under <home>/watched and compressed from there, and
+    the next tick neither copies nor compresses it again."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    prefix = "/watched-bucket/run-9"
+    local = write_model_dir(pipeline_env / "staging" / "checkpoint-7", seed=7)
+    fs.mkdir(f"{prefix}/checkpoint-7")
+    fs.pipe_file(f"{prefix}/checkpoint-7/config.json", (local / "config.json").read_bytes())  # the upload begins
+    fs.pipe_file(f"{prefix}/notes.txt", b"not a checkpoint")
+    url = f"memory://{prefix}"
+    try:
+        first = _watch(url)
+        assert first["compressed"] == [] and _names(first, "pending") == ["checkpoint-7"], first
+        assert first["pending"][0]["reason"] == "no *.safetensors weights yet"
+
+        for path in local.iterdir():  # the upload ends
+            fs.pipe_file(f"{prefix}/checkpoint-7/{path.name}", path.read_bytes())
+        second = _watch(url)
+        assert _names(second, "compressed") == ["checkpoint-7"] and second["checkpoints"] == ["checkpoint-7"]
+        mirrored = pipeline_env / "home" / "watched" / "memory" / "watched-bucket" / "run-9" / "checkpoint-7"
+        assert sorted(p.name for p in mirrored.iterdir()) == sorted(p.name for p in local.iterdir())
+        [version] = _versions(pipeline_env / "home", "tiny-watch")
+        assert version.tags["dotresize.checkpoint"] == "checkpoint-7"
+        assert version.tags["dotresize.checkpoint_url"] == f"memory://{prefix}/checkpoint-7"
+        assert version.tags["dotresize.watch_source"] == url
+        stamp = (mirrored / "model.safetensors").stat()
+
+        third = _watch(url)
+        assert third["compressed"] == [] and _names(third, "existing") == ["checkpoint-7"]
+        assert len(_versions(pipeline_env / "home", "tiny-watch")) == 1
+        again = (mirrored / "model.safetensors").stat()
+        assert (again.st_ino, again.st_mtime_ns) == (stamp.st_ino, stamp.st_mtime_ns)  # not copied again
+    finally:
+        fs.rm("/watched-bucket", recursive=True)
+
+
+def test_remote_listing_rules():
+    """What a listing says about a remote checkpoint, before anything is copied."""
+    from storage.checkpoints import RemoteCheckpoint, remote_problem
+
+    ckpt = RemoteCheckpoint("checkpoint-1", "memory://nowhere/checkpoint-1", "hf-dir")
+    stamp = [10, "etag"]
+    assert remote_problem(ckpt, {"config.json": stamp, "model.safetensors": stamp}) is None
+    assert remote_problem(ckpt, {"model.safetensors": stamp}) == "no config.json yet"
+    assert remote_problem(ckpt, {"config.json": stamp, "pytorch_model.bin": stamp}).startswith("only pickle")
+    assert remote_problem(ckpt, {"config.json": stamp, "model.safetensors": stamp},
+                          marker="trainer_state.json") == "no trainer_state.json yet"
+    assert "would leave" in remote_problem(ckpt, {"config.json": stamp, "../../escape.safetensors": stamp})
+
+
 # --- readiness (no Prefect) --------------------------------------------------------------------------------------
 def test_readiness_rules(tmp_path):
     from storage.checkpoints import discover, static_problem
