@@ -332,7 +332,7 @@ def global_ends(model, basis: Basis, dtype: torch.dtype | None = None, keep_tied
     if keep_tied and model.head_bias() is not None:
         raise ValueError("the stock head has no bias for the final LayerNorm's: an untied LayerNorm source exports "
                          "with the per-point layout")
-    if layout.embedding_scale and basis.width != model.hidden_size:
+    if keep_tied and layout.embedding_scale and basis.width != model.hidden_size:
         raise ValueError("the stock model scales its embeddings by its own width: no global layout below it")
     norm = _global_norms(layout, [layout.final_norm], model.hidden_size, basis.width, dtype)
     return [embeddings_chunks(model, basis.Q, dtype), *position_chunks(model, basis.Q, dtype),

@@ -29,6 +29,7 @@ FAMILY_CONFIGS = {
     "phi3": lambda: BY_FAMILY["phi3"].tiny_config(),
     "smollm3": lambda: BY_FAMILY["smollm3"].tiny_config(),
     "opt": lambda: BY_FAMILY["opt"].tiny_config(),
+    "gemma3": lambda: BY_FAMILY["gemma3"].tiny_config(),
 }
 
 

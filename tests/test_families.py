@@ -226,7 +226,32 @@ def test_opt_variants_that_would_not_be_exact_are_refused_in_one_line(overrides,
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "phi3", "opt"])
+def test_gemma3_block_outputs_stay_full_width_through_their_norms(tmp_path):
+    """Gemma 3's post-attention / post-feed-forward norms normalise the block output over D: o_proj and down_proj
+    keep D outputs, and the norm's 1 + w and the point's basis become one D -> d projection after a weight-free
+    norm. The tiny model makes every part matter: 1 + w far from 1, a sliding window (8) shorter than the inputs,
+    per-head q/k norms, the √D embedding scale."""
+    model = make_tiny_model("gemma3")
+    layer = model.model.layers[0]
+    assert (layer.post_attention_layernorm.weight.abs() > 0.3).float().mean() > 0.8
+    assert model.config.layer_types[:2] == ["sliding_attention", "full_attention"] and model.config.sliding_window < 32
+    ids = tiny_calibration(samples=32)
+    compressed, report = compress(model, ids, CompressionConfig(method="pca", ratio=0.25), progress=False)
+    first = compressed.model.layers[0]
+    assert first.self_attn.o_proj.out_features == first.mlp.down_proj.out_features == 64
+    assert first.attn_output_norm.weight.shape == first.mlp_output_norm.weight.shape == (48, 64)
+    assert first.self_attn.q_proj.in_features == first.mlp.gate_proj.in_features == 48
+    assert float(compressed.model.embed_tokens.embed_scale) == 8.0  # √D, D the source width
+    out = save_compressed(compressed, tmp_path / "model", compression=report.config)
+    expected = _logits(compressed, ids[:4])
+    assert (_logits(load_compressed(out, trust_remote_code=True), ids[:4]) - expected).abs().max() <= 1e-5
+    # a 0 % PCA basis is a full-width rotation: the branch norms' projections are then exact
+    reference = _logits(make_tiny_model("gemma3"), ids[:4])
+    full, _ = compress(make_tiny_model("gemma3"), ids, CompressionConfig(method="pca", ratio=0.0), progress=False)
+    assert (_logits(full, ids[:4]) - reference).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["qwen3", "phi3", "opt", "gemma3"])
 def test_cli_compresses_both_axes_of_a_new_family(capsys, tiny_env, name):
     """The command line reads a checkpoint of the family from disk (in memory: no Prefect server needed here)."""
     from flows.cli import main
