@@ -279,16 +279,17 @@ def reduce_mlps(model: LayeredModel, batches: list[torch.Tensor], config: Compre
     pass with the residual points' statistics when the residual stream is compressed too; ``sequential``: layer by
     layer through the already-reduced layers). Returns the model with reduced MLPs, the residual points'
     statistics (``parallel`` only, else None) and the report's ``mlp`` section."""
-    from .mlp.model import (MlpReducedModel, capture_mlp_stats, intermediate_size, plan_mlp_widths,
-                            reduce_parallel, reduce_sequential, reduction_info)
+    from .mlp.model import (MlpReducedModel, capture_mlp_stats, intermediate_size, layer_keep_set,
+                            plan_mlp_widths, reduce_parallel, reduce_sequential, reduction_info)
 
     timings = timings if timings is not None else {}
     intermediate = intermediate_size(model)
     widths = plan_mlp_widths(config, intermediate, model.num_layers)
+    keep_sets = [layer_keep_set(config, index) for index in range(model.num_layers)]
     start = time.perf_counter()
     point_stats = None
     if config.mode == "sequential":
-        reductions = reduce_sequential(model, batches, widths, config.mlp, progress=progress)
+        reductions = reduce_sequential(model, batches, widths, config.mlp, keep_sets=keep_sets, progress=progress)
     else:
         sink, finalize = None, None
         if config.residual_active:
@@ -297,7 +298,7 @@ def reduce_mlps(model: LayeredModel, batches: list[torch.Tensor], config: Compre
         timings["capture"] = time.perf_counter() - start
         point_stats = finalize() if finalize else None
         start = time.perf_counter()
-        reductions = reduce_parallel(model, mlp_stats, widths, config.mlp)
+        reductions = reduce_parallel(model, mlp_stats, widths, config.mlp, keep_sets)
     timings["mlp"] = time.perf_counter() - start
     section = {"intermediate_size": intermediate, "widths": widths, "method": config.mlp.method,
                "layers": reduction_info(reductions)}

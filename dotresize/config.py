@@ -143,7 +143,9 @@ class CompressionConfig:
     layer's I intermediate neurons removed (m = floor((1 - mlp_ratio) * I) rounded down to a multiple of
     ``mlp.round_to``), ``mlp_widths`` (one value per layer) a per-layer schedule instead, and ``mlp`` how the
     neurons are chosen and the removed ones mapped (``mlp.method``: prune, lsq, dot). ``mlp_ratio`` 0 without
-    ``mlp_widths`` leaves the MLPs untouched. With the MLP axis on, ``ratio`` 0 (and no ``widths``) compresses
+    ``mlp_widths`` leaves the MLPs untouched. ``mlp_keep_sets`` (one index list per layer) names the neurons each
+    layer keeps instead of a rule; its lengths are the widths (with neither ``mlp_ratio`` nor ``mlp_widths``).
+    With the MLP axis on, ``ratio`` 0 (and no ``widths``) compresses
     the MLPs only.
     """
 
@@ -163,6 +165,7 @@ class CompressionConfig:
     dot: DotOptions = field(default_factory=DotOptions)
     mlp_ratio: float = 0.0
     mlp_widths: tuple[int, ...] | None = None
+    mlp_keep_sets: tuple[tuple[int, ...], ...] | None = None
     mlp: MlpOptions = field(default_factory=MlpOptions)
     version: int = CONFIG_VERSION
 
@@ -174,7 +177,7 @@ class CompressionConfig:
     @property
     def mlp_active(self) -> bool:
         """Whether the MLP's intermediate width is reduced at all."""
-        return self.mlp_ratio > 0 or self.mlp_widths is not None
+        return self.mlp_ratio > 0 or self.mlp_widths is not None or self.mlp_keep_sets is not None
 
     @property
     def residual_active(self) -> bool:
@@ -212,6 +215,14 @@ class CompressionConfig:
                 raise InvalidConfigError("give mlp_ratio or mlp_widths (a per-layer schedule), not both")
             if len(self.mlp_widths) == 0 or any(not isinstance(w, int) or w < 1 for w in self.mlp_widths):
                 raise InvalidConfigError("mlp_widths must list one positive integer width per layer")
+        if self.mlp_keep_sets is not None:
+            if self.mlp_ratio > 0 or self.mlp_widths is not None:
+                raise InvalidConfigError("mlp_keep_sets fixes every layer's width: give it without mlp_ratio or "
+                                         "mlp_widths")
+            for layer, kept in enumerate(self.mlp_keep_sets):
+                if not kept or any(not isinstance(i, int) or i < 0 for i in kept) or len(set(kept)) != len(kept):
+                    raise InvalidConfigError(f"mlp_keep_sets[{layer}] must be a non-empty list of distinct neuron "
+                                             "indices >= 0")
         if self.mlp_active and self.version < 2:
             raise InvalidConfigError(f"config version {self.version} has no MLP axis: use version {CONFIG_VERSION}")
         self.mlp.validate()
@@ -248,8 +259,9 @@ class CompressionConfig:
             data["mlp_widths"] = tuple(int(w) for w in data["mlp_widths"])
         if data.get("widths") is not None:
             data["widths"] = tuple(int(w) for w in data["widths"])
-        if data.get("keep_sets") is not None:
-            data["keep_sets"] = tuple(tuple(int(i) for i in s) for s in data["keep_sets"])
+        for name in ("keep_sets", "mlp_keep_sets"):
+            if data.get(name) is not None:
+                data[name] = tuple(tuple(int(i) for i in s) for s in data[name])
         return cls(dot=DotOptions(**dot), mlp=mlp, **data)  # read as the current version
 
     @classmethod
@@ -279,7 +291,8 @@ def _mlp_options(data: dict[str, Any]) -> MlpOptions:
 
 def _mlp_defaults() -> dict[str, Any]:
     """The plain form of the MLP fields when they leave the MLP alone (omitted from :meth:`to_dict`)."""
-    return {"mlp_ratio": 0.0, "mlp_widths": None, "mlp": _plain(dataclasses.asdict(MlpOptions()))}
+    return {"mlp_ratio": 0.0, "mlp_widths": None, "mlp_keep_sets": None,
+            "mlp": _plain(dataclasses.asdict(MlpOptions()))}
 
 
 def _plain(value: Any) -> Any:

@@ -110,6 +110,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--mlp-keep-rule", choices=("output", "energy", "obs"), default=None,
                    help="which MLP neurons are kept: output (activation energy x down-projection column norm; "
                         "default), energy (activation energy), obs (greedy by the corrected output error)")
+    p.add_argument("--mlp-keep-set", default=None, metavar="FILE",
+                   help="JSON file: one list of kept intermediate-neuron indices per layer (instead of a keep "
+                        "rule and --mlp-ratio; the lists' lengths are the widths)")
     p.add_argument("--mlp-ridge", type=float, default=None,
                    help="ridge of the lsq correction, relative to the mean kept activation energy (default 0.1)")
     p.add_argument("--recipe", default=None, metavar="FILE",
@@ -347,14 +350,47 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------------
 def _check_mlp_args(args) -> None:
     """The MLP axis' options against the others, before any work (one line each)."""
-    if args.ratio == 0 and not args.mlp_ratio:
+    keep_set = getattr(args, "mlp_keep_set", None)
+    if keep_set is not None and args.mlp_ratio:
+        raise UsageError("--mlp-keep-set fixes every layer's MLP width: drop --mlp-ratio")
+    if keep_set is not None and args.mlp_keep_rule is not None:
+        raise UsageError("--mlp-keep-set names the kept MLP neurons: drop --mlp-keep-rule")
+    mlp_axis = bool(args.mlp_ratio) or keep_set is not None
+    if args.ratio == 0 and not mlp_axis:
         raise UsageError("--ratio 0 compresses nothing: give a ratio in (0, 1), or reduce the MLPs only with "
                          "--ratio 0 --mlp-ratio R")
-    if args.mlp_method is not None and not args.mlp_ratio:
+    if args.mlp_method is not None and not mlp_axis:
         raise UsageError("--mlp-method needs --mlp-ratio R (the fraction of MLP neurons removed)")
     for name in ("mlp_keep_rule", "mlp_ridge"):
-        if getattr(args, name) is not None and not args.mlp_ratio:
+        if getattr(args, name) is not None and not mlp_axis:
             raise UsageError(f"--{name.replace('_', '-')} needs --mlp-ratio R (the fraction of MLP neurons removed)")
+
+
+def _mlp_keep_sets(path_text: str | None) -> tuple[tuple[int, ...], ...] | None:
+    """--mlp-keep-set FILE: a JSON list with one list of neuron indices per layer (checked again against the model
+    before any work)."""
+    if path_text is None:
+        return None
+    path = Path(path_text)
+    if not path.is_file():
+        raise UsageError(f"--mlp-keep-set {path} does not exist: pass a JSON file with one index list per layer")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"--mlp-keep-set {path} is not JSON ({str(error).splitlines()[0]}): write a list with "
+                         "one index list per layer, e.g. [[0, 2, 5], [1, 3, 4]]") from None
+    if (not isinstance(data, list) or not data
+            or not all(isinstance(kept, list) and all(type(i) is int for i in kept) for kept in data)):
+        raise UsageError(f"--mlp-keep-set {path} must hold a list with one list of integer neuron indices per "
+                         "layer, e.g. [[0, 2, 5], [1, 3, 4]]")
+    return tuple(tuple(kept) for kept in data)
+
+
+def _mlp_choice(config) -> str:
+    """How the MLP widths were chosen, for the summary line."""
+    if config.mlp_keep_sets is not None:
+        return "keep-set file"
+    return "width schedule" if config.mlp_widths is not None else f"ratio {config.mlp_ratio}"
 
 
 def _compression_config(args):
@@ -374,6 +410,7 @@ def _compression_config(args):
         method=args.method, ratio=args.ratio, mode=args.mode, layout=args.layout, round_to=args.round_to,
         slice_head=args.slice_head, seed=args.seed, batch_size=args.batch_size, keep_sets=keep_sets,
         outlier_tokens=args.outlier_tokens, dot=DotOptions(**dot_changes), mlp_ratio=args.mlp_ratio,
+        mlp_keep_sets=_mlp_keep_sets(getattr(args, "mlp_keep_set", None)),
         mlp=MlpOptions(**{k: v for k, v in {"method": args.mlp_method, "keep_rule": args.mlp_keep_rule,
                                             "ridge": args.mlp_ridge}.items() if v is not None}),
     )
@@ -408,12 +445,12 @@ def cmd_compress(args) -> dict:
                          "the --out directory with `dotresize evaluate DIR --dtype ...`")
     from . import preflight
 
+    config = _compression_config(args)  # the settings alone (one line each)
     # every input checked before any work (one line each, nothing created): flows/preflight.py
-    out = preflight.check_compress(args).paths.out
+    out = preflight.check_compress(args, config).paths.out
     from . import runlock
 
     runlock.configure(wait=not args.no_wait)
-    config = _compression_config(args)
     if args.in_memory:
         return _compress_in_memory(args, config, out)
     return _compress_pipeline(args, config, out)
@@ -464,7 +501,7 @@ def _compress_pipeline(args, config, out: Path | None) -> dict:
         print(f"  width {max(result['widths'])} -> {min(result['widths'])}; parameters "
               f"{result['parameters_before']:,} -> {result['parameters_after']:,} ({result['parameter_ratio']:.3f}x)")
         if result.get("mlp_widths"):
-            print(f"  MLP ({config.mlp.method}, ratio {config.mlp_ratio}): intermediate width -> "
+            print(f"  MLP ({config.mlp.method}, {_mlp_choice(config)}): intermediate width -> "
                   f"{min(result['mlp_widths'])}" + ("" if len(set(result["mlp_widths"])) == 1
                                                    else f"..{max(result['mlp_widths'])}"))
         if args.ppl:
@@ -533,7 +570,7 @@ def _compress_in_memory(args, config, out: Path) -> dict:
         print(f"compressed {source.spec} with {config.method} ({config.mode}, {config.layout}) at ratio {config.ratio}"
               " (in memory)")
         if report.mlp:
-            print(f"  MLP ({report.mlp['method']}, ratio {config.mlp_ratio}): intermediate "
+            print(f"  MLP ({report.mlp['method']}, {_mlp_choice(config)}): intermediate "
                   f"{report.mlp['intermediate_size']} -> {min(report.mlp['widths'])}")
         print(f"  width {report.hidden_size} -> {min(report.widths)}; parameters {report.parameters_before:,} -> "
               f"{report.parameters_after:,} ({report.parameter_ratio:.3f}x)")

@@ -78,15 +78,16 @@ class Checked:
 
 
 # --- entry point -----------------------------------------------------------------------------------------------
-def check_compress(args) -> Checked:
-    """All checks for ``dotresize compress`` (``args`` as parsed); raises :class:`PreflightError` on the first
-    problem, or the one-line :class:`dotresize.DotResizeError` of the source/data resolution."""
+def check_compress(args, compression=None) -> Checked:
+    """All checks for ``dotresize compress`` (``args`` as parsed; ``compression``, the CompressionConfig, against
+    the model's shape when given); raises :class:`PreflightError` on the first problem, or the one-line
+    :class:`dotresize.DotResizeError` of the source/data resolution."""
     paths = check_paths(args)
     model_path = _local_model_path(args.model)
     tensors = check_model_files(model_path) if model_path is not None else None
     if args.calib_data not in NAMED_DATA:
         check_calibration_file(args.calib_data)
-    return _check_with_transformers(args, paths, tensors)
+    return _check_with_transformers(args, paths, tensors, compression)
 
 
 # --- paths -----------------------------------------------------------------------------------------------------
@@ -416,8 +417,24 @@ def _first_line(error: BaseException) -> str:
     return text[0][:300] if text else type(error).__name__
 
 
-def _check_with_transformers(args, paths: Paths, tensors: dict[str, TensorInfo] | None) -> Checked:
-    from dotresize.adapters import adapter_class_for_config, intermediate_size_of
+def _check_mlp_plan(compression, config, layers: int) -> None:
+    """The MLP axis' widths / keep-sets fit the model (one line: layer count, indices below the intermediate size)."""
+    if compression is None or not compression.mlp_active:
+        return
+    from dotresize.mlp.model import plan_mlp_widths
+
+    from dotresize.adapters import intermediate_size_of
+
+    intermediate = int(intermediate_size_of(config) or 0)
+    if intermediate < 1:
+        raise PreflightError(f"{type(config).__name__} has no intermediate_size: the MLP axis (--mlp-ratio) needs "
+                             "one; compress without it")
+    plan_mlp_widths(compression, intermediate, layers)  # InvalidConfigError: one line
+
+
+def _check_with_transformers(args, paths: Paths, tensors: dict[str, TensorInfo] | None,
+                             compression=None) -> Checked:
+    from dotresize.adapters import adapter_class_for_config, check_layout, intermediate_size_of
     from dotresize.data import load_text, tokenize
     from dotresize.sources import resolve_source
 
@@ -425,9 +442,12 @@ def _check_with_transformers(args, paths: Paths, tensors: dict[str, TensorInfo] 
     if source.gguf_file:
         _check_gguf(source.directory / source.gguf_file)
     config = _load_config(source, args.trust_remote_code)
-    adapter_class_for_config(config)  # one line naming the supported families
+    adapter = adapter_class_for_config(config)  # one line naming the supported families
+    if compression is not None:  # a family without a stock form of the global layout refuses it in one line
+        check_layout(adapter, compression.layout, compression.residual_active)
     parameters = _check_shapes(source, config, tensors, args.trust_remote_code)
     hidden, layers = int(config.hidden_size), int(config.num_hidden_layers)
+    _check_mlp_plan(compression, config, layers)
     text = load_text(args.calib_data)  # the authoritative decoding (one-line CalibrationError / DataNotFoundError)
     windows = _check_windows(source, text, args, tokenize)
     estimate = _check_space(args, paths, parameters, hidden, layers, tensors,

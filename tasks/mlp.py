@@ -30,6 +30,14 @@ def mlp_parts(config) -> dict:
     return {"mlp": dataclasses.asdict(config.mlp)}
 
 
+def layer_keep_parts(config, layer: int) -> dict:
+    """What a layer's MLP key gains from an explicit keep-set (nothing without one: keys stay as they were)."""
+    from dotresize.mlp.model import layer_keep_set
+
+    keep = layer_keep_set(config, layer)
+    return {} if keep is None else {"keep": keep}
+
+
 def mlp_capture_parts(config) -> dict:
     """What a capture key gains when the capture also records the MLP statistics (nothing otherwise: the keys of
     runs without the MLP axis are unchanged)."""
@@ -71,7 +79,7 @@ def mlp_probe(run_url: str, layer: int, capture: dict, width: int, recipe: dict,
               **_) -> Probe:
     config = config_of(recipe)
     key = stage_key("mlp", mode="parallel", layer=layer, capture=capture["key"], width=int(width),
-                    **mlp_parts(config))
+                    **mlp_parts(config), **layer_keep_parts(config, layer))
     return manifest_probe(RunDir(run_url), "mlp", str(layer), key, verify)
 
 
@@ -79,7 +87,7 @@ def mlp_probe(run_url: str, layer: int, capture: dict, width: int, recipe: dict,
 def mlp_task(run_url: str, layer: int, source: dict, inspect: dict, capture: dict, width: int, recipe: dict,
              device: str | None = None, verify: bool = True) -> dict:
     """Layer ``layer``'s MLP reduced to ``width`` neurons from the statistics its capture stored (parallel mode)."""
-    from dotresize.mlp.model import reduce_layer_mlp
+    from dotresize.mlp.model import layer_keep_set, reduce_layer_mlp
 
     probe = mlp_probe(run_url, layer, capture, width, recipe, verify)
     run = probe.run
@@ -89,7 +97,8 @@ def mlp_task(run_url: str, layer: int, source: dict, inspect: dict, capture: dic
         stats = load_mlp_stats(ActivationStore(run), layer)
         model = streamed_model(source, inspect, device)
         with model.layer(layer) as module:
-            reduction = reduce_layer_mlp(model.layout, module, stats, int(width), config.mlp)
+            reduction = reduce_layer_mlp(model.layout, module, stats, int(width), config.mlp,
+                                         layer_keep_set(config, layer))
         del stats
         release_memory()
         return _save(run, layer, reduction)
@@ -114,7 +123,7 @@ def mlp_sequential_probe(run_url: str, layer: int, inspect: dict, calibration: d
     name = str(layer)
     key = stage_key("mlp", mode="sequential", layer=layer, inspect=inspect["key"], calibration=calibration["digest"],
                     previous=previous["key"] if previous else None, width=int(width), device=compute_device(device),
-                    **capture_parts(config), **mlp_parts(config))
+                    **capture_parts(config), **mlp_parts(config), **layer_keep_parts(config, layer))
     probe = manifest_probe(run, "mlp", name, key, verify)
     if probe.ok and layer != inspect["num_layers"] - 1:
         ok, why = ActivationStore(run).status(layout.mlp_input_name(layer + 1), key, verify=verify)
@@ -132,7 +141,7 @@ def mlp_sequential_task(run_url: str, layer: int, source: dict, inspect: dict, c
     """Layer ``layer``'s MLP reduced from its input through the already-reduced layers (task ``layer - 1``'s
     output, the embeddings for layer 0); stores the reduction and the next layer's input."""
     from dotresize.calibration import embed_batches, run_layer
-    from dotresize.mlp.model import layer_mlp_stats, reduce_layer_mlp, with_reduced_mlp
+    from dotresize.mlp.model import layer_keep_set, layer_mlp_stats, reduce_layer_mlp, with_reduced_mlp
 
     from .common import compute_device
 
@@ -156,7 +165,8 @@ def mlp_sequential_task(run_url: str, layer: int, source: dict, inspect: dict, c
         inputs = lambda: _signal_rows(store, layout.mlp_input_name(layer), batches, dim, model.device)  # noqa: E731
     with model.layer(layer) as module:
         stats = layer_mlp_stats(model, module, layer, ((h, model.layer_kwargs(h)) for h in inputs()))
-        reduction = reduce_layer_mlp(model.layout, module, stats, int(width), config.mlp)
+        reduction = reduce_layer_mlp(model.layout, module, stats, int(width), config.mlp,
+                                     layer_keep_set(config, layer))
         del stats
         if not last:  # the next layer's input, through this layer with its reduced MLP, a batch at a time
             reduced = with_reduced_mlp(model.layout, module, reduction)
@@ -172,4 +182,4 @@ def mlp_sequential_task(run_url: str, layer: int, source: dict, inspect: dict, c
 
 
 __all__ = ["mlp_task", "mlp_sequential_task", "load_reduction", "load_mlp_stats", "mlp_stats_arrays",
-           "mlp_capture_parts", "mlp_parts"]
+           "mlp_capture_parts", "mlp_parts", "layer_keep_parts"]

@@ -25,6 +25,7 @@ def test_config_with_the_mlp_axis_round_trips_exactly():
                                          dot=MlpDotOptions(epsilon=0.1, cost="l2", prior=True))),
         CompressionConfig(ratio=0.0, layout="global", mlp_widths=(80, 96, 104)),
         CompressionConfig(mlp=MlpOptions(method="prune")),  # options without a ratio still round-trip
+        CompressionConfig(ratio=0.0, mlp_keep_sets=((0, 3, 5), (1, 2, 7), (4, 6, 9))),
     ]
     for config in configs:
         config.validate()
@@ -56,6 +57,10 @@ def test_a_config_without_the_mlp_axis_keeps_its_version_1_form():
     ({"mlp": MlpOptions(keep_rule="random")}, "mlp keep rule must be one of"),
     ({"mlp": MlpOptions(dot=MlpDotOptions(epsilon=0.0))}, "mlp dot epsilon"),
     ({"mlp_ratio": 0.2, "version": 1}, "no MLP axis"),
+    ({"mlp_ratio": 0.2, "mlp_keep_sets": ((0, 1),) * 3}, "without mlp_ratio or mlp_widths"),
+    ({"mlp_keep_sets": ((0, 1), (2, 2), (3,))}, r"mlp_keep_sets\[1\] must be a non-empty list of distinct"),
+    ({"mlp_keep_sets": ((0, 1), (), (3,))}, r"mlp_keep_sets\[1\] must be a non-empty list"),
+    ({"mlp_keep_sets": ((0, -1), (2,), (3,))}, r"mlp_keep_sets\[0\] must be"),
 ])
 def test_bad_mlp_values_are_rejected_with_one_message(changes, message):
     with pytest.raises(InvalidConfigError, match=message) as caught:
@@ -105,8 +110,9 @@ def test_mlp_ratio_zero_is_the_identity():
     assert full_report.parameters_after == plain_report.parameters_after
 
 
-def _reduced_by_hand(family, ids, width, options):
-    """The reference: every MLP of the unfused dense model reduced from its own statistics, modules replaced."""
+def _reduced_by_hand(family, ids, width, options, keep_sets=None):
+    """The reference: every MLP of the unfused dense model reduced from its own statistics (to ``width`` by the
+    options' rule, or to ``keep_sets[layer]``), modules replaced."""
     model = make_tiny_model(family)
     layers = list(model.model.layers)
     accs = [MlpStatsAccumulator(INTERMEDIATE, layer=i) for i in range(len(layers))]
@@ -117,9 +123,10 @@ def _reduced_by_hand(family, ids, width, options):
             model(input_ids=batch)
     for handle in handles:
         handle.remove()
-    for layer, acc in zip(layers, accs):
+    for index, (layer, acc) in enumerate(zip(layers, accs)):
         mlp = layer.mlp
-        reduction = reduce_mlp(acc.finalize(), mlp.down_proj.weight, width, options)
+        keep = None if keep_sets is None else keep_sets[index]
+        reduction = reduce_mlp(acc.finalize(), mlp.down_proj.weight, None if keep else width, options, keep)
         new = reduce_mlp_weights(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, reduction.keep,
                                  reduction.A)
         for name, weight in (("gate_proj", new.gate), ("up_proj", new.up), ("down_proj", new.down)):
@@ -235,6 +242,29 @@ def test_non_uniform_mlp_widths_of_a_tied_source_untie_the_head_exactly(tmp_path
     assert (_logits(loaded.eval(), ids[:4]) - _logits(compressed, ids[:4])).abs().max() <= 1e-5
 
 
+#: an explicit keep-set per layer (72 of 112 neurons, a different pattern in every layer, unsorted on purpose)
+KEEP_SETS = tuple(tuple(sorted(range(INTERMEDIATE), key=lambda i, l=l: (i * (7 + 2 * l)) % INTERMEDIATE)[:72][::-1])
+                  for l in range(3))
+
+
+def test_explicit_mlp_keep_sets_keep_exactly_those_neurons():
+    options = MlpOptions(method="lsq")
+    compressed, report, ids = _compress(ratio=0.0, mlp_keep_sets=KEEP_SETS, mlp=options)
+    assert report.mlp["widths"] == [72] * 3
+    assert all(layer["keep_rule"] == "explicit" for layer in report.mlp["layers"])
+    expected = _logits(_reduced_by_hand("llama-untied", ids, None, options, KEEP_SETS), ids[:4])
+    assert (_logits(compressed, ids[:4]) - expected).abs().max() <= 1e-4
+    by_rule, _, _ = _compress(ratio=0.0, mlp_ratio=0.3, mlp=options)  # same width, the rule's neurons: differs
+    assert (_logits(by_rule, ids[:4]) - expected).abs().max() > 1e-3
+
+
+def test_mlp_keep_sets_that_do_not_fit_the_model_are_one_message():
+    with pytest.raises(InvalidConfigError, match="mlp_keep_sets must list 3 index lists"):
+        _compress(ratio=0.0, mlp_keep_sets=KEEP_SETS[:2])
+    with pytest.raises(InvalidConfigError, match=r"mlp_keep_sets\[2\] names neuron 112: indices must be below 112"):
+        _compress(ratio=0.0, mlp_keep_sets=KEEP_SETS[:2] + ((0, 112),))
+
+
 def test_mlp_width_schedule_of_the_wrong_length_is_one_message():
     with pytest.raises(InvalidConfigError, match="mlp_widths must list 3 values"):
         _compress(ratio=0.0, mlp_widths=(64, 64))
@@ -262,9 +292,26 @@ def _cli(capsys, *argv):
     (["--ratio", "0.2", "--mlp-ratio", "0.3", "--mlp-keep-rule", "random"], "invalid choice: 'random'"),
     (["--ratio", "0", "--in-memory"], "--ratio 0 compresses nothing"),
     (["--ratio", "0.2", "--mlp-method", "dot", "--in-memory"], "--mlp-method needs --mlp-ratio"),
+    (["--ratio", "0", "--mlp-keep-set", "missing.json", "--in-memory"], "--mlp-keep-set missing.json does not exist"),
+    (["--ratio", "0", "--mlp-keep-set", "KEEP:[[0, 1], [2]", "--in-memory"], "is not JSON"),
+    (["--ratio", "0", "--mlp-keep-set", "KEEP:{\"0\": [1]}", "--in-memory"], "one list of integer neuron indices"),
+    (["--ratio", "0", "--mlp-keep-set", "KEEP:[[0, 1.5]]", "--in-memory"], "one list of integer neuron indices"),
+    (["--ratio", "0", "--mlp-keep-set", "KEEP:[[0, 1], [2], [3]]", "--mlp-ratio", "0.3", "--in-memory"],
+     "--mlp-keep-set fixes every layer's MLP width: drop --mlp-ratio"),
+    (["--ratio", "0", "--mlp-keep-set", "KEEP:[[0, 1], [2], [3]]", "--mlp-keep-rule", "energy", "--in-memory"],
+     "drop --mlp-keep-rule"),
+    (["--ratio", "0", "--mlp-keep-set", "KEEP:[[0, 1], [2]]", "--in-memory"], "mlp_keep_sets must list 3 index lists"),
+    (["--ratio", "0", "--mlp-keep-set", "KEEP:[[0, 1], [2], [3, 3]]", "--in-memory"], "distinct neuron indices"),
 ])
 def test_bad_mlp_options_are_one_error_line(capsys, tiny_env, argv, match):
     out = tiny_env / "out"
+    if "--mlp-keep-set" in argv:  # read once the model is known to exist
+        write_model_dir(tiny_env / "src")
+    for index, arg in enumerate(argv):  # "KEEP:<json>": a keep-set file with that text
+        if arg.startswith("KEEP:"):
+            keep_file = tiny_env / "keep.json"
+            keep_file.write_text(arg[len("KEEP:"):])
+            argv = [*argv[:index], str(keep_file), *argv[index + 1:]]
     code, _, err = _cli(capsys, "compress", "--model", str(tiny_env / "src"), *argv, "--out", str(out))
     lines = [line for line in err.splitlines() if "error" in line.lower()]
     assert code != 0 and len(lines) == 1 and match in lines[0], err
@@ -284,6 +331,21 @@ def test_in_memory_cli_reduces_the_mlps_to_a_stock_model(capsys, tiny_env):
     assert recorded["mlp_ratio"] == 0.3 and recorded["mlp"]["method"] == "prune" and recorded["version"] == 2
     result = json.loads(stdout)
     assert result["parameters_after"] < result["parameters_before"] and result["mlp_widths"] == [72] * 3
+
+
+def test_in_memory_cli_takes_an_mlp_keep_set_file(capsys, tiny_env):
+    src = write_model_dir(tiny_env / "src")
+    keep_file = tiny_env / "keep.json"
+    keep_file.write_text(json.dumps([list(kept) for kept in KEEP_SETS]))
+    out = tiny_env / "out"
+    code, stdout, err = _cli(capsys, "-q", "compress", "--model", str(src), "--ratio", "0", "--mlp-keep-set",
+                             str(keep_file), "--in-memory", "--calib-samples", "8", "--calib-seqlen", "32",
+                             "--out", str(out), "--json")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 72
+    recorded = json.loads((out / "dotresize.json").read_text())["compression"]
+    assert tuple(tuple(kept) for kept in recorded["mlp_keep_sets"]) == KEEP_SETS
+    assert json.loads(stdout)["mlp_widths"] == [72] * 3
 
 
 def test_the_pipeline_takes_the_mlp_axis():

@@ -13,6 +13,8 @@ import torch
 from conftest import write_model_dir
 
 ARGS = dict(calib_samples=16, calib_seqlen=32, seed=7)
+#: explicit MLP keep-sets: 72 of the 112 neurons, another pattern per layer
+KEEP_SETS = [sorted(range(112), key=lambda i, l=l: (i * (5 + 2 * l)) % 112)[:72] for l in range(3)]
 
 
 @pytest.fixture
@@ -51,6 +53,7 @@ def _logits(model) -> torch.Tensor:
     (0.25, "sequential", "per-point", {"mlp_ratio": 0.3, "mlp": {"method": "dot"}}),
     (0.25, "parallel", "global", {"mlp_ratio": 0.3, "mlp": {"method": "prune"}}),
     (0.0, "sequential", "per-point", {"mlp_ratio": 0.3}),
+    (0.0, "parallel", "per-point", {"mlp_keep_sets": KEEP_SETS}),
 ])
 def test_pipeline_with_the_mlp_axis_equals_the_in_memory_api(src, pipeline_env, ratio, mode, layout, mlp):
     from dotresize import CompressionConfig, load_compressed
@@ -65,6 +68,11 @@ def test_pipeline_with_the_mlp_axis_equals_the_in_memory_api(src, pipeline_env, 
     assert sorted(result["stages"]["mlp"]["computed"]) == ["0", "1", "2"]
     for layer in range(3):
         assert (run / "mlp" / f"layer_{layer}.safetensors").is_file()
+        if "mlp_keep_sets" in mlp:
+            from safetensors.torch import load_file
+
+            kept = load_file(run / "mlp" / f"layer_{layer}.safetensors")["keep"].tolist()
+            assert kept == sorted(KEEP_SETS[layer])
     if mode == "parallel":  # statistics captured with the residual points, one group per layer
         assert (run / "activations.zarr" / "mlp_1" / "gram" / "zarr.json").is_file()
     exported = load_compressed(run / "model")

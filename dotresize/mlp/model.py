@@ -43,7 +43,18 @@ def intermediate_size(model: LayeredModel) -> int:
 
 
 def plan_mlp_widths(config: CompressionConfig, intermediate: int, num_layers: int) -> list[int]:
-    """Kept intermediate neurons of every layer: the ``mlp_widths`` schedule, else ``mlp_ratio`` for every layer."""
+    """Kept intermediate neurons of every layer: the ``mlp_keep_sets``' sizes, the ``mlp_widths`` schedule, else
+    ``mlp_ratio`` for every layer."""
+    if config.mlp_keep_sets is not None:
+        keep_sets = config.mlp_keep_sets
+        if len(keep_sets) != num_layers:
+            raise InvalidConfigError(f"mlp_keep_sets must list {num_layers} index lists (one per layer), got "
+                                     f"{len(keep_sets)}")
+        for layer, kept in enumerate(keep_sets):
+            if max(kept) >= intermediate:
+                raise InvalidConfigError(f"mlp_keep_sets[{layer}] names neuron {max(kept)}: indices must be below "
+                                         f"{intermediate} (the intermediate size)")
+        return [len(kept) for kept in keep_sets]
     if config.mlp_widths is not None:
         widths = [int(w) for w in config.mlp_widths]
         if len(widths) != num_layers:
@@ -90,21 +101,32 @@ def capture_mlp_stats(model: LayeredModel, batches: Sequence[torch.Tensor], *, s
     return stats
 
 
+def layer_keep_set(config: CompressionConfig, index: int) -> list[int] | None:
+    """Layer ``index``'s explicit keep-set (``config.mlp_keep_sets``), ascending; None when a rule chooses."""
+    if config.mlp_keep_sets is None:
+        return None
+    return sorted(int(i) for i in config.mlp_keep_sets[index])
+
+
 def reduce_layer_mlp(layout: FamilyLayout, layer: nn.Module, stats: MlpStats, width: int,
-                     options: MlpOptions) -> MlpReduction:
-    """The reduction of one layer's MLP to ``width`` neurons (keep-set and map of ``options``)."""
+                     options: MlpOptions, keep: Sequence[int] | None = None) -> MlpReduction:
+    """The reduction of one layer's MLP to ``width`` neurons (``keep``, else ``options``' keep rule, and its map)."""
     from . import reduce_mlp  # noqa: PLC0415 - the package's dispatcher imports this module's siblings
 
-    return reduce_mlp(stats, _mlp_output(layout, layer).weight, width, options)
+    if keep is not None and len(keep) != width:
+        raise InvalidConfigError(f"the keep-set has {len(keep)} neurons, the width is {width}")
+    return reduce_mlp(stats, _mlp_output(layout, layer).weight, None if keep is not None else width, options, keep)
 
 
 def reduce_parallel(model: LayeredModel, stats: Sequence[MlpStats], widths: Sequence[int],
-                    options: MlpOptions) -> list[MlpReduction]:
-    """Every layer's reduction from statistics captured beforehand (independent of each other)."""
+                    options: MlpOptions, keep_sets: Sequence[Sequence[int] | None] | None = None) -> list[MlpReduction]:
+    """Every layer's reduction from statistics captured beforehand (independent of each other); ``keep_sets``
+    (one per layer, or None) fixes the kept neurons instead of ``options``' rule."""
+    keep_sets = keep_sets or [None] * len(widths)
     reductions = []
     for index, (layer_stats, width) in enumerate(zip(stats, widths)):
         with model.layer(index) as layer:
-            reductions.append(reduce_layer_mlp(model.layout, layer, layer_stats, width, options))
+            reductions.append(reduce_layer_mlp(model.layout, layer, layer_stats, width, options, keep_sets[index]))
     return reductions
 
 
@@ -121,14 +143,16 @@ def layer_mlp_stats(model: LayeredModel, layer: nn.Module, index: int,
 
 @torch.no_grad()
 def reduce_sequential(model: LayeredModel, batches: Sequence[torch.Tensor], widths: Sequence[int],
-                      options: MlpOptions, *, progress: bool = True) -> list[MlpReduction]:
+                      options: MlpOptions, *, keep_sets: Sequence[Sequence[int] | None] | None = None,
+                      progress: bool = True) -> list[MlpReduction]:
     """Layer by layer: each layer's statistics from the signal through the already-reduced layers before it."""
+    keep_sets = keep_sets or [None] * len(widths)
     hidden, kwargs = layer_inputs(model, batches)
     reductions = []
     for index in tqdm(range(model.num_layers), desc="sequential (mlp)", unit="layer", disable=not progress):
         with model.layer(index) as layer:
             stats = layer_mlp_stats(model, layer, index, zip(hidden, kwargs))
-            reduction = reduce_layer_mlp(model.layout, layer, stats, widths[index], options)
+            reduction = reduce_layer_mlp(model.layout, layer, stats, widths[index], options, keep_sets[index])
             hidden = run_layer(model, with_reduced_mlp(model.layout, layer, reduction), index, hidden, kwargs)
         reductions.append(reduction)
     return reductions
@@ -281,5 +305,6 @@ def reduction_info(reductions: Sequence[MlpReduction]) -> list[dict[str, Any]]:
             for index, r in enumerate(reductions)]
 
 
-__all__ = ["intermediate_size", "plan_mlp_widths", "capture_mlp_stats", "reduce_layer_mlp", "reduce_parallel",
+__all__ = ["intermediate_size", "plan_mlp_widths", "layer_keep_set", "capture_mlp_stats", "reduce_layer_mlp",
+           "reduce_parallel",
            "reduce_sequential", "capturing_mlp", "layer_mlp_stats", "reduced_mlp_tensors", "input_rows", "with_reduced_mlp", "MlpReducedModel", "reduction_info"]
