@@ -20,7 +20,7 @@ from storage import RunDir, digest_of_digests, sha256_bytes
 from storage import rundir as layout
 
 from .cache import stage_task
-from .common import Probe, logger, manifest_probe, run_probed, stage_key
+from .common import Probe, logger, manifest_probe, release_memory, run_probed, stage_key
 
 #: small files of a model directory that change what is loaded (besides the weights)
 _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -140,6 +140,29 @@ def calibration_task(run_url: str, source: dict, calib: dict, inspect: dict, hid
     return run_probed(probe, compute)
 
 
+def _save_inspect_files(run: RunDir, src, config, trust_remote_code: bool) -> dict[str, str]:
+    """The source's config, generation config and tokenizer written to ``inspect/``; {path: sha256}. Its own
+    function so that the tokenizer (and a GGUF file's parsed metadata) is garbage once it returns."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(src.directory, trust_remote_code=trust_remote_code,
+                                              **src.load_kwargs())
+    try:
+        generation = GenerationConfig.from_pretrained(src.directory, **src.load_kwargs())
+    except (OSError, ValueError):
+        generation = GenerationConfig.from_model_config(config)
+    files = {}
+    with tempfile.TemporaryDirectory(prefix="dotresize-inspect-") as tmp:
+        directory = Path(tmp)
+        config.save_pretrained(directory)
+        generation.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        for path in sorted(directory.iterdir()):
+            rel = f"{layout.INSPECT}/{path.name}"
+            files[rel] = run.write_bytes(rel, path.read_bytes())
+    return files
+
+
 def inspect_probe(run_url: str, source: dict, trust_remote_code: bool = False, **_) -> Probe:
     key = stage_key("inspect", source=source["digest"], trust_remote_code=trust_remote_code)
     return manifest_probe(RunDir(run_url), "inspect", None, key)
@@ -153,8 +176,6 @@ def inspect_task(run_url: str, source: dict, trust_remote_code: bool = False) ->
     run = probe.run
 
     def compute() -> dict:
-        from transformers import AutoTokenizer, GenerationConfig
-
         from dotresize.checkpoint import open_reader
         from dotresize.layerwise import StreamedModel
 
@@ -169,21 +190,8 @@ def inspect_task(run_url: str, source: dict, trust_remote_code: bool = False) ->
 
             raise SourceNotFoundError(f"the model at {source['spec']} has no weights for {missing[0]}*: "
                                       "the checkpoint is incomplete")
-        tokenizer = AutoTokenizer.from_pretrained(src.directory, trust_remote_code=trust_remote_code,
-                                                  **src.load_kwargs())
-        try:
-            generation = GenerationConfig.from_pretrained(src.directory, **src.load_kwargs())
-        except (OSError, ValueError):
-            generation = GenerationConfig.from_model_config(config)
-        files = {}
-        with tempfile.TemporaryDirectory(prefix="dotresize-inspect-") as tmp:
-            directory = Path(tmp)
-            config.save_pretrained(directory)
-            generation.save_pretrained(directory)
-            tokenizer.save_pretrained(directory)
-            for path in sorted(directory.iterdir()):
-                rel = f"{layout.INSPECT}/{path.name}"
-                files[rel] = run.write_bytes(rel, path.read_bytes())
+        files = _save_inspect_files(run, src, config, trust_remote_code)
+        release_memory()  # a GGUF tokenizer's parse leaves ~150 MB of freed fragments (SmolLM2) otherwise
         return {
             "files": files,
             "digest": digest_of_digests(files),
