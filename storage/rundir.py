@@ -291,7 +291,7 @@ class RunDir:
 
     # JSON / text ------------------------------------------------------------------------------------------------
     def write_json(self, rel: str, data: Any) -> str:
-        text = json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
+        text = json.dumps(data, indent=2, sort_keys=True, default=json_default) + "\n"
         return self.write_bytes(rel, text.encode())
 
     def read_json(self, rel: str) -> Any | None:
@@ -585,7 +585,8 @@ class _SafetensorsDtypes(dict):
 _SAFETENSORS_DTYPES = _SafetensorsDtypes()
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """What JSON gets for the few non-JSON values a manifest may hold (numpy scalars, sets and tuples, paths)."""
     import numpy as np
 
     if isinstance(value, np.integer):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -43,23 +42,9 @@ from .common import Probe, reused
 
 
 # --- the records: plain JSON in the run directory ---------------------------------------------------------------
-def json_default(value: Any) -> Any:
-    """What JSON gets for the few non-JSON values a manifest may hold (numpy scalars, tuples, paths)."""
-    import numpy as np
-
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-#: the records' serializer: standard JSON both ways, no object hook on reading (nothing is imported or built)
-RECORD_SERIALIZER = JSONSerializer(object_encoder=f"{__name__}.json_default", object_decoder=None)
+#: the records' serializer: standard JSON both ways (non-JSON values as the run directory's manifests write them),
+#: no object hook on reading (nothing is imported or built)
+RECORD_SERIALIZER = JSONSerializer(object_encoder="storage.rundir.json_default", object_decoder=None)
 
 
 def plain_json_record(content: bytes) -> dict:
@@ -167,4 +152,4 @@ def stage_task(probe: Callable[..., Probe], **options: Any):
 
 
 __all__ = ["Probe", "StageCache", "RunDirRecords", "RECORD_SERIALIZER", "stage_task", "read_record",
-           "plain_json_record", "json_default"]
+           "plain_json_record"]
