@@ -17,12 +17,6 @@ def accuracy(cell: dict, task: str, metric: str = "acc") -> float | None:
     return metrics.get(metric)
 
 
-def headline_accuracy(cell: dict, task: str) -> float | None:
-    """acc_norm where lm-eval defines it (the number usually reported for ARC, PIQA, OpenBookQA), else acc."""
-    value = accuracy(cell, task, "acc_norm")
-    return value if value is not None else accuracy(cell, task, "acc")
-
-
 def mean_accuracy(cell: dict, tasks: list[str]) -> float | None:
     """Mean of the tasks' ``acc`` (plain accuracy, comparable across tasks)."""
     values = [accuracy(cell, t) for t in tasks]

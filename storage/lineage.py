@@ -66,11 +66,6 @@ def compare(expected: dict[str, str], actual: dict[str, str], against: str) -> l
     return out
 
 
-def check_model_dir(model_dir: str | os.PathLike, lineage: dict) -> list[Mismatch]:
-    """Every file of ``model_dir`` (but lineage.json and model.sig) against ``lineage["model"]``."""
-    return compare(dict(lineage.get("model") or {}), model_digests(model_dir), LINEAGE)
-
-
 def check_files(root: str | os.PathLike, recorded: dict[str, str], against: str,
                 missing_ok: bool = False) -> tuple[list[Mismatch], int, int]:
     """(mismatches, checked, skipped): files named relative to ``root`` against their recorded sha256.
@@ -136,5 +131,5 @@ def source_files(source: dict) -> tuple[Path | None, dict[str, str]]:
     return (directory if str(where) and directory.is_dir() else None), recorded
 
 
-__all__ = ["Mismatch", "file_digests", "model_digests", "compare", "check_model_dir", "check_files", "check_activations",
+__all__ = ["Mismatch", "file_digests", "model_digests", "compare", "check_files", "check_activations",
            "source_files", "LINEAGE", "SIGNATURE", "MISSING", "UNRECORDED"]

@@ -250,9 +250,6 @@ def _point_info(run: RunDir, solve: dict) -> dict:
     return info
 
 
-#: evaluation files of a run, by kind and target (``eval/<kind>.json`` / ``eval/<kind>_source.json``)
-EVAL_KINDS = ("ppl", "lm_eval", "speed")
-
 
 def eval_file(kind: str, target: str = "model") -> str:
     """``eval/ppl.json``, ``eval/lm_eval_source.json``, ...: where an evaluation of ``target`` is stored."""
