@@ -25,6 +25,7 @@ Any disagreement is a :class:`VerifyError` naming the file and both digests.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -47,6 +48,14 @@ from storage.lineage import (
     model_digests,
     source_files,
 )
+
+log = logging.getLogger("dotresize")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
 
 EXPERIMENT = "dotresize"
 MLMODEL = "MLmodel"
@@ -131,7 +140,8 @@ def _artifact_dir(client, run, temp: list) -> Path | None:
     temp.append(tmp)
     try:
         return Path(client.download_artifacts(run.info.run_id, "", str(tmp)))
-    except Exception:
+    except Exception as error:  # an unreachable artifact store: the record is checked without its artifacts
+        log.debug("MLflow artifacts of run %s not readable: %s", run.info.run_id, _first_line(error))
         return None
 
 
@@ -155,7 +165,8 @@ def _record(uri: str, run_id: str, temp: list, name: str | None = None, version:
 def _search_versions(client, filter_string: str) -> list:
     try:
         return list(client.search_model_versions(filter_string))
-    except Exception:
+    except Exception as error:  # no registry at this tracking URI: no registered version to compare
+        log.debug("MLflow model versions (%s) not searchable: %s", filter_string, _first_line(error))
         return []
 
 
@@ -184,8 +195,8 @@ def _find_record(model_dir: Path, run_dir: Path | None, lineage: dict, lineage_s
             if saved.get("run_id") and saved.get("tracking_uri"):
                 return _record(saved["tracking_uri"], saved["run_id"], temp, saved.get("registered_model"),
                                saved.get("version"))
-        except Exception:
-            pass
+        except Exception as error:  # the recorded tracking store is gone or moved: search by digest below
+            log.debug("MLflow record of %s/mlflow.json not usable: %s", run_dir, _first_line(error))
     weights = weights_file(lineage, model_dir)
     model_sha = (lineage.get("model") or {}).get(weights)
     if not model_sha and (model_dir / weights).is_file():  # lineage.json unreadable
@@ -201,7 +212,8 @@ def _find_record(model_dir: Path, run_dir: Path | None, lineage: dict, lineage_s
             runs = client.search_runs([experiment.experiment_id],
                                       f"tags.`dotresize.model_sha256` = '{model_sha}'",
                                       order_by=["attributes.start_time DESC"], max_results=50)
-        except Exception:
+        except Exception as error:  # a store that cannot be searched is not a witness: try the next one
+            log.debug("MLflow store %s not searchable: %s", uri, _first_line(error))
             continue
         if runs:
             matching = [r for r in runs if r.data.tags.get(TAG_LINEAGE) == lineage_sha]
