@@ -94,7 +94,8 @@ def test_unsupported_architecture(capsys, tiny_env):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(src)
     out = tiny_env / "out"
     code, _, err = _run(capsys, "compress", "--model", str(src), "--ratio", "0.2", "--out", str(out))
-    _assert_clean_failure(code, err, out, "supported families: llama")
+    _assert_clean_failure(code, err, out, "supported families: ")
+    assert "llama (LlamaForCausalLM)" in err
 
 
 def test_pickle_only_weights_are_refused(capsys, tiny_env):
