@@ -37,14 +37,23 @@ from prefect.serializers import JSONSerializer
 from storage import RunDir
 from storage import rundir as layout
 from storage.errors import StorageError
+from storage.rundir import json_default
 
 from .common import Probe, reused
 
 
 # --- the records: plain JSON in the run directory ---------------------------------------------------------------
-#: the records' serializer: standard JSON both ways (non-JSON values as the run directory's manifests write them),
-#: no object hook on reading (nothing is imported or built)
-RECORD_SERIALIZER = JSONSerializer(object_encoder="storage.rundir.json_default", object_decoder=None)
+def record_default(value: Any) -> Any:
+    """Non-JSON values of a record: as the run directory's manifests write them; an exception (Prefect serialises a
+    failed task's exception before handing it to the storage, which drops it) as its type and first line."""
+    if isinstance(value, BaseException):
+        lines = str(value).strip().splitlines()
+        return {"exception": type(value).__name__, "message": lines[0] if lines else ""}
+    return json_default(value)
+
+
+#: the records' serializer: standard JSON both ways, no object hook on reading (nothing is imported or built)
+RECORD_SERIALIZER = JSONSerializer(object_encoder=f"{__name__}.record_default", object_decoder=None)
 
 
 def plain_json_record(content: bytes) -> dict:
@@ -86,7 +95,12 @@ class RunDirRecords(WritableFileSystem):
         return data
 
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> None:
-        run, rel = _split(path)
+        """Writes a stage's record; a failed task's exception (Prefect keys it by a random id, not by a record
+        URL) is not kept: the failure is in the task run's state and the log, and the next run recomputes."""
+        try:
+            run, rel = _split(path)
+        except ValueError:
+            return
         run.write_bytes(rel, content)
 
     async def aread_path(self, path: str) -> bytes:
