@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
-# Prefect keeps its database and settings under PREFECT_HOME: a scratch one per test session, never ~/.prefect
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="dotresize-test-prefect-"))
+# Prefect keeps its database and settings under PREFECT_HOME: a scratch one per test session (removed when the
+# session ends), never ~/.prefect; a PREFECT_HOME given from outside is used as it is
+if "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="dotresize-test-prefect-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                      "HF_HUB_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
