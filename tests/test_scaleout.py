@@ -490,8 +490,19 @@ def test_served_watch_deployment_compresses_a_checkpoint_in_an_s3_prefix_once(se
                                 f"\n{serve.tail(60)}", pytrace=False)
                 time.sleep(2)
             first, second = finished[:2]
-            logs = {run["id"]: " | ".join(entry["message"] for entry in client.post("/logs/filter", json={
-                "logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200}).json()) for run in (first, second)}
+
+            def run_logs(run: dict) -> str:
+                return " | ".join(entry["message"] for entry in client.post("/logs/filter", json={
+                    "logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200}).json())
+
+            # a run's logs reach the API in batches after its state does: wait for its summary line
+            logs = {}
+            for run in (first, second):
+                settle = time.monotonic() + 60
+                logs[run["id"]] = run_logs(run)
+                while f"watch {WATCHED}:" not in logs[run["id"]] and time.monotonic() < settle:
+                    time.sleep(1)
+                    logs[run["id"]] = run_logs(run)
     finally:
         _stop_serving(serve)
     assert [r["state_name"] for r in (first, second)] == ["Completed", "Completed"], (logs, serve.tail(60))
