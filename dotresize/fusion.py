@@ -22,6 +22,7 @@ from torch import nn
 
 from .adapters import ModelAdapter
 from .adapters.base import FamilyLayout, layer_modules_of, set_submodule
+from .errors import UnsupportedArchitectureError
 from .modeling import RMSN
 
 F64 = torch.float64
@@ -72,7 +73,8 @@ def _fold(norm: nn.Module, linears: list[nn.Linear], offset: float) -> None:
     for linear in linears:
         if bias is not None:
             if linear.bias is None:
-                raise NotImplementedError("a norm bias needs a bias on the linear after it")
+                raise UnsupportedArchitectureError("a norm with a bias needs a bias on every linear after it: this "
+                                                   "model's norm feeds a linear without one")
             folded = linear.bias.detach().to(F64) + linear.weight.detach().to(F64) @ bias.to(linear.weight.device)
             linear.bias.data = folded.to(linear.bias.dtype)
         linear.weight.data = scale_columns(linear.weight, scale)
