@@ -130,6 +130,18 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def emit_result(result: dict[str, Any], json_path: str | os.PathLike | None,
+                markdown_path: str | os.PathLike | None) -> None:
+    """A benchmark's command-line ending: its Markdown table on stdout, then the ``--json`` and ``--markdown``
+    files when asked for."""
+    print(result["markdown"])
+    if json_path:
+        write_json(json_path, result)
+        log(f"wrote {json_path}")
+    if markdown_path:
+        Path(markdown_path).write_text(result["markdown"] + "\n")
+
+
 # --- peak RSS of a process tree ----------------------------------------------------------------------------------
 def _children(pid: int) -> list[int]:
     out: list[int] = []

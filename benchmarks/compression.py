@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import (SHARED_MACHINE_NOTE, TreeRssMonitor, fmt, log, machine_info, machine_line,  # noqa: F401
-                     markdown_table, median, ratio, write_json)
+                     markdown_table, median, ratio, emit_result)
 
 VARIANTS = ("in-memory/parallel", "orchestrated/parallel", "in-memory/sequential", "orchestrated/sequential")
 ENV_DEFAULTS = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -243,11 +243,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
     result = run_compression(model=args.model, ratio_=args.ratio, method=args.method, seed=args.seed, extra=extra,
                              **size)
-    print(result["markdown"])
-    if args.json:
-        write_json(args.json, result)
-    if args.markdown:
-        Path(args.markdown).write_text(result["markdown"] + "\n")
+    emit_result(result, args.json, args.markdown)
     return 0
 
 

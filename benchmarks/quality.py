@@ -46,7 +46,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from .common import (fmt, log, machine_info, machine_line, markdown_table, quiet_libraries,  # noqa: E402
-                     write_json)
+                     emit_result)
 
 SETTINGS = ("parallel/per-point", "sequential/per-point", "parallel/global")
 METHODS = ("pca", "prune", "dot", "dot+prune-keep")
@@ -732,11 +732,7 @@ def main(argv=None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     result = run_quality(spec_from_args(args), rows_file=args.rows_file)
-    print(result["markdown"])
-    if args.json:
-        write_json(args.json, result)
-    if args.markdown:
-        Path(args.markdown).write_text(result["markdown"] + "\n")
+    emit_result(result, args.json, args.markdown)
     return 0
 
 

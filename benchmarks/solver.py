@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from .common import (SHARED_MACHINE_NOTE, fmt, log, machine_info, machine_line, markdown_table, median,
-                     ratio, write_json)
+                     ratio, emit_result)
 
 
 def _load_sinkhorn():
@@ -385,12 +385,7 @@ def main(argv=None) -> int:
     add_arguments(p)
     args = p.parse_args(argv)
     result = run_solver(**options_from_args(args))
-    print(result["markdown"])
-    if args.json is not None:
-        write_json(args.json, result)
-        log(f"wrote {args.json}")
-    if args.markdown is not None:
-        args.markdown.write_text(result["markdown"] + "\n")
+    emit_result(result, args.json, args.markdown)
     return 0
 
 

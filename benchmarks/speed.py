@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from .common import (SHARED_MACHINE_NOTE, fmt, log, machine_info, machine_line, markdown_table,  # noqa: E402
-                     median, quiet_libraries, ratio, write_json)
+                     median, quiet_libraries, ratio, emit_result)
 
 SIZES: dict[str, dict[str, Any]] = {
     "full": dict(batch=8, ctx=256, prompt=64, new_tokens=32, repeats=7, calib_seqlen=128),
@@ -166,11 +165,7 @@ def main(argv=None) -> int:
     models = build_models(args.model, ratios, layouts, calib_seqlen=size.pop("calib_seqlen"))
     methods = {k: ["dot", "pca", "prune"] for k in models if k != "original"}
     result = run_speed(models, methods=methods, threads=args.threads, **size)
-    print(result["markdown"])
-    if args.json:
-        write_json(args.json, result)
-    if args.markdown:
-        Path(args.markdown).write_text(result["markdown"] + "\n")
+    emit_result(result, args.json, args.markdown)
     return 0
 
 
