@@ -18,7 +18,6 @@ Writes ``<out>/resume_check.json``. Takes about 10-20 minutes on a 2-core machin
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -27,13 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
+from dotresize.digests import sha256_file
 
 
 def _argv(args, run: Path) -> list[str]:
@@ -142,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     report["resume_after_capture_kill"] = _grep(out / "kill-absorb.log", "reused capture", "computing capture")
     report["resume_after_absorb_kill"] = _grep(out / "resume.log", "reused absorb", "computing absorb")
     report["resumed"] = {"sha256": resumed["model_sha256"], "stages": resumed["stages"]}
-    files = {p.name: _sha(p) for p in sorted((out / "reference" / "model").glob("model*.safetensors*"))}
-    again = {p.name: _sha(p) for p in sorted((run / "model").glob("model*.safetensors*"))}
+    files = {p.name: sha256_file(p) for p in sorted((out / "reference" / "model").glob("model*.safetensors*"))}
+    again = {p.name: sha256_file(p) for p in sorted((run / "model").glob("model*.safetensors*"))}
     same = resumed["model_sha256"] == reference["model_sha256"] and files == again
     report["weight_files"] = {"reference": files, "resumed": again}
     report["byte_identical"] = same

@@ -8,7 +8,6 @@ loaders ignore), so the sha256 of the index alone identifies all the weights: :f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,17 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import INDEX_FILE
+from .digests import sha256_file
 
 #: what one digest of a model directory's weights is taken of, in order of preference
 SINGLE_FILE = "model.safetensors"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _tensor_bytes(path: Path) -> dict[str, int]:
@@ -48,12 +40,12 @@ def write_index(directory: str | os.PathLike, shards: list[str]) -> str:
         for name, size in _tensor_bytes(directory / shard).items():
             weight_map[name] = shard
             total += size
-        digests[shard] = _sha256(directory / shard)
+        digests[shard] = sha256_file(directory / shard)
     index = {"metadata": {"total_size": total, "format": "dotresize-shards", "shard_sha256": digests},
              "weight_map": dict(sorted(weight_map.items()))}
     path = directory / INDEX_FILE
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return _sha256(path)
+    return sha256_file(path)
 
 
 def model_digest(directory: str | os.PathLike) -> str:
@@ -61,7 +53,7 @@ def model_digest(directory: str | os.PathLike) -> str:
     sha256), else of ``model.safetensors``."""
     directory = Path(directory)
     index = directory / INDEX_FILE
-    return _sha256(index if index.is_file() else directory / SINGLE_FILE)
+    return sha256_file(index if index.is_file() else directory / SINGLE_FILE)
 
 
 def weights_file(directory: str | os.PathLike) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .adapters import adapter_class_for_config
+from .digests import sha256_file
 from .errors import SourceNotFoundError, UnsafeWeightsError
 
 log = logging.getLogger(__name__)
@@ -33,14 +33,6 @@ PACKAGED_MODELS = {
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -29,6 +29,7 @@ _OFFLINE_ENV = {
 for _key, _value in _OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
 
+from ..digests import sha256_file  # noqa: E402
 from .lm_eval_tasks import utils as task_utils  # noqa: E402  (after the environment defaults)
 
 LOCAL_TASKS = (
@@ -91,14 +92,6 @@ def lm_eval_task_name(name: str) -> str:
     return TASK_PREFIX + name
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _definition_files(task_dir: Path) -> list[Path]:
     return sorted(p for p in task_dir.iterdir() if p.suffix in (".yaml", ".py") and p.is_file())
 
@@ -110,12 +103,12 @@ def task_config_hash(
     local, other = _split_tasks(tasks)
     digest = hashlib.sha256()
     for path in _definition_files(Path(task_dir)):
-        digest.update(f"def {path.name} {_file_sha256(path)}\n".encode())
+        digest.update(f"def {path.name} {sha256_file(path)}\n".encode())
     data_root = Path(data_dir) if data_dir is not None else (default_data_dir() if local else None)
     for name in sorted(local):
         for path in task_utils.data_files(name, data_root):
             task_utils.check_files([path])
-            digest.update(f"data {name} {path.name} {_file_sha256(path)}\n".encode())
+            digest.update(f"data {name} {path.name} {sha256_file(path)}\n".encode())
     for name in sorted(other):
         digest.update(f"lm_eval {name}\n".encode())
     return digest.hexdigest()
