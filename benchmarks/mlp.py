@@ -41,6 +41,7 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFO
 
 import torch  # noqa: E402
 
+from dotresize.evaluation.protocol import MeasurementProtocol  # noqa: E402
 from dotresize.mlp import (MlpDotOptions, MlpOptions, MlpReduction, MlpStats, MlpStatsAccumulator,  # noqa: E402
                            allocate_widths, complement, dot_map, error_curve, lsq_map, output_error, prune_map,
                            reduce_mlp, reduce_mlp_weights)
@@ -53,16 +54,12 @@ STATS_VERSION = 1
 
 
 @dataclass(frozen=True)
-class Protocol:
-    """Calibration and evaluation protocol (the defaults are the project's full protocol)."""
+class Protocol(MeasurementProtocol):
+    """Calibration and evaluation protocol (the defaults are the project's full protocol), with held-out windows
+    for the output errors and the batch sizes."""
 
     model: str = "smollm2-135m-instruct"
-    calib_samples: int = 64
-    calib_seqlen: int = 256
     heldout_samples: int = 32
-    seed: int = 42
-    ctx: int = 256
-    max_windows: int = 100
     batch_size: int = 8
     eval_batch_size: int = 4
 

@@ -45,6 +45,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from dotresize.evaluation.protocol import MeasurementProtocol  # noqa: E402
+
 from .common import (fmt, log, machine_info, machine_line, markdown_table, quiet_libraries,  # noqa: E402
                      emit_result)
 
@@ -56,11 +58,10 @@ MLP_ONLY = "mlp-only"
 
 
 # --- sizes -------------------------------------------------------------------------------------------------------
-@dataclass
-class QualitySpec:
+@dataclass(frozen=True)
+class QualitySpec(MeasurementProtocol):
     """What to measure. The defaults are the full protocol of method.md's "Measured so far"."""
 
-    model: str | None = None
     ratios: tuple[float, ...] = (0.1, 0.2, 0.3)
     methods: tuple[str, ...] = METHODS
     #: fractions of every MLP's intermediate neurons removed (0: the residual axis alone); with any > 0 a ratio 0
@@ -70,11 +71,6 @@ class QualitySpec:
     settings: tuple[str, ...] = SETTINGS
     #: (setting, ratio) pairs of the main table to run; None = every combination
     only: tuple[tuple[str, float], ...] | None = None
-    calib_samples: int = 64
-    calib_seqlen: int = 256
-    seed: int = 42
-    ctx: int = 256
-    max_windows: int = 100
     batch_size: int = 8
     ablations: bool = True
     ablation_ratio: float = 0.2
@@ -124,7 +120,7 @@ def spec_for(size: str, **overrides: Any) -> QualitySpec:
     spec = QualitySpec(**values)
     positive = sorted(r for r in spec.ratios if r > 0) or [0.2]
     if spec.ablation_ratio not in positive:
-        spec.ablation_ratio = positive[len(positive) // 2]
+        spec = dataclasses.replace(spec, ablation_ratio=positive[len(positive) // 2])
     return spec
 
 
@@ -709,13 +705,14 @@ def spec_from_args(args) -> QualitySpec:
                     settings=words(args.settings), calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                     ctx=args.ctx, max_windows=args.max_windows, epsilons=floats(args.epsilons),
                     mlp_ratios=floats(args.mlp_ratios), mlp_methods=words(args.mlp_methods))
+    changes: dict[str, Any] = {"ablations": spec.ablations and not args.no_ablations,
+                               "proposed_in_main": spec.proposed_in_main or args.proposed_in_main}
     if args.ratios is not None or args.settings is not None:
-        spec.only = None
-    spec.ablations = spec.ablations and not args.no_ablations
-    spec.proposed_in_main = spec.proposed_in_main or args.proposed_in_main
+        changes["only"] = None
     positive = [r for r in spec.ratios if r > 0]
     if args.ratios is not None and spec.ablation_ratio not in positive:
-        spec.ablation_ratio = positive[0] if positive else spec.ablation_ratio
+        changes["ablation_ratio"] = positive[0] if positive else spec.ablation_ratio
+    spec = dataclasses.replace(spec, **changes)
     unknown = set(spec.methods) - set(METHODS) | set(spec.settings) - set(SETTINGS) \
         | set(spec.mlp_methods) - set(MLP_METHODS)
     if unknown:

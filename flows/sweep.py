@@ -19,24 +19,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dotresize.evaluation.protocol import MeasurementProtocol
+
 log = logging.getLogger("dotresize")
 
 SWEEP_RECORD = "sweep.json"
 
 
 @dataclass(frozen=True)
-class SweepSpec:
-    model: str | None
+class SweepSpec(MeasurementProtocol):
     ratios: tuple[float, ...] = (0.1, 0.2, 0.3)
     methods: tuple[str, ...] = ("dot", "pca", "prune")
     tasks: tuple[str, ...] = ()
     limit: int | None = None
     calib_data: str = "wikitext2"
-    calib_samples: int = 64
-    calib_seqlen: int = 256
-    seed: int = 42
-    ctx: int = 256
-    max_windows: int = 100
     speed: bool = True
     speed_batch: int = 8
     speed_ctx: int | None = None          # default: ctx
