@@ -65,6 +65,7 @@ TIMINGS = "timings.json"
 EVAL = "eval"
 STAGES = "stages"
 MLFLOW = "mlflow.json"
+CONSOLE_LOG = "compress.log"
 MLP = "mlp"
 #: Prefect's result records of the stage tasks (tasks/cache.py): one small JSON per stage output and key
 TASK_RECORDS = ".prefect"
