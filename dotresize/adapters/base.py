@@ -10,6 +10,7 @@ plus its line in the tests' ``FAMILY_CONFIGS``.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 from typing import ClassVar
@@ -18,6 +19,10 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..modeling import compressed_config_class, compressed_model_class
+
+#: the shape every family's tiny test config shares (3 layers of width 64, 4 query and 2 key/value heads)
+TINY_SHAPE = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
 
 #: the values of :attr:`FamilyLayout.embedding_scale`: the factor the model multiplies its embedding rows by
 EMBEDDING_SCALES = {None: lambda config: 1.0,
@@ -170,8 +175,9 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 class ModelAdapter:
     """Adapter for pre-norm decoder LMs; the family's names live in ``layout``.
 
-    Subclasses name their model classes, model types, layout and a tiny test config; their compressed classes are
-    made from the model class (``DotResize<Source>ForCausalLM``, :mod:`dotresize.modeling`). An instance wraps a
+    Subclasses name their model classes, layout and tiny test config (``tiny_settings``: its values beyond
+    :data:`TINY_SHAPE`); the model types default to the model class's config's. Their compressed classes are made
+    from the model class (``DotResize<Source>ForCausalLM``, :mod:`dotresize.modeling`). An instance wraps a
     loaded model (the in-memory path); the class-level declarations are used without one (the layer-streamed path
     reads a checkpoint through them). ``global_layout_refusal``: why a sliced or rotated residual stream has no stock
     form in this family (the global layout is then refused; the MLP axis alone still exports a stock model).
@@ -184,10 +190,13 @@ class ModelAdapter:
     compressed_config_class: ClassVar[type[PretrainedConfig]]
     layout: ClassVar[FamilyLayout] = FamilyLayout()
     global_layout_refusal: ClassVar[str | None] = None
+    tiny_settings: ClassVar[dict] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if cls.model_classes:
+            if "model_types" not in vars(cls):
+                cls.model_types = (cls.model_classes[0].config_class.model_type,)
             cls.compressed_model_class = compressed_model_class(cls.model_classes[0])
             cls.compressed_config_class = compressed_config_class(cls.model_classes[0].config_class)
 
@@ -197,8 +206,9 @@ class ModelAdapter:
     # --- declarations -------------------------------------------------------------------------------------
     @classmethod
     def tiny_config(cls, **overrides) -> PretrainedConfig:
-        """A few-kilobyte config of this family for fast, exact tests."""
-        raise NotImplementedError(f"{cls.__name__} must define tiny_config")
+        """A few-kilobyte config of this family for fast, exact tests: :data:`TINY_SHAPE`, the family's
+        ``tiny_settings``, then ``overrides``."""
+        return cls.model_classes[0].config_class(**{**TINY_SHAPE, **copy.deepcopy(cls.tiny_settings), **overrides})
 
     @classmethod
     def check_config(cls, config: PretrainedConfig) -> None:

@@ -10,7 +10,7 @@ basis act after it, as one D → d projection (``dotresize.modeling.BranchNorm``
 global layout has no stock form: a stock Gemma 3 of width d normalises d coordinates of the block output, not its D.
 """
 
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import Gemma3ForCausalLM
 
 from .base import FamilyLayout, ModelAdapter
 
@@ -18,7 +18,6 @@ from .base import FamilyLayout, ModelAdapter
 class Gemma3Adapter(ModelAdapter):
     family = "gemma3"
     model_classes = (Gemma3ForCausalLM,)
-    model_types = ("gemma3_text",)
     layout = FamilyLayout(
         embedding_scale="sqrt_hidden_size", norm_offset=1.0, input_norm="input_layernorm",
         post_attention_norm="pre_feedforward_layernorm", attention_output_norm="post_attention_layernorm",
@@ -27,12 +26,7 @@ class Gemma3Adapter(ModelAdapter):
     global_layout_refusal = ("its post-attention and post-feed-forward norms normalise the full-width block output "
                              "before the residual add, and a stock Gemma 3 of width d would normalise d coordinates "
                              "of it instead")
-
-    @classmethod
-    def tiny_config(cls, **overrides) -> Gemma3TextConfig:
-        # head_dim 24 (4 x 24 != 64, decoupled as in the real models); a sliding window shorter than the test windows
-        base = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24, max_position_embeddings=128,
-                    sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                    rms_norm_eps=1e-6, tie_word_embeddings=True)
-        return Gemma3TextConfig(**{**base, **overrides})
+    # head_dim 24 (4 x 24 != 64, decoupled as in the real models); a sliding window shorter than the test windows
+    tiny_settings = dict(head_dim=24, query_pre_attn_scalar=24, sliding_window=8,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention"], rms_norm_eps=1e-6,
+                         tie_word_embeddings=True)

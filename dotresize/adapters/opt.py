@@ -18,7 +18,6 @@ from .base import FamilyLayout, ModelAdapter
 class OPTAdapter(ModelAdapter):
     family = "opt"
     model_classes = (OPTForCausalLM,)
-    model_types = ("opt",)
     layout = FamilyLayout(
         layers="model.decoder.layers", embeddings="model.decoder.embed_tokens",
         final_norm="model.decoder.final_layer_norm", rotary=None, position_embeddings="model.decoder.embed_positions",

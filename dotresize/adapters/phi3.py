@@ -5,7 +5,7 @@ norm: fusion scales its columns and a basis acts on its input side. On the MLP a
 then up rows (``mlp_input_blocks = 2``): a kept neuron keeps its row in both halves.
 """
 
-from transformers import Phi3Config, Phi3ForCausalLM
+from transformers import Phi3ForCausalLM
 
 from .base import FamilyLayout, ModelAdapter
 
@@ -13,15 +13,8 @@ from .base import FamilyLayout, ModelAdapter
 class Phi3Adapter(ModelAdapter):
     family = "phi3"
     model_classes = (Phi3ForCausalLM,)
-    model_types = ("phi3",)
     layout = FamilyLayout(attention_inputs=("self_attn.qkv_proj",), mlp_inputs=("mlp.gate_up_proj",),
                           mlp_input_blocks=2)
-
-    @classmethod
-    def tiny_config(cls, **overrides) -> Phi3Config:
-        # no pad/bos/eos ids: the defaults (32000, ...) lie outside the tiny vocabulary
-        base = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=128, original_max_position_embeddings=128,
-                    rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None, pad_token_id=None,
-                    bos_token_id=None, eos_token_id=None)
-        return Phi3Config(**{**base, **overrides})
+    # no pad/bos/eos ids: the defaults (32000, ...) lie outside the tiny vocabulary
+    tiny_settings = dict(original_max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         sliding_window=None, pad_token_id=None, bos_token_id=None, eos_token_id=None)

@@ -6,7 +6,7 @@ global layout's stock config scales ``rms_norm_eps`` by D/d for every norm, thes
 scaled by √(D/d) to compensate (``head_norm_inputs``).
 """
 
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
 from .base import FamilyLayout, ModelAdapter
 
@@ -14,14 +14,7 @@ from .base import FamilyLayout, ModelAdapter
 class Qwen3Adapter(ModelAdapter):
     family = "qwen3"
     model_classes = (Qwen3ForCausalLM,)
-    model_types = ("qwen3",)
     layout = FamilyLayout(head_norm_inputs=("self_attn.q_proj", "self_attn.k_proj"),
                           head_norms=("self_attn.q_norm", "self_attn.k_norm"))
-
-    @classmethod
-    def tiny_config(cls, **overrides) -> Qwen3Config:
-        # head_dim 24: 4 heads x 24 = 96 != hidden 64, as in the real checkpoints (decoupled widths)
-        base = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=24, max_position_embeddings=128, rms_norm_eps=1e-6,
-                    tie_word_embeddings=True, use_sliding_window=False)
-        return Qwen3Config(**{**base, **overrides})
+    # head_dim 24: 4 heads x 24 = 96 != hidden 64, as in the real checkpoints (decoupled widths)
+    tiny_settings = dict(head_dim=24, rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False)
