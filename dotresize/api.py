@@ -15,10 +15,10 @@ from transformers import PreTrainedModel
 
 from .bases import Basis, compute_basis
 from .calibration import capture_point_stats, iter_batches, sequential_bases
-from .config import CompressionConfig
+from .config import CompressionConfig, checked_widths
 from .adapters import check_layout, get_adapter
 from .errors import CalibrationError, InvalidConfigError
-from .layerwise import LayeredModel, ResidentModel
+from .layerwise import LayeredModel, ResidentModel, count_parameters
 from .modeling import CONFIG_FORMAT_VERSION
 from .statistics import PointStats, pool_stats
 from .surgery import compressed_state_dict
@@ -53,16 +53,6 @@ class CompressionReport:
         return data
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Unique parameters (tied weights counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel()
-    return total
-
-
 def plan_widths(model, config: CompressionConfig) -> list[int]:
     """Width d_p of every slice point (method.md decision 6); ``model`` has ``hidden_size``, ``num_points`` and
     ``num_attention_heads`` (a :class:`~dotresize.layerwise.LayeredModel` or a record of those, with ``family``
@@ -71,11 +61,7 @@ def plan_widths(model, config: CompressionConfig) -> list[int]:
     check_layout(getattr(model, "adapter_cls", None) or getattr(model, "family", None), config.layout,
                  config.residual_active)
     if config.widths is not None:
-        widths = [int(w) for w in config.widths]
-        if len(widths) != points:
-            raise InvalidConfigError(f"widths must list {points} values (2L+1 points), got {len(widths)}")
-        if any(not 1 <= w <= full for w in widths):
-            raise InvalidConfigError(f"every width must be in [1, {full}]")
+        widths = checked_widths(config.widths, points, full, key="widths", per="2L+1 points", noun="width")
         if config.layout == "global" and len(set(widths)) != 1:
             raise InvalidConfigError("layout 'global' needs one width for every point")
         return widths

@@ -277,6 +277,17 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise InvalidConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def checked_widths(values, count: int, full: int, *, key: str, per: str, noun: str, within: str = "") -> list[int]:
+    """An explicit width list (``widths``, ``mlp_widths``) as ints, refused unless it has ``count`` values (one
+    ``per`` ...) each in [1, ``full``] (``noun`` and ``within`` name them in the message)."""
+    widths = [int(w) for w in values]
+    if len(widths) != count:
+        raise InvalidConfigError(f"{key} must list {count} values ({per}), got {len(widths)}")
+    if any(not 1 <= w <= full for w in widths):
+        raise InvalidConfigError(f"every {noun} must be in [1, {full}]{within}")
+    return widths
+
+
 def _mlp_options(data: dict[str, Any]) -> MlpOptions:
     data = dict(data)
     known = {f.name for f in dataclasses.fields(MlpOptions)}

@@ -236,7 +236,7 @@ class ResidentModel(LayeredModel):
         self.model = model.eval()
         self.config = model.config
         self.device = next(model.parameters()).device
-        self._parameters = _count_unique(model)
+        self._parameters = count_parameters(model)
         self._dtype = next(model.parameters()).dtype
         self._tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
         final_norm = model.get_submodule(self.layout.final_norm)
@@ -484,7 +484,8 @@ class StreamedModel(LayeredModel):
         return self.reader.read([self._final_norm])[self._final_norm].to(device=self.device, dtype=torch.float32)
 
 
-def _count_unique(model: nn.Module) -> int:
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
     seen, total = set(), 0
     for p in model.parameters():
         if p.data_ptr() not in seen:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..adapters.base import FamilyLayout
 from ..calibration import Sink, layer_inputs, run_layer
-from ..config import CompressionConfig, MlpOptions
+from ..config import CompressionConfig, MlpOptions, checked_widths
 from ..errors import InvalidConfigError
 from ..layerwise import LayeredModel
 from ..surgery import frozen_linear
@@ -56,12 +56,8 @@ def plan_mlp_widths(config: CompressionConfig, intermediate: int, num_layers: in
                                          f"{intermediate} (the intermediate size)")
         return [len(kept) for kept in keep_sets]
     if config.mlp_widths is not None:
-        widths = [int(w) for w in config.mlp_widths]
-        if len(widths) != num_layers:
-            raise InvalidConfigError(f"mlp_widths must list {num_layers} values (one per layer), got {len(widths)}")
-        if any(not 1 <= w <= intermediate for w in widths):
-            raise InvalidConfigError(f"every mlp width must be in [1, {intermediate}] (the intermediate size)")
-        return widths
+        return checked_widths(config.mlp_widths, num_layers, intermediate, key="mlp_widths", per="one per layer",
+                              noun="mlp width", within=" (the intermediate size)")
     return [mlp_width(intermediate, config.mlp_ratio, config.mlp.round_to)] * num_layers
 
 
