@@ -29,7 +29,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .adapters import ModelAdapter, adapter_class_for_config, get_adapter
-from .adapters.base import FamilyLayout, set_submodule
+from .adapters.base import FamilyLayout, ResidualShape, set_submodule
 from .checkpoint import TensorReader, storage_dtype
 from .fusion import centre_rows, fuse_layer, fuse_norms, fused_head_bias
 
@@ -116,7 +116,7 @@ def _record_kwargs(causal_lm: PreTrainedModel, layout: FamilyLayout, hidden: tor
     return out
 
 
-class LayeredModel:
+class LayeredModel(ResidualShape):
     """The interface every layer-by-layer algorithm uses (see the module docstring)."""
 
     adapter_cls: type[ModelAdapter]
@@ -163,25 +163,8 @@ class LayeredModel:
         return hidden + rows
 
     @property
-    def hidden_size(self) -> int:
-        return int(self.config.hidden_size)
-
-    @property
     def num_layers(self) -> int:
         return int(self.config.num_hidden_layers)
-
-    @property
-    def num_points(self) -> int:
-        return 2 * self.num_layers + 1
-
-    @property
-    def num_attention_heads(self) -> int:
-        return int(self.config.num_attention_heads)
-
-    @property
-    def rms_norm_eps(self) -> float:
-        """The norms' eps (whatever the config calls it)."""
-        return self.layout.eps(self.config)
 
     @property
     def vocab_size(self) -> int:

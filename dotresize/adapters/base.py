@@ -172,7 +172,30 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(owner, name, module)
 
 
-class ModelAdapter:
+class ResidualShape:
+    """The residual stream's shape as the config and layout give it (what the width plan and the norms read); the
+    class using it has ``config``, ``layout`` and ``num_layers``."""
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def num_points(self) -> int:
+        """Residual-stream slice points: embeddings, then after attention and after the MLP of each layer."""
+        return 2 * self.num_layers + 1
+
+    @property
+    def num_attention_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def rms_norm_eps(self) -> float:
+        """The norms' eps (whatever the config calls it)."""
+        return self.layout.eps(self.config)
+
+
+class ModelAdapter(ResidualShape):
     """Adapter for pre-norm decoder LMs; the family's names live in ``layout``.
 
     Subclasses name their model classes, layout and tiny test config (``tiny_settings``: its values beyond
@@ -224,26 +247,8 @@ class ModelAdapter:
         return self.model.config
 
     @property
-    def hidden_size(self) -> int:
-        return int(self.config.hidden_size)
-
-    @property
     def num_layers(self) -> int:
         return len(self.layers())
-
-    @property
-    def num_points(self) -> int:
-        """Residual-stream slice points: embeddings, then after attention and after the MLP of each layer."""
-        return 2 * self.num_layers + 1
-
-    @property
-    def rms_norm_eps(self) -> float:
-        """The norms' eps (whatever the config calls it)."""
-        return self.layout.eps(self.config)
-
-    @property
-    def num_attention_heads(self) -> int:
-        return int(self.config.num_attention_heads)
 
     def embeddings(self) -> nn.Embedding:
         return self.model.get_submodule(self.layout.embeddings)
