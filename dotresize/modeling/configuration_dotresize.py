@@ -30,24 +30,32 @@ MODEL_TYPE_PREFIX = "dotresize_"
 _CLASSES: dict[str, type] = {}
 
 
+def made_once(classes: dict[str, type], base: type, bases: tuple[type, ...], namespace: dict, module: str,
+              doc: str) -> type:
+    """``DotResize<Base>``, made from ``bases`` and ``namespace`` in ``module`` on first use, then the same class
+    (``classes``: the module's cache)."""
+    name = PREFIX + base.__name__
+    if name not in classes:
+        classes[name] = type(name, bases, {**namespace, "__module__": module, "__qualname__": name, "__doc__": doc})
+    return classes[name]
+
+
+def resolve_compressed(module: str, name: str, suffix: str, make) -> type:
+    """``DotResizeX<suffix>`` for any transformers class ``X<suffix>`` (what ``auto_map`` names), by ``make``."""
+    match = re.fullmatch(PREFIX + rf"(\w+{suffix})", name)
+    base = getattr(transformers, match.group(1), None) if match else None
+    if base is None or not isinstance(base, type):
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    return make(base)
+
+
 def compressed_config_class(base: type) -> type:
     """``DotResize<Base>``: ``base`` (a transformers config class) with the compressed model type."""
-    name = PREFIX + base.__name__
-    if name not in _CLASSES:
-        _CLASSES[name] = type(name, (base,), {
-            "model_type": MODEL_TYPE_PREFIX + base.model_type,
-            "dotresize_base_model_type": base.model_type,
-            "__module__": __name__,
-            "__qualname__": name,
-            "__doc__": f"{base.__name__} of a width-compressed model (see this module's docstring).",
-        })
-    return _CLASSES[name]
+    return made_once(_CLASSES, base, (base,), {"model_type": MODEL_TYPE_PREFIX + base.model_type,
+                                               "dotresize_base_model_type": base.model_type},
+                     __name__, f"{base.__name__} of a width-compressed model (see this module's docstring).")
 
 
 def __getattr__(name: str):
     """``DotResizeXConfig`` for any transformers config class ``XConfig`` (what ``auto_map`` names)."""
-    match = re.fullmatch(PREFIX + r"(\w+Config)", name)
-    base = getattr(transformers, match.group(1), None) if match else None
-    if base is None or not isinstance(base, type):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return compressed_config_class(base)
+    return resolve_compressed(__name__, name, "Config", compressed_config_class)

@@ -19,13 +19,11 @@ reshaped from the layout (:func:`compress_structure`).
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
-import transformers
 from torch import nn
 
-from .configuration_dotresize import MODEL_TYPE_PREFIX, PREFIX, compressed_config_class
+from .configuration_dotresize import MODEL_TYPE_PREFIX, compressed_config_class, made_once, resolve_compressed
 
 #: the newest ``dotresize.format_version`` this code builds (2: per-layer intermediate sizes, optional shortcuts;
 #: 3: the family's layout and norm eps recorded in the config)
@@ -313,23 +311,12 @@ _MODEL_CLASSES: dict[str, type] = {}
 
 def compressed_model_class(base: type) -> type:
     """``DotResize<Base>``: transformers' causal LM class ``base`` reshaped to the recorded widths and layout."""
-    name = PREFIX + base.__name__
-    if name not in _MODEL_CLASSES:
-        records = {**(getattr(base, "_can_record_outputs", None) or {}), "hidden_states": CompressedDecoderLayer}
-        _MODEL_CLASSES[name] = type(name, (_DotResizeMixin, base), {
-            "config_class": compressed_config_class(base.config_class),
-            "_can_record_outputs": records,
-            "__module__": __name__,
-            "__qualname__": name,
-            "__doc__": f"{base.__name__} with a compressed residual stream (see this module's docstring).",
-        })
-    return _MODEL_CLASSES[name]
+    records = {**(getattr(base, "_can_record_outputs", None) or {}), "hidden_states": CompressedDecoderLayer}
+    return made_once(_MODEL_CLASSES, base, (_DotResizeMixin, base),
+                     {"config_class": compressed_config_class(base.config_class), "_can_record_outputs": records},
+                     __name__, f"{base.__name__} with a compressed residual stream (see this module's docstring).")
 
 
 def __getattr__(name: str):
     """``DotResizeXForCausalLM`` for any transformers class ``XForCausalLM`` (what ``auto_map`` names)."""
-    match = re.fullmatch(PREFIX + r"(\w+ForCausalLM)", name)
-    base = getattr(transformers, match.group(1), None) if match else None
-    if base is None or not isinstance(base, type):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return compressed_model_class(base)
+    return resolve_compressed(__name__, name, "ForCausalLM", compressed_model_class)
