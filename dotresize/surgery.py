@@ -31,30 +31,32 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 BLOCK_ELEMENTS = 1 << 23
 
 
+def _blockwise(weight: torch.Tensor, matrix: torch.Tensor | None, dim: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """``weight @ matrixᵀ`` (``dim`` 0: a block of rows at a time) or ``matrixᵀ @ weight`` (``dim`` 1: a block of
+    columns at a time) in float64, each block cast once to ``dtype`` (default: the weight's); no matrix: the
+    weight itself."""
+    dtype = dtype or weight.dtype
+    if matrix is None:
+        return weight.to(dtype)
+    matrix_t = matrix.to(weight.device).T
+    step = max(1, BLOCK_ELEMENTS // max(weight.shape[1 - dim], 1))
+    shape = (weight.shape[0], matrix_t.shape[1]) if dim == 0 else (matrix_t.shape[0], weight.shape[1])
+    out = torch.empty(shape, dtype=dtype, device=weight.device)
+    for start in range(0, weight.shape[dim], step):
+        block = _f64(weight.narrow(dim, start, min(step, weight.shape[dim] - start)))
+        product = block @ matrix_t if dim == 0 else matrix_t @ block
+        out.narrow(dim, start, block.shape[dim]).copy_(product.to(dtype))
+    return out
+
+
 def _consume(weight: torch.Tensor, decoder: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``weight @ decoderᵀ`` (a consumer's input side), in float64 a block of rows at a time, cast once."""
-    dtype = dtype or weight.dtype
-    if decoder is None:
-        return weight.to(dtype)
-    decoder_t = decoder.to(weight.device).T
-    step = max(1, BLOCK_ELEMENTS // max(weight.shape[1], 1))
-    out = torch.empty(weight.shape[0], decoder_t.shape[1], dtype=dtype, device=weight.device)
-    for start in range(0, weight.shape[0], step):
-        out[start:start + step] = (_f64(weight[start:start + step]) @ decoder_t).to(dtype)
-    return out
+    return _blockwise(weight, decoder, 0, dtype)
 
 
 def _produce(weight: torch.Tensor, Q: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``Qᵀ @ weight`` (a producer's output side), in float64 a block of columns at a time, cast once."""
-    dtype = dtype or weight.dtype
-    if Q is None:
-        return weight.to(dtype)
-    q_t = Q.to(weight.device).T
-    step = max(1, BLOCK_ELEMENTS // max(weight.shape[0], 1))
-    out = torch.empty(q_t.shape[0], weight.shape[1], dtype=dtype, device=weight.device)
-    for start in range(0, weight.shape[1], step):
-        out[:, start:start + step] = (q_t @ _f64(weight[:, start:start + step])).to(dtype)
-    return out
+    return _blockwise(weight, Q, 1, dtype)
 
 
 def _shortcut(decoder_in: torch.Tensor | None, Q_out: torch.Tensor | None, dtype: torch.dtype):
