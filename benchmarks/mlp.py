@@ -339,7 +339,6 @@ def _mean(values: list[float]) -> float | None:
 
 def run_row(state: ModelState, spec: RowSpec, cal: list[MlpStats], heldout: list[MlpStats]) -> dict[str, Any]:
     from dotresize import count_parameters
-    from dotresize.evaluation.perplexity import perplexity
 
     p = state.protocol
     state.restore()
@@ -354,8 +353,7 @@ def run_row(state: ModelState, spec: RowSpec, cal: list[MlpStats], heldout: list
         reductions = reduce_sequential(state, widths, spec.options)
     solve_seconds = time.perf_counter() - start
     params = count_parameters(state.model)
-    ppl = perplexity(state.model, state.test_ids, ctx=p.ctx, max_windows=p.max_windows,
-                     batch_size=p.eval_batch_size, progress=False)
+    ppl = p.perplexity(state.model, state.test_ids, batch_size=p.eval_batch_size)
     state.restore()
     infos = [r.info for r in reductions]
     row = {
@@ -378,12 +376,10 @@ def run_row(state: ModelState, spec: RowSpec, cal: list[MlpStats], heldout: list
 
 def dense_row(state: ModelState) -> dict[str, Any]:
     from dotresize import count_parameters
-    from dotresize.evaluation.perplexity import perplexity
 
     state.restore()
     p = state.protocol
-    ppl = perplexity(state.model, state.test_ids, ctx=p.ctx, max_windows=p.max_windows,
-                     batch_size=p.eval_batch_size, progress=False)
+    ppl = p.perplexity(state.model, state.test_ids, batch_size=p.eval_batch_size)
     return {"group": "dense", "label": "dense", "mode": "-", "width": state.originals[0][2].in_features,
             "mlp_ratio": 0.0, "ppl": ppl["ppl"], "nll": ppl["nll"], "params": count_parameters(state.model),
             "eval_seconds": ppl["seconds"]}

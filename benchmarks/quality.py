@@ -262,10 +262,7 @@ class QualityRunner:
 
     # -- shared pieces
     def ppl(self, model) -> dict:
-        from dotresize.evaluation.perplexity import perplexity
-
-        return perplexity(model, self.test_ids, ctx=self.spec.ctx, max_windows=self.spec.max_windows,
-                          progress=False)
+        return self.spec.perplexity(model, self.test_ids)
 
     def _fused_adapter(self):
         if self.adapter is None:

@@ -17,3 +17,11 @@ class MeasurementProtocol:
     seed: int = 42
     ctx: int = 256
     max_windows: int = 100
+
+    def perplexity(self, model, test_ids, *, batch_size: int = 4) -> dict:
+        """``model``'s perplexity over this protocol's windows of ``test_ids`` (the WikiText-2 test text's token
+        tensor), without a progress bar: one path for every benchmark row."""
+        from .perplexity import perplexity  # (torch: only when measuring, not for the sweep's spec)
+
+        return perplexity(model, test_ids, ctx=self.ctx, max_windows=self.max_windows, batch_size=batch_size,
+                          progress=False)
