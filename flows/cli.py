@@ -22,52 +22,101 @@ class UsageError(Exception):
     """A bad command-line value, reported like an argparse error."""
 
 
-def _ratio(text: str) -> float:
-    """--ratio: in (0, 1), or 0 (MLP only; checked against --mlp-ratio in cmd_compress)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1) (the fraction of width removed), got {value}")
-    return value
+def _fraction(name: str, interval: str, removed: str):
+    """An argparse type: a number in [0, 1) -- the fraction of ``removed`` taken away -- else one line saying so."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number in {interval}, got {text!r}") from None
+        if not 0.0 <= value < 1.0:
+            raise argparse.ArgumentTypeError(f"{name} must be in {interval} (the fraction of {removed} removed), "
+                                             f"got {value}")
+        return value
+
+    return parse
 
 
-def _mlp_ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"mlp ratio must be a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"mlp ratio must be in [0, 1) (the fraction of MLP neurons removed), "
-                                         f"got {value}")
-    return value
+#: --ratio: in (0, 1), or 0 (MLP only; checked against --mlp-ratio in cmd_compress)
+_ratio = _fraction("ratio", "(0, 1)", "width")
+_mlp_ratio = _fraction("mlp ratio", "[0, 1)", "MLP neurons")
 
 
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+# the names of dotresize.evaluation.precision.EVAL_DTYPES (kept here so building the parser needs no torch)
+EVAL_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+_TARGET_HELP = "a compressed model directory (or its run directory) or models:/NAME/VERSION"
+
+#: the options several subcommands take, declared once (see :func:`_shared`)
+_SHARED: dict[str, dict] = {
+    "--model": dict(default=None, help="HF model directory, .gguf file, hub id, or smollm2-135m-instruct "
+                                       "(default, packaged)"),
+    "--mode": dict(choices=("parallel", "sequential"), default="parallel"),
+    "--layout": dict(choices=("per-point", "global"), default="per-point"),
+    "--calib-data": dict(default="wikitext2", help="wikitext2 (default) or a .txt/.jsonl file"),
+    "--calib-samples": dict(type=_positive_int, default=64),
+    "--calib-seqlen": dict(type=_positive_int, default=256),
+    "--seed": dict(type=int, default=42),
+    "--mlp-method": dict(choices=("prune", "lsq", "dot"), default=None,
+                         help="how the removed MLP neurons are handled: prune (dropped), lsq (ridge least-squares "
+                              "correction of the down projection; the default, measured best), dot (transport-plan "
+                              "merge)"),
+    "--tasks": dict(default=None, help="comma-separated zero-shot tasks: piqa,arc_easy,arc_challenge,winogrande,"
+                                       "boolq,lambada,copa,openbookqa,siqa (local data) or any lm-eval task name "
+                                       "where the network is reachable"),
+    "--limit": dict(type=_positive_int, default=None, help="first N examples of every task"),
+    "--ctx": dict(type=_positive_int, default=256, help="perplexity window length in tokens (default 256)"),
+    "--max-windows": dict(type=int, default=100, help="first N perplexity windows (0 = all; default 100)"),
+    "--eval-dtype": dict(choices=EVAL_DTYPE_NAMES, default="float32",
+                         help="precision of the evaluations (see evaluate --dtype; default float32)"),
+    "--workers": dict(type=_positive_int, default=None, help="threads of the local Dask cluster"),
+    "--register-name": dict(default=None, help="registered model name in MLflow (default dotresize-<model>)"),
+    "--no-mlflow": dict(action="store_true", help="log nothing to MLflow"),
+    "--tracking-uri": dict(default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the run's record, "
+                                              "DOTRESIZE_HOME, ./runs)"),
+    "--certificate-chain": dict(action="append", default=[], metavar="CA.pem",
+                                help="certificate mode: intermediate/root certificates (PEM; repeatable)"),
+    "--json": dict(action="store_true", help="print the result as JSON"),
+}
+
+
+def _shared(p, *flags: str, **help_texts: str) -> None:
+    """Add the shared options ``flags`` to ``p``; ``help_texts`` (by destination: ``no_mlflow="..."``) replace
+    their help."""
+    for flag in flags:
+        spec = dict(_SHARED[flag])
+        dest = flag.lstrip("-").replace("-", "_")
+        if dest in help_texts:
+            spec["help"] = help_texts[dest]
+        p.add_argument(flag, **spec)
+
+
+def _add_console_options(p, subcommand: bool) -> None:
+    """-v and -q, before the subcommand or after it (a subcommand's copy keeps the value given before it)."""
+    default = {"default": argparse.SUPPRESS} if subcommand else {}
+    p.add_argument("-v", "--verbose", action="store_true", **default,
+                   help="debug logging; a compression also shows every task's lines (always in the run's "
+                        "compress.log)")
+    p.add_argument("-q", "--quiet", action="store_true", **default, help="no progress bars")
 
 
 def _add_compress(sub) -> None:
     p = sub.add_parser("compress", help="compress a model's width and export it",
                        description="Compress the residual-stream width of a decoder LM and export a loadable model.")
-    p.add_argument("--model", default=None,
-                   help="HF model directory, .gguf file, hub id, or smollm2-135m-instruct (default, packaged)")
+    _shared(p, "--model")
     p.add_argument("--ratio", type=_ratio, required=True,
                    help="fraction of the hidden width removed, in (0, 1); 0 with --mlp-ratio reduces the MLPs only")
     p.add_argument("--method", choices=("dot", "pca", "prune"), default="dot")
-    p.add_argument("--mode", choices=("parallel", "sequential"), default="parallel")
-    p.add_argument("--layout", choices=("per-point", "global"), default="per-point")
-    p.add_argument("--calib-data", default="wikitext2", help="wikitext2 (default) or a .txt/.jsonl file")
-    p.add_argument("--calib-samples", type=_positive_int, default=64)
-    p.add_argument("--calib-seqlen", type=_positive_int, default=256)
-    p.add_argument("--seed", type=int, default=42)
+    _shared(p, "--mode", "--layout", "--calib-data", "--calib-samples", "--calib-seqlen", "--seed")
     p.add_argument("--run-dir", default=None,
                    help="run directory (local path or fsspec URL; default ./runs/<model>-<method>-<key>): every "
                         "stage is checkpointed there and the same command resumes it")
@@ -83,11 +132,9 @@ def _add_compress(sub) -> None:
                         "needs --out")
     p.add_argument("--dask-address", default=None,
                    help="run the tasks on an existing Dask scheduler (tcp://host:port) instead of a local cluster")
-    p.add_argument("--workers", type=_positive_int, default=None, help="threads of the local Dask cluster")
+    _shared(p, "--workers")
     p.add_argument("--device", default=None, help="where Sinkhorn runs (cpu, cuda, cuda:1; default cuda if present)")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow nor register the model")
-    p.add_argument("--register-name", default=None,
-                   help="registered model name in MLflow (default dotresize-<model>)")
+    _shared(p, "--no-mlflow", "--register-name", no_mlflow="do not log the run to MLflow nor register the model")
     p.add_argument("--slice-head", action="store_true", help="also slice the last point and the head")
     p.add_argument("--round-to", type=_positive_int, default=8, help="widths are rounded down to a multiple")
     p.add_argument("--batch-size", type=_positive_int, default=8)
@@ -104,9 +151,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--mlp-ratio", type=_mlp_ratio, default=0.0,
                    help="fraction of every layer's MLP intermediate neurons removed, in [0, 1) (width rounded "
                         "down to a multiple of 8; default 0: MLPs untouched)")
-    p.add_argument("--mlp-method", choices=("prune", "lsq", "dot"), default=None,
-                   help="how the removed MLP neurons are handled: prune (dropped), lsq (ridge least-squares "
-                        "correction of the down projection; the default, measured best), dot (transport-plan merge)")
+    _shared(p, "--mlp-method")
     p.add_argument("--mlp-keep-rule", choices=("output", "energy", "obs"), default=None,
                    help="which MLP neurons are kept: output (activation energy x down-projection column norm; "
                         "default), energy (activation energy), obs (greedy by the corrected output error)")
@@ -121,13 +166,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--set", action="append", default=[], dest="config_set", metavar="KEY=VALUE",
                    help="any other compression setting, dotted (--set mlp.dot.epsilon=0.1); repeatable")
     p.add_argument("--ppl", action="store_true", help="print WikiText-2 perplexity before and after")
-    p.add_argument("--tasks", default=None,
-                   help="zero-shot tasks to evaluate the compressed model on (comma-separated, see evaluate); "
-                        "stored in <run>/eval/lm_eval.json and logged to MLflow")
-    p.add_argument("--limit", type=_positive_int, default=None, help="first N examples of every task")
-    p.add_argument("--ctx", type=_positive_int, default=256)
-    p.add_argument("--max-windows", type=int, default=100)
-    _add_eval_dtype(p, "--eval-dtype", "precision of the evaluations (see evaluate --dtype; default float32)")
+    _shared(p, "--tasks", "--limit", "--ctx", "--max-windows", "--eval-dtype",
+            tasks="zero-shot tasks to evaluate the compressed model on (comma-separated, see evaluate); stored in "
+                  "<run>/eval/lm_eval.json and logged to MLflow")
     p.add_argument("--signing-key", default=None, metavar="KEY",
                    help="sign the exported model (every file, lineage.json included) with this private key "
                         "(see `dotresize keygen`); verify with `dotresize verify MODEL --public-key KEY.pub`")
@@ -135,16 +176,8 @@ def _add_compress(sub) -> None:
                    help="dtype of the exported weights (default: the source's dtype at rest; float32 for a "
                         "quantised GGUF)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the source model's own code")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _shared(p, "--json")
     p.set_defaults(func=cmd_compress)
-
-
-# the names of dotresize.evaluation.precision.EVAL_DTYPES (kept here so building the parser needs no torch)
-EVAL_DTYPE_NAMES = ("float32", "bfloat16", "float16")
-
-
-def _add_eval_dtype(p, flag: str, help_text: str) -> None:
-    p.add_argument(flag, choices=EVAL_DTYPE_NAMES, default="float32", help=help_text)
 
 
 def _add_evaluate(sub) -> None:
@@ -152,15 +185,11 @@ def _add_evaluate(sub) -> None:
                        description="WikiText-2 test perplexity and zero-shot accuracy (lm-eval, offline tasks).")
     p.add_argument("model", help="a compressed model directory, or any --model source of compress")
     p.add_argument("--ppl", action="store_true", help="WikiText-2 test perplexity (the default when no metric)")
-    p.add_argument("--ctx", type=_positive_int, default=256, help="window length in tokens (default 256)")
-    p.add_argument("--max-windows", type=int, default=100, help="first N windows (0 = all; default 100)")
-    p.add_argument("--tasks", default=None,
-                   help="comma-separated zero-shot tasks: piqa,arc_easy,arc_challenge,winogrande,boolq,lambada,"
-                        "copa,openbookqa,siqa (local data) or any lm-eval task name where the network is reachable")
-    p.add_argument("--limit", type=_positive_int, default=None, help="first N examples of every task")
+    _shared(p, "--ctx", "--max-windows", "--tasks", "--limit")
     p.add_argument("--batch-size", type=_positive_int, default=4)
-    _add_eval_dtype(p, "--dtype", "precision of the evaluated model; the log-softmax is always float32 "
-                                  "(default float32; bfloat16 is about 2x faster on CPUs with AVX512-BF16)")
+    p.add_argument("--dtype", choices=EVAL_DTYPE_NAMES, default="float32",
+                   help="precision of the evaluated model; the log-softmax is always float32 (default float32; "
+                        "bfloat16 is about 2x faster on CPUs with AVX512-BF16)")
     p.add_argument("--float32-head", action="store_true",
                    help="with --dtype bfloat16/float16: compute the output head in float32 (unrounded logits)")
     p.add_argument("--data-dir", default=None,
@@ -169,8 +198,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--mlflow-run", default=None,
                    help="log the metrics to this MLflow run (default: for a run directory, the run in its "
                         "mlflow.json)")
-    p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
-    p.add_argument("--json", action="store_true")
+    _shared(p, "--no-mlflow", "--json")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -180,46 +208,33 @@ def _add_bench(sub) -> None:
                                    "latency (KV cache), compressed vs original in one process, as ratios.")
     p.add_argument("model", help="a compressed model directory")
     p.add_argument("--baseline", default=None, help="source model (default: the one recorded in source.json)")
-    p.add_argument("--batch", type=_positive_int, default=8)
-    p.add_argument("--ctx", type=_positive_int, default=256)
-    p.add_argument("--prompt", type=_positive_int, default=64)
-    p.add_argument("--new-tokens", type=_positive_int, default=32)
-    p.add_argument("--repeats", type=_positive_int, default=5)
+    for flag, default in (("--batch", 8), ("--ctx", 256), ("--prompt", 64), ("--new-tokens", 32), ("--repeats", 5)):
+        p.add_argument(flag, type=_positive_int, default=default)
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all)")
-    p.add_argument("--json", action="store_true")
+    _shared(p, "--json")
     p.set_defaults(func=cmd_bench)
 
 
 def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="compress and evaluate methods x ratios, write a report with plots",
                        description="Compress and evaluate a grid of methods x ratios; completed cells are reused.")
-    p.add_argument("--model", default=None)
+    _shared(p, "--model")
     p.add_argument("--ratios", default="0.1,0.2,0.3")
     p.add_argument("--methods", default="dot,pca,prune")
     p.add_argument("--mlp-ratios", default="0",
                    help="the MLP axis: every cell at each of these MLP ratios (0: MLPs untouched; with ratio 0 in "
                         "--ratios, the MLPs alone); the report adds perplexity against parameters and its Pareto front")
-    p.add_argument("--mlp-method", choices=("prune", "lsq", "dot"), default=None)
-    p.add_argument("--mode", choices=("parallel", "sequential"), default="parallel")
-    p.add_argument("--layout", choices=("per-point", "global"), default="per-point")
-    p.add_argument("--tasks", default="", help="zero-shot tasks to evaluate per cell (comma-separated)")
-    p.add_argument("--limit", type=_positive_int, default=None)
-    _add_eval_dtype(p, "--eval-dtype", "precision of the evaluations (see evaluate --dtype; default float32)")
-    p.add_argument("--calib-data", default="wikitext2")
-    p.add_argument("--calib-samples", type=_positive_int, default=64)
-    p.add_argument("--calib-seqlen", type=_positive_int, default=256)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--ctx", type=_positive_int, default=256)
-    p.add_argument("--max-windows", type=int, default=100)
+    _shared(p, "--mlp-method", "--mode", "--layout", "--tasks", "--limit", "--eval-dtype", "--calib-data",
+            "--calib-samples", "--calib-seqlen", "--seed", "--ctx", "--max-windows",
+            tasks="zero-shot tasks to evaluate per cell (comma-separated, see evaluate)")
     p.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
     p.add_argument("--speed-batch", type=_positive_int, default=8, help="batch of the timed forward (default 8)")
     p.add_argument("--speed-ctx", type=_positive_int, default=None, help="context of the timed forward (default --ctx)")
     p.add_argument("--speed-repeats", type=_positive_int, default=3)
-    p.add_argument("--workers", type=_positive_int, default=None, help="threads of each run's local Dask cluster")
-    p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
+    _shared(p, "--workers", "--no-mlflow", workers="threads of each run's local Dask cluster")
     p.add_argument("--out", default=None, help="sweep directory (default runs/sweep-<model>); each cell is a "
                                                "pipeline run under <out>/runs/, completed work is reused")
-    p.add_argument("--json", action="store_true")
+    _shared(p, "--json")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -241,11 +256,10 @@ def _add_watch(sub) -> None:
     p.add_argument("--settle", type=float, default=5.0,
                    help="seconds a checkpoint's files must stay unchanged to count as written (default 5)")
     p.add_argument("--marker", default=None, help="a file a checkpoint must hold to be complete (trainer_state.json)")
-    p.add_argument("--register-name", default=None, help="registered model name (default: recipe's, or source's)")
+    _shared(p, "--register-name", register_name="registered model name (default: recipe's, or source's)")
     p.add_argument("--wait-for-lock", action="store_true",
                    help="wait for another watch run compressing the same checkpoint instead of leaving it to it")
-    p.add_argument("--workers", type=_positive_int, default=None, help="threads of the local Dask cluster")
-    p.add_argument("--json", action="store_true")
+    _shared(p, "--workers", "--json")
     p.set_defaults(func=cmd_watch)
 
 
@@ -266,10 +280,8 @@ def _add_lineage(sub) -> None:
     p = sub.add_parser("lineage", help="show the chain from the source checkpoint to a compressed model",
                        description="Source digests, calibration digest, recipe and hash, code version, stage "
                                    "digests, evaluation results and the artifact's files.")
-    p.add_argument("target", help="a compressed model directory (or its run directory) or models:/NAME/VERSION")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the "
-                                                        "run's record, DOTRESIZE_HOME, ./runs)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("target", help=_TARGET_HELP)
+    _shared(p, "--tracking-uri", "--json")
     p.set_defaults(func=cmd_lineage)
 
 
@@ -278,18 +290,18 @@ def _add_verify(sub) -> None:
                        description="Exit 0 when every file matches its signature (with --public-key), lineage.json "
                                    "and, where a record is found, MLflow; else name the file and both digests and "
                                    "exit 1. Works on any copy, offline: MLflow is an extra witness, not a need.")
-    p.add_argument("target", help="a compressed model directory (or its run directory) or models:/NAME/VERSION")
+    p.add_argument("target", help=_TARGET_HELP)
     p.add_argument("--public-key", default=None, metavar="KEY.pub",
                    help="check model.sig (signature over every file, lineage.json included) against this PEM "
                         "public key; a missing signature or one by another key fails")
-    p.add_argument("--certificate-chain", action="append", default=[], metavar="CA.pem",
-                   help="check model.sig as signed in certificate mode, trusting these PEM certificates (repeatable)")
-    p.add_argument("--tracking-uri", default=None)
+    _shared(p, "--certificate-chain", "--tracking-uri",
+            certificate_chain="check model.sig as signed in certificate mode, trusting these PEM certificates "
+                              "(repeatable)")
     p.add_argument("--require-mlflow", action="store_true",
                    help="fail when no MLflow record of the model is found (default: checked where found)")
-    p.add_argument("--no-mlflow", action="store_true", help="do not look for an MLflow record at all")
+    _shared(p, "--no-mlflow", no_mlflow="do not look for an MLflow record at all")
     p.add_argument("--no-source", action="store_true", help="do not re-hash the source checkpoint")
-    p.add_argument("--json", action="store_true")
+    _shared(p, "--json")
     p.set_defaults(func=cmd_verify)
 
 
@@ -304,9 +316,8 @@ def _add_sign(sub) -> None:
                    help="PEM elliptic-curve private key (dotresize keygen, or openssl ecparam -genkey)")
     p.add_argument("--certificate", default=None, metavar="CERT.pem",
                    help="certificate mode: the key's signing certificate (PEM)")
-    p.add_argument("--certificate-chain", action="append", default=[], metavar="CA.pem",
-                   help="certificate mode: intermediate/root certificates to embed (repeatable)")
-    p.add_argument("--json", action="store_true")
+    _shared(p, "--certificate-chain", "--json",
+            certificate_chain="certificate mode: intermediate/root certificates to embed (repeatable)")
     p.set_defaults(func=cmd_sign)
 
 
@@ -318,32 +329,34 @@ def _add_keygen(sub) -> None:
     p.add_argument("key", help="path of the private key to create")
     p.add_argument("--public", default=None, help="path of the public key (default KEY.pub)")
     p.add_argument("--curve", choices=("P-256", "P-384", "P-521"), default="P-256")
-    p.add_argument("--json", action="store_true")
+    _shared(p, "--json")
     p.set_defaults(func=cmd_keygen)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a usage error as one line that names the help to read (no usage block)."""
+    """argparse with every usage error as one line that names the help to read (no usage block)."""
 
     def error(self, message: str):
         self.exit(2, f"dotresize: error: {message} (see `{self.prog} --help`)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # found by the top parser: name the subcommand's help, not the top one's
+            command = getattr(parsed, "command", None)
+            where = f"{self.prog} {command}" if command else self.prog
+            self.exit(2, f"dotresize: error: unrecognized arguments: {' '.join(extras)} (see `{where} --help`)\n")
+        return parsed
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dotresize", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_console_options(parser, subcommand=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_compress(sub)
-    _add_evaluate(sub)
-    _add_bench(sub)
-    _add_sweep(sub)
-    _add_watch(sub)
-    _add_serve(sub)
-    _add_lineage(sub)
-    _add_verify(sub)
-    _add_sign(sub)
-    _add_keygen(sub)
+    for add in (_add_compress, _add_evaluate, _add_bench, _add_sweep, _add_watch, _add_serve, _add_lineage,
+                _add_verify, _add_sign, _add_keygen):
+        add(sub)
+    for subparser in sub.choices.values():
+        _add_console_options(subparser, subcommand=True)
     return parser
 
 
@@ -476,13 +489,19 @@ def _compress_pipeline(args, config, out: Path | None) -> dict:
     adapter_class_for_config(load_config(resolve_source(args.model), args.trust_remote_code))
     signing_key = _signing_key(args)
     from .compress import run_compress
-    from .logs import install_user_error_filter
-
-    install_user_error_filter()
+    from .logs import compression_console
 
     overrides = {k: v for k, v in config.to_dict().items()
                  if k not in ("method", "ratio", "mode", "layout", "seed", "version")}
-    result = run_compress(
+    with compression_console(verbose=args.verbose, mlflow=not args.no_mlflow):
+        result = _run_pipeline(run_compress, args, config, overrides, signing_key, out)
+    if not args.json:
+        _print_summary(args, config, result)
+    return result
+
+
+def _run_pipeline(run_compress, args, config, overrides: dict, signing_key: str | None, out: Path | None) -> dict:
+    return run_compress(
         model=args.model, ratio=config.ratio, method=config.method, mode=config.mode, layout=config.layout,
         calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
         seed=config.seed, run_dir=args.run_dir, config_overrides=overrides, dask_address=args.dask_address,
@@ -492,33 +511,38 @@ def _compress_pipeline(args, config, out: Path | None) -> dict:
         tasks=[t.strip() for t in (args.tasks or "").split(",") if t.strip()] or None, limit=args.limit,
         eval_dtype=args.eval_dtype, export_dtype=args.export_dtype, signing_key=signing_key,
         out=str(out) if out is not None else None, overwrite=args.overwrite)
-    if not args.json:
-        stages = result["stages"]
-        reused = sum(len(v["reused"]) for v in stages.values())
-        computed = sum(len(v["computed"]) for v in stages.values())
-        print(f"compressed {args.model or 'smollm2-135m-instruct'} with {config.method} ({config.mode}, "
-              f"{config.layout}) at ratio {config.ratio}")
-        print(f"  width {max(result['widths'])} -> {min(result['widths'])}; parameters "
-              f"{result['parameters_before']:,} -> {result['parameters_after']:,} ({result['parameter_ratio']:.3f}x)")
-        if result.get("mlp_widths"):
-            print(f"  MLP ({config.mlp.method}, {_mlp_choice(config)}): intermediate width -> "
-                  f"{min(result['mlp_widths'])}" + ("" if len(set(result["mlp_widths"])) == 1
-                                                   else f"..{max(result['mlp_widths'])}"))
-        if args.ppl:
-            after = result["ppl"]
-            print(f"  WikiText-2 perplexity (ctx {after['ctx']}, {after['windows']} windows): "
-                  f"{result['ppl_source']['ppl']:.2f} -> {after['ppl']:.2f}")
-        for task, metrics in (result.get("zero_shot") or {}).get("tasks", {}).items():
-            shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("acc", "acc_norm", "perplexity")
-                              if metrics.get(k) is not None)
-            print(f"  {task}: {shown} (n={metrics.get('n')})")
-        print(f"  stages: {computed} computed, {reused} reused; run directory {result['run_dir']}")
-        if result.get("mlflow_run_id"):
-            print(f"  MLflow run {result['mlflow_run_id']}, model {result['registered_model']} "
-                  f"v{result['model_version']} ({result['mlflow_tracking_uri']})")
-        print(f"  model written to {result.get('out') or result['model_dir']}  (sha256 "
-              f"{result['model_sha256'][:16]}, {result['seconds']:.1f} s)")
-    return result
+
+
+def _print_summary(args, config, result: dict) -> None:
+    """The pipeline's result in a few lines (stdout)."""
+    stages = result["stages"]
+    reused = sum(len(v["reused"]) for v in stages.values())
+    computed = sum(len(v["computed"]) for v in stages.values())
+    print(f"compressed {args.model or 'smollm2-135m-instruct'} with {config.method} ({config.mode}, "
+          f"{config.layout}) at ratio {config.ratio}")
+    print(f"  width {max(result['widths'])} -> {min(result['widths'])}; parameters "
+          f"{result['parameters_before']:,} -> {result['parameters_after']:,} ({result['parameter_ratio']:.3f}x)")
+    if result.get("mlp_widths"):
+        print(f"  MLP ({config.mlp.method}, {_mlp_choice(config)}): intermediate width -> "
+              f"{min(result['mlp_widths'])}" + ("" if len(set(result["mlp_widths"])) == 1
+                                               else f"..{max(result['mlp_widths'])}"))
+    if args.ppl:
+        after = result["ppl"]
+        print(f"  WikiText-2 perplexity (ctx {after['ctx']}, {after['windows']} windows): "
+              f"{result['ppl_source']['ppl']:.2f} -> {after['ppl']:.2f}")
+    for task, metrics in (result.get("zero_shot") or {}).get("tasks", {}).items():
+        shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("acc", "acc_norm", "perplexity")
+                          if metrics.get(k) is not None)
+        print(f"  {task}: {shown} (n={metrics.get('n')})")
+    print(f"  stages: {computed} computed, {reused} reused; run directory {result['run_dir']}")
+    from storage.rundir import CONSOLE_LOG
+
+    print(f"  every task's log lines: {result['run_dir'].rstrip('/')}/{CONSOLE_LOG} (-v shows them here)")
+    if result.get("mlflow_run_id"):
+        print(f"  MLflow run {result['mlflow_run_id']}, model {result['registered_model']} "
+              f"v{result['model_version']} ({result['mlflow_tracking_uri']})")
+    print(f"  model written to {result.get('out') or result['model_dir']}  (sha256 "
+          f"{result['model_sha256'][:16]}, {result['seconds']:.1f} s)")
 
 
 def _compress_in_memory(args, config, out: Path) -> dict:
@@ -672,17 +696,17 @@ def cmd_sweep(args) -> dict:
         raise UsageError("--mlp-method needs --mlp-ratios R,... (the fractions of MLP neurons removed)")
     spec = SweepSpec(model=args.model, ratios=ratios, methods=methods, mlp_ratios=mlp_ratios,
                      mlp_method=args.mlp_method, mode=args.mode, layout=args.layout,
-                     tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), limit=args.limit,
+                     tasks=tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip()), limit=args.limit,
                      calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                      seed=args.seed, ctx=args.ctx, max_windows=args.max_windows, speed=not args.no_speed,
                      speed_batch=args.speed_batch, speed_ctx=args.speed_ctx, speed_repeats=args.speed_repeats,
                      mlflow=not args.no_mlflow, workers=args.workers, eval_dtype=args.eval_dtype)
     from .compress import slug
-    from .logs import install_user_error_filter
+    from .logs import compression_console
 
     out = Path(args.out or f"runs/sweep-{slug(args.model or 'smollm2-135m-instruct')}")
-    install_user_error_filter()
-    result = run_sweep(spec, out, progress=not args.quiet)
+    with compression_console(verbose=args.verbose, mlflow=not args.no_mlflow):
+        result = run_sweep(spec, out, progress=not args.quiet)
     if not args.json:
         print((out / "report.md").read_text().split("![")[0])
         print(f"report and plots in {out}: {', '.join(Path(f).name for f in result['files'])}")
@@ -816,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # compress --recipe FILE: the file's options, then the command line's (which win)
         argv = expand_recipe(list(sys.argv[1:] if as_program else argv))
     except RecipeFileError as error:
-        parser.exit(2, f"dotresize: error: {error}\n")
+        parser.exit(2, f"dotresize: error: {error} (see `dotresize compress --help`)\n")
     args = parser.parse_args(argv)
     if not as_program:  # called from Python (tests, notebooks): the caller's signal handling and allocator stay
         return _main(parser, args)
@@ -837,7 +861,9 @@ def main(argv: list[str] | None = None) -> int:
 def _main(parser: argparse.ArgumentParser, args) -> int:
     from .logs import configure_cli_logging
 
-    configure_cli_logging(logging.DEBUG if args.verbose else logging.INFO)
+    # a compression's console: one line per stage, the tasks' lines in the run's log file (all of it with -v)
+    configure_cli_logging(logging.DEBUG if args.verbose else logging.INFO,
+                          runs_to_file=args.func in (cmd_compress, cmd_sweep) and not args.verbose)
     for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

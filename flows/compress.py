@@ -277,7 +277,8 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, c
     stages = _stage_summary(manifests)
     stage_seconds = {stage: round(info["seconds"], 6) for stage, info in stages.items()}
     for stage, info in stages.items():
-        logger.info("%s: computed %d, reused %d", stage, len(info["computed"]), len(info["reused"]))
+        logger.info("%s: computed %d, reused %d (%.1f s)", stage, len(info["computed"]), len(info["reused"]),
+                    info["seconds"], extra={"console": True})  # the console's one line per stage (flows/logs.py)
     run.write_json(paths.TIMINGS, {"stages": stage_seconds,
                                     "intervals": {_label(m): [m.get("started"), m.get("finished")]
                                                   for m in manifests if m.get("started")}})

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+log = logging.getLogger("dotresize")
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: seconds the whole cleanup may take before the process exits regardless
@@ -134,7 +137,7 @@ def _on_signal(signum: int) -> None:
 
 def _shutdown(signum: int) -> None:
     name = signal.Signals(signum).name
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(OSError, ValueError):  # stderr closed or gone: nothing to tell
         sys.stderr.write(f"dotresize: interrupted ({name}): stopped; {_state.hint}\n")
         sys.stderr.flush()
     _silence()
@@ -148,7 +151,7 @@ def _shutdown(signum: int) -> None:
 
 def _silence() -> None:
     """Point fds 1 and 2 (and sys.stdout/stderr) at /dev/null: nothing printed after the interrupt line."""
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(OSError):  # no /dev/null: the output stays as it is
         null = os.open(os.devnull, os.O_WRONLY)
         for fd in (1, 2):
             with contextlib.suppress(OSError):
@@ -163,8 +166,10 @@ def _run_bounded(fn: Callable[[], None], timeout: float) -> None:
 
 
 def _quietly(fn: Callable[[], None]) -> None:
-    with contextlib.suppress(BaseException):
+    try:
         fn()
+    except BaseException as error:  # noqa: BLE001 - the process is exiting: a failed cleanup must not stop the next
+        log.debug("interrupt cleanup %s failed: %r", getattr(fn, "__name__", fn), error)
 
 
 def kill_descendants(grace: float = 2.0) -> None:
@@ -173,7 +178,7 @@ def kill_descendants(grace: float = 2.0) -> None:
         import psutil
     except ImportError:  # pragma: no cover - psutil comes with distributed
         return
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(psutil.Error, OSError):  # this process's table unreadable: nothing to kill
         children = psutil.Process().children(recursive=True)
         for child in children:
             with contextlib.suppress(psutil.Error):
@@ -194,7 +199,7 @@ _CHILD = (
     "try:\n"
     "    import ctypes\n"
     "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
-    "except Exception:\n"
+    "except (OSError, AttributeError):  # no prctl (not Linux)\n"
     "    pass\n"
     "if os.getppid() != int(sys.argv[1]):\n"
     "    sys.exit(0)  # the parent died before the death signal was armed\n"

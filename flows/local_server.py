@@ -126,15 +126,16 @@ class LocalPrefectServer:
 
 
 def _drain_prefect_services(timeout: float = 5.0) -> None:
-    """Send the logs and events Prefect still holds before their server goes away."""
-    with contextlib.suppress(Exception):
-        from prefect.logging.handlers import APILogWorker
+    """Send the logs and events Prefect still holds before their server goes away (best effort: the run's
+    result does not depend on them)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
 
-        APILogWorker.drain_all(timeout=timeout, at_exit=False)
-    with contextlib.suppress(Exception):
-        from prefect.events.worker import EventsWorker
-
-        EventsWorker.drain_all(timeout=timeout, at_exit=False)
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout, at_exit=False)
+        except Exception as error:  # noqa: BLE001 - any failure of a background sender, logged and passed over
+            log.debug("%s did not drain: %r", worker.__name__, error)
 
 
 @contextlib.contextmanager
