@@ -45,6 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from dotresize.errors import DotResizeError  # noqa: E402
 from dotresize.evaluation.protocol import MeasurementProtocol  # noqa: E402
 
 from .common import (fmt, log, machine_info, machine_line, markdown_table, quiet_libraries,  # noqa: E402
@@ -332,7 +333,9 @@ class QualityRunner:
             if self.keep_models is not None:
                 self.keep_models(variant, model)
             del model
-        except Exception as error:  # a failing variant is a result too (e.g. a rank-deficient plan)
+        except (DotResizeError, ValueError, RuntimeError) as error:
+            # a failing variant is a result too (e.g. a rank-deficient plan, a solver's refusal: _store logs it); a
+            # bug (TypeError, KeyError, ...) stops the benchmark instead
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         row["seconds"] = round(time.perf_counter() - start, 2)
         return self._store(variant, row)

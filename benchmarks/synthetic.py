@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .common import log
+
 SHAPES = {
     # Llama-3-8B: hidden 4096, MLP 14336, 32 layers, 32 query / 8 KV heads, vocabulary 128256
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -152,11 +154,13 @@ def write_tokenizer(out: Path, vocab_size: int, text: str) -> None:
 
 
 def _training_text() -> str:
-    try:
-        from dotresize.data import load_text
+    from dotresize.data import load_text
+    from dotresize.errors import DataNotFoundError
 
+    try:
         return load_text("wikitext2").text[:2_000_000]
-    except Exception:  # no data directory: a deterministic stand-in text
+    except DataNotFoundError as error:  # no data directory: a deterministic stand-in text
+        log(f"synthetic: the tokenizer is trained on a stand-in text ({str(error).splitlines()[0]})")
         words = [f"w{k}" for k in range(4000)]
         return "\n".join(" ".join(words[(j * 7 + k) % 4000] for k in range(40)) for j in range(5000))
 

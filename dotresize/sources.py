@@ -105,7 +105,8 @@ def _hub(repo_id: str) -> ModelSource:
 
         local = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
                                                            "tokenizer*", "*.py"])
-    except Exception:
+    except Exception as error:  # network, authentication, a missing repository, ...: one line for all
+        log.info("the hub did not give %s: %s: %s", repo_id, type(error).__name__, error)
         raise SourceNotFoundError(offline_hint) from None
     source = _local_dir(Path(local), repo_id)
     source.kind, source.revision = "hub", Path(local).name

@@ -190,6 +190,7 @@ def _log_sweep(spec: SweepSpec, out: Path, cells: list[dict], files: list[Path])
     """One MLflow run for the sweep (reused by a rerun): params, every number as a metric, the report."""
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from storage import RunDir
 
@@ -206,7 +207,8 @@ def _log_sweep(spec: SweepSpec, out: Path, cells: list[dict], files: list[Path])
     if run_id:
         try:
             client.get_run(run_id)
-        except Exception:
+        except MlflowException as error:  # deleted, or a store that was reset: the sweep gets a new run
+            log.info("sweep: MLflow run %s is gone (%s): logging to a new run", run_id, str(error).splitlines()[0])
             run_id = None
     if run_id is None:
         mlflow.set_tracking_uri(uri)
