@@ -149,6 +149,13 @@ def _lse_step(Mr, pot, axis, logmass, buf):
     return logmass - lse
 
 
+def _absorb(Mr, pot, scaling, axis, logmass, buf):
+    """A scaling that left its range, absorbed into its potential ``pot`` (``pot + log scaling``), and the other
+    potential redone exactly (:func:`_lse_step` along ``axis``); returns both (the caller rebuilds the kernel)."""
+    pot = pot + scaling.log()
+    return pot, _lse_step(Mr, pot, axis, logmass, buf)
+
+
 def _build_kernel(Mr, f, g, K, log_floor):
     """K <- exp(max(Mr + f_i + g_j, log_floor)) in place."""
     torch.add(Mr, f[:, None], out=K)
@@ -219,21 +226,17 @@ def _solve_positive(a, b, Mr, tol, max_iter, check_every, method):
             v_new = b / ktu
             ktu = None
             if not bool(_in_range(v_new)):
-                f = f + u.log()
-                g = _lse_step(Mr, f, 0, logb, buf)
+                f, g = _absorb(Mr, f, u, 0, logb, buf)
                 _build_kernel(Mr, f, g, K, log_floor)
-                u = torch.ones_like(u)
-                v_new = torch.ones_like(v)
+                u, v_new = torch.ones_like(u), torch.ones_like(v)
             v = v_new
         first = False
         # u-step: u = a / (K v)
         u_new = a / torch.mv(K, v)
         if not bool(_in_range(u_new)):
-            g = g + v.log()
-            f = _lse_step(Mr, g, 1, loga, buf)
+            g, f = _absorb(Mr, g, v, 1, loga, buf)
             _build_kernel(Mr, f, g, K, log_floor)
-            v = torch.ones_like(v)
-            u_new = torch.ones_like(u)
+            v, u_new = torch.ones_like(v), torch.ones_like(u)
         u = u_new
         if ii % check_every == 0:
             ktu = torch.mv(K.T, u)  # reused by the next v-step
