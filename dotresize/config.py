@@ -61,10 +61,7 @@ class MlpDotOptions:
         _check_choice("mlp dot cost_normalization", self.cost_normalization, COST_NORMALIZATIONS)
         _check_choice("mlp dot marginals", self.marginals, DOT_MARGINALS)
         _check_choice("mlp dot scale", self.scale, SCALE_RULES)
-        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            raise InvalidConfigError(f"mlp dot epsilon must be a positive number, got {self.epsilon}")
-        if self.max_iter < 1 or not self.tol > 0:
-            raise InvalidConfigError("mlp dot max_iter must be >= 1 and tol > 0")
+        _check_sinkhorn("mlp dot", self.epsilon, self.tol, self.max_iter)
         return self
 
 
@@ -123,10 +120,7 @@ class DotOptions:
         _check_choice("dot.targets", self.targets, TARGET_RULES)
         _check_choice("dot.decompression", self.decompression, DECOMPRESSIONS)
         _check_choice("dot.solver", self.solver, SOLVERS)
-        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            raise InvalidConfigError(f"dot epsilon must be a positive number, got {self.epsilon}")
-        if self.max_iter < 1 or self.tol <= 0:
-            raise InvalidConfigError("dot max_iter must be >= 1 and tol > 0")
+        _check_sinkhorn("dot", self.epsilon, self.tol, self.max_iter)
         if self.sample_tokens < 1:
             raise InvalidConfigError("dot sample_tokens must be >= 1")
 
@@ -275,6 +269,15 @@ class CompressionConfig:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise InvalidConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_sinkhorn(name: str, epsilon: float, tol: float, max_iter: int) -> None:
+    """The Sinkhorn settings of ``name`` (``dot``, ``mlp dot``): ε a positive finite number, max_iter >= 1, tol > 0
+    (a NaN tol too is refused)."""
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise InvalidConfigError(f"{name} epsilon must be a positive number, got {epsilon}")
+    if max_iter < 1 or not tol > 0:
+        raise InvalidConfigError(f"{name} max_iter must be >= 1 and tol > 0")
 
 
 def checked_widths(values, count: int, full: int, *, key: str, per: str, noun: str, within: str = "") -> list[int]:
