@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +41,18 @@ from .settings import apply_offline_defaults
 from storage import rundir as paths
 from tasks import (
     absorb_task,
-    mlp_sequential_task,
-    mlp_task,
-    plan_mlp_task,
     calibration_task,
     capture_task,
     evaluate_task,
     export_task,
     inspect_task,
+    lineage_task,
+    mlp_sequential_task,
+    mlp_task,
+    plan_mlp_task,
     plan_task,
     pool_task,
+    register_task,
     resolve_source_task,
     sequential_capture_task,
     solve_task,
@@ -137,6 +140,87 @@ def _progress(futures: list, desc: str, enabled: bool) -> None:
             bar.update(1)
 
 
+# --- options ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """Where and how the stage tasks run."""
+
+    dask_address: str | None = None
+    n_workers: int | None = None
+    device: str | None = None
+    verify: bool = True
+    trust_remote_code: bool = False
+    export_dtype: str | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """Which evaluations follow the export (each a task of the evaluate stage)."""
+
+    ppl: bool = False
+    ppl_ctx: int = 256
+    ppl_max_windows: int = 100
+    ppl_source: bool = False
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    tasks_source: bool = False
+    dtype: str = "float32"
+
+    @property
+    def any(self) -> bool:
+        return self.ppl or self.ppl_source or bool(self.tasks)
+
+
+@dataclass(frozen=True)
+class DeliveryOptions:
+    """What happens to the exported model: signed, copied out, registered in MLflow, tagged."""
+
+    mlflow: bool = True
+    register_name: str | None = None
+    tags: dict = field(default_factory=dict)
+    signing_key: str | None = None
+    out: str | None = None
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What every stage of one run is computed from (the resolved source, the recipe and its stage manifests)."""
+
+    run_url: str
+    recipe: dict
+    source: dict
+    inspect: dict
+    calibration: dict
+    execution: ExecutionOptions
+
+    @property
+    def streamed(self) -> dict:
+        """Arguments of the tasks that read the source a layer at a time."""
+        return {"run_url": self.run_url, "source": self.source, "inspect": self.inspect,
+                "device": self.execution.device}
+
+    @property
+    def solve(self) -> dict:
+        return {"run_url": self.run_url, "recipe": self.recipe, "calibration": self.calibration,
+                "verify": self.execution.verify, "device": self.execution.device}
+
+    @property
+    def layers(self) -> int:
+        return int(self.inspect["num_layers"])
+
+
+@dataclass
+class Graph:
+    """The futures of one run's per-layer and per-point tasks."""
+
+    captures: list = field(default_factory=list)
+    mlps: list = field(default_factory=list)
+    solves: list = field(default_factory=list)
+    absorbs: list = field(default_factory=list)
+
+
 # --- the flow ---------------------------------------------------------------------------------------------------
 @flow(name="dotresize-compress", persist_result=False, log_prints=False)
 def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "dot", mode: str = "parallel",
@@ -153,6 +237,7 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
     """Compress ``model`` into ``run_dir`` (default ``./runs/<model>-<method>-<key>``); returns a small manifest:
     run_dir, model_dir, model_sha256, widths, parameter counts, which stages were reused, MLflow run and version.
 
+    The parameters are the flow's (a deployment sets them as JSON); they travel on as typed options.
     ``config_overrides`` sets any other CompressionConfig field (``{"dot": {"epsilon": 0.2}, "batch_size": 4}``);
     ``dask_address`` (``tcp://host:port``) runs the tasks on an existing Dask scheduler; ``n_workers`` threads
     otherwise. ``device`` is where Sinkhorn runs (default CUDA when present). ``verify=False`` trusts markers
@@ -173,6 +258,12 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
     quiet_dask_logs()
     config = build_config(ratio=ratio, method=method, mode=mode, layout_name=layout, seed=seed,
                           overrides=config_overrides)
+    execution = ExecutionOptions(dask_address=dask_address, n_workers=n_workers, device=device, verify=verify,
+                                 trust_remote_code=trust_remote_code, export_dtype=export_dtype, progress=progress)
+    evaluation = EvaluationOptions(ppl=ppl, ppl_ctx=ppl_ctx, ppl_max_windows=ppl_max_windows, ppl_source=ppl_source,
+                                   tasks=tuple(tasks or ()), limit=limit, tasks_source=tasks_source, dtype=eval_dtype)
+    delivery = DeliveryOptions(mlflow=mlflow, register_name=register_name, tags=dict(tags or {}),
+                               signing_key=signing_key, out=out, overwrite=overwrite)
     resolved = resolve_source_task(model, calib_data, trust_remote_code)
     source = resolved["source"]
     if expect_source_digest and source["digest"] != expect_source_digest:
@@ -193,210 +284,233 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
     # fresh run is removed while the lease is still held (flows/runlock.py, storage/lease.py)
     with hold_run(run) as lease:
         try:
-            return _run_stages(run, config, recipe, run_key, source, calib, resolved["architecture"], started,
-                               dask_address=dask_address, n_workers=n_workers, mlflow=mlflow,
-                               register_name=register_name, progress=progress, ppl=ppl, ppl_ctx=ppl_ctx,
-                               ppl_max_windows=ppl_max_windows, ppl_source=ppl_source, device=device, verify=verify,
-                               trust_remote_code=trust_remote_code, tags=tags, tasks=list(tasks or []), limit=limit,
-                               tasks_source=tasks_source, eval_dtype=eval_dtype, export_dtype=export_dtype,
-                               signing_key=signing_key, out=out, overwrite=overwrite)
+            result = _run_stages(run, config, recipe, run_key, calib, resolved["architecture"], source, execution,
+                                 evaluation)
+            result = _deliver(run, result, recipe, delivery)
         except DotResizeError:
             if fresh and not lease.waited:  # a run another process created while this one waited is not ours
                 logger.info("removing %s: the run failed before producing anything reusable", run.uri())
                 run.remove("")
             raise
+    result["seconds"] = round(time.time() - started, 3)
+    logger.info("model %s (sha256 %s) in %.1f s", result["model_dir"], result["model_sha256"][:12], result["seconds"])
+    return result
 
 
-def _run_stages(run: RunDir, config, recipe: dict, run_key: str, source: dict, calib: dict, architecture: dict,
-                started: float, *, dask_address, n_workers, mlflow, register_name, progress, ppl, ppl_ctx,
-                ppl_max_windows, ppl_source, device, verify, trust_remote_code, tags=None, tasks, limit, tasks_source,
-                eval_dtype="float32", export_dtype=None, signing_key=None, out=None, overwrite=False) -> dict:
-    logger = get_run_logger()
+def _run_stages(run: RunDir, config, recipe: dict, run_key: str, calib: dict, architecture: dict, source: dict,
+                execution: ExecutionOptions, evaluation: EvaluationOptions) -> dict:
+    """Every stage up to the evaluations, on one task runner; the run's result without lineage and delivery."""
     run.write_text(paths.RECIPE, _yaml(recipe))
     run.write_json(paths.SOURCE, source)
-    run_url = run.url
-    common = {"run_url": run_url}
-    with make_task_runner(dask_address, n_workers) as runner:
+    with make_task_runner(execution.dask_address, execution.n_workers) as runner:
         quiet_dask_logs()
-        inspect = manifest_of(runner.submit(inspect_task, {**common, "source": source,
-                                                           "trust_remote_code": trust_remote_code}))
-        calibration = manifest_of(runner.submit(calibration_task, {
-            **common, "source": source, "calib": calib, "inspect": inspect,
-            "hidden_size": architecture["hidden_size"]}))
-        layers = inspect["num_layers"]
-        residual = config.residual_active
-        widths = plan_task(inspect, recipe) if residual else [inspect["hidden_size"]] * inspect["num_points"]
-        layout_name = export_layout(config)
-        streamed = {**common, "source": source, "inspect": inspect, "device": device}
-        solve_args = {**common, "recipe": recipe, "calibration": calibration, "verify": verify, "device": device}
-        mlp_widths = plan_mlp_task(run, inspect, recipe) if config.mlp_active else None
-        mlps: list = []
-        if config.mode == "parallel":
-            captures, solves = _parallel_graph(runner, streamed, calibration, recipe, widths, layers, solve_args,
-                                               layout_name, verify, residual)
-            if mlp_widths:
-                mlps = [runner.submit(mlp_task, {**streamed, "layer": layer, "capture": captures[layer],
-                                                 "width": mlp_widths[layer], "recipe": recipe, "verify": verify})
-                        for layer in range(layers)]
-        else:
-            if mlp_widths:
-                mlps = _mlp_sequential_graph(runner, streamed, calibration, recipe, mlp_widths, layers, verify)
-            captures, solves = (_sequential_graph(runner, streamed, calibration, recipe, widths, layers, solve_args,
-                                                  verify, mlps) if residual else ([], []))
-        absorbs = [runner.submit(absorb_task, {**streamed, "layer": layer, "layout_name": layout_name,
-                                               "dtype": export_dtype, "mlp": mlps[layer] if mlps else None,
-                                               "bases": solves if layout_name == "global"
-                                               else solves[2 * layer:2 * layer + 3]})
-                   for layer in range(layers)]
-        _progress(solves or mlps, "bases" if config.mode == "parallel" else "sequential", progress)
-        captures_m = [manifest_of(c) for c in captures]
-        mlps_m = [manifest_of(m) for m in mlps]
-        solves_m = [manifest_of(s) for s in solves]
-        absorbs_m = [manifest_of(a) for a in absorbs]
+        inputs = _prepare(runner, run.url, recipe, source, calib, architecture, execution)
+        widths = (plan_task(inputs.inspect, recipe) if config.residual_active
+                  else [inputs.inspect["hidden_size"]] * inputs.inspect["num_points"])
+        mlp_widths = plan_mlp_task(run, inputs.inspect, recipe) if config.mlp_active else None
+        graph = _graph(runner, inputs, config, widths, mlp_widths)
+        _progress(graph.solves or graph.mlps, "bases" if config.mode == "parallel" else "sequential",
+                  execution.progress)
+        done = {part: [manifest_of(f) for f in getattr(graph, part)] for part in ("captures", "mlps", "solves",
+                                                                                   "absorbs")}
         export = manifest_of(runner.submit(export_task, {
-            **common, "run_key": run_key, "recipe": recipe, "source": source, "calibration": calibration,
-            "inspect": inspect, "widths": widths, "captures": captures_m, "bases": solves_m, "absorbs": absorbs_m,
-            "dtype": export_dtype, "device": device, "mlps": mlps_m}))
-        evaluation = evaluation_source = None
-        eval_args = {**common, "ctx": ppl_ctx, "max_windows": ppl_max_windows, "progress": progress,
-                     "dtype": eval_dtype}
-        if ppl_source:
-            evaluation_source = manifest_of(runner.submit(evaluate_task, {**eval_args, "source": source,
-                                                                          "target": "source"}))
-        if ppl:
-            evaluation = manifest_of(runner.submit(evaluate_task, {**eval_args, "export": export, "target": "model"}))
-        zero_shot = zero_shot_source = None
-        zs_args = {**common, "tasks": tasks, "limit": limit, "progress": progress, "dtype": eval_dtype}
-        if tasks and tasks_source:
-            zero_shot_source = manifest_of(runner.submit(zero_shot_task, {**zs_args, "source": source,
-                                                                          "target": "source"}))
-        if tasks:
-            zero_shot = manifest_of(runner.submit(zero_shot_task, {**zs_args, "export": export, "target": "model"}))
-    manifests = [calibration, inspect, *captures_m, *mlps_m, *solves_m, *absorbs_m, export]
-    manifests += [m for m in (evaluation_source, evaluation, zero_shot_source, zero_shot) if m is not None]
+            "run_url": run.url, "run_key": run_key, "recipe": recipe, "source": source,
+            "calibration": inputs.calibration, "inspect": inputs.inspect, "widths": widths,
+            "captures": done["captures"], "bases": done["solves"], "absorbs": done["absorbs"],
+            "dtype": execution.export_dtype, "device": execution.device, "mlps": done["mlps"]}))
+        evaluations = _evaluate(runner, run.url, source, export, evaluation, execution.progress)
+    manifests = [inputs.calibration, inputs.inspect, *done["captures"], *done["mlps"], *done["solves"],
+                 *done["absorbs"], export, *evaluations.values()]
     stages = _stage_summary(manifests)
     stage_seconds = {stage: round(info["seconds"], 6) for stage, info in stages.items()}
-    for stage, info in stages.items():
-        logger.info("%s: computed %d, reused %d (%.1f s)", stage, len(info["computed"]), len(info["reused"]),
-                    info["seconds"], extra={"console": True})  # the console's one line per stage (flows/logs.py)
+    _log_stages(stages)
     run.write_json(paths.TIMINGS, {"stages": stage_seconds,
                                     "intervals": {_label(m): [m.get("started"), m.get("finished")]
                                                   for m in manifests if m.get("started")}})
     result = {
-        "run_dir": run.uri(), "run_key": run_key, "source": source, "calibration": calibration.get("meta", {}),
-        "model_dir": export["model_dir"],
+        "run_dir": run.uri(), "run_key": run_key, "source": source,
+        "calibration": inputs.calibration.get("meta", {}), "model_dir": export["model_dir"],
         "model_sha256": export["model_sha256"], "widths": widths, "mlp_widths": mlp_widths,
         "parameters_before": export["parameters_before"],
         "parameters_after": export["parameters_after"], "parameter_ratio": export["parameter_ratio"],
         "stages": {s: {"computed": i["computed"], "reused": i["reused"]} for s, i in stages.items()},
         "stage_seconds": stage_seconds, "mlflow_run_id": None, "model_version": None, "registered_model": None,
     }
-    if evaluation is not None:
-        result["ppl"] = evaluation["ppl"]
-    if evaluation_source is not None:
-        result["ppl_source"] = evaluation_source["ppl"]
-    if zero_shot is not None:
-        result["zero_shot"] = zero_shot["zero_shot"]
-    if zero_shot_source is not None:
-        result["zero_shot_source"] = zero_shot_source["zero_shot"]
+    for name, (manifest, field_name) in {"ppl": ("evaluate", "ppl"), "ppl_source": ("evaluate_source", "ppl"),
+                                         "zero_shot": ("zero_shot", "zero_shot"),
+                                         "zero_shot_source": ("zero_shot_source", "zero_shot")}.items():
+        if manifest in evaluations:
+            result[name] = evaluations[manifest][field_name]
+    result["_bundle"] = {"export": export, "calibration": inputs.calibration, "solves": done["solves"],
+                         "evaluate": evaluations.get("evaluate")}
+    return result
+
+
+def _log_stages(stages: dict[str, dict]) -> None:
+    logger = get_run_logger()
+    for stage, info in stages.items():
+        logger.info("%s: computed %d, reused %d (%.1f s)", stage, len(info["computed"]), len(info["reused"]),
+                    info["seconds"], extra={"console": True})  # the console's one line per stage (flows/logs.py)
+
+
+def _prepare(runner, run_url: str, recipe: dict, source: dict, calib: dict, architecture: dict,
+             execution: ExecutionOptions) -> RunInputs:
+    """Inspect the source and sample the calibration set: what every later stage is computed from."""
+    inspect = manifest_of(runner.submit(inspect_task, {"run_url": run_url, "source": source,
+                                                       "trust_remote_code": execution.trust_remote_code}))
+    calibration = manifest_of(runner.submit(calibration_task, {
+        "run_url": run_url, "source": source, "calib": calib, "inspect": inspect,
+        "hidden_size": architecture["hidden_size"]}))
+    return RunInputs(run_url, recipe, source, inspect, calibration, execution)
+
+
+def _graph(runner, inputs: RunInputs, config, widths: list[int], mlp_widths: list[int] | None) -> Graph:
+    """The per-layer and per-point tasks of the run's mode and layout, absorption included."""
+    layout_name = export_layout(config)
+    if config.mode == "parallel":
+        graph = _parallel_graph(runner, inputs, widths, layout_name, config.residual_active)
+        if mlp_widths:
+            graph.mlps = [runner.submit(mlp_task, {**inputs.streamed, "layer": layer, "capture": graph.captures[layer],
+                                                   "width": mlp_widths[layer], "recipe": inputs.recipe,
+                                                   "verify": inputs.execution.verify})
+                          for layer in range(inputs.layers)]
+    else:
+        mlps = _mlp_sequential_graph(runner, inputs, mlp_widths) if mlp_widths else []
+        graph = (_sequential_graph(runner, inputs, widths, mlps) if config.residual_active else Graph())
+        graph.mlps = mlps
+    graph.absorbs = [runner.submit(absorb_task, {**inputs.streamed, "layer": layer, "layout_name": layout_name,
+                                                 "dtype": inputs.execution.export_dtype,
+                                                 "mlp": graph.mlps[layer] if graph.mlps else None,
+                                                 "bases": graph.solves if layout_name == "global"
+                                                 else graph.solves[2 * layer:2 * layer + 3]})
+                     for layer in range(inputs.layers)]
+    return graph
+
+
+def _evaluate(runner, run_url: str, source: dict, export: dict, options: EvaluationOptions,
+              progress: bool) -> dict[str, dict]:
+    """The evaluations asked for, by name (``evaluate``, ``evaluate_source``, ``zero_shot``, ``zero_shot_source``),
+    the source's first."""
+    ppl_args = {"run_url": run_url, "ctx": options.ppl_ctx, "max_windows": options.ppl_max_windows,
+                "progress": progress, "dtype": options.dtype}
+    zs_args = {"run_url": run_url, "tasks": list(options.tasks), "limit": options.limit, "progress": progress,
+               "dtype": options.dtype}
+    wanted = (("evaluate_source", options.ppl_source, evaluate_task, ppl_args, "source"),
+              ("evaluate", options.ppl, evaluate_task, ppl_args, "model"),
+              ("zero_shot_source", bool(options.tasks) and options.tasks_source, zero_shot_task, zs_args, "source"),
+              ("zero_shot", bool(options.tasks), zero_shot_task, zs_args, "model"))
+    out = {}
+    for name, asked, task_fn, args, target in wanted:
+        if asked:
+            subject = {"source": source} if target == "source" else {"export": export}
+            out[name] = manifest_of(runner.submit(task_fn, {**args, **subject, "target": target}))
+    return out
+
+
+def _deliver(run: RunDir, result: dict, recipe: dict, delivery: DeliveryOptions) -> dict:
+    """The final lineage, then the signature, the copy to ``out`` and the MLflow registration (in that order: a
+    signature is logged with the model, and a failed copy registers nothing)."""
+    logger = get_run_logger()
+    bundle_parts = result.pop("_bundle")
+    export = bundle_parts["export"]
     try:
         from prefect.runtime import flow_run
 
         result["flow_run_id"] = str(flow_run.id)
     except Exception as error:  # outside a flow run (flow.fn in a test): no id to record
         logger.debug("no Prefect flow run id: %s", error)
-    from tasks.lineage import lineage_task
-
-    lineage = lineage_task(run_url, export, tags)  # + evaluations, stage digests, code version, tags
+    lineage = lineage_task(run.url, export, delivery.tags)  # + evaluations, stage digests, code version, tags
     result["lineage_sha256"] = lineage["sha256"]
-    if signing_key:  # before registration, so the signature is logged with the model and tagged
+    if delivery.signing_key:
         from storage.signing import sign_run_model
 
-        result["signature"] = sign_run_model(run, signing_key)
+        result["signature"] = sign_run_model(run, delivery.signing_key)
         logger.info("signed %s", result["signature"])
-    if out:  # before registration: a failed copy (a full disk) leaves no registered version behind
+    if delivery.out:
         from .outputs import copy_model
 
         with run.local_copy(paths.MODEL) as model_dir:
-            result["out"] = str(copy_model(model_dir, Path(out), overwrite))
-    if mlflow:
-        from .mlflow_logging import register_task
-
-        bundle = {"recipe": recipe, "source": source, "calibration": calibration, "run_key": run_key,
-                  "solves": solves_m, "export": export, "evaluate": evaluation, "stage_seconds": stage_seconds,
-                  "default_register_name": f"dotresize-{slug(source['spec'])}",
-                  "run_name": Path(run.path()).name, "tags": dict(tags or {}), "lineage_sha256": lineage["sha256"]}
-        registered = register_task(run_url, bundle, register_name)
-        result.update(mlflow_run_id=registered["run_id"], model_version=registered["version"],
-                      registered_model=registered["registered_model"], mlflow_tracking_uri=registered["tracking_uri"])
-        if any(m is not None for m in (evaluation, evaluation_source, zero_shot, zero_shot_source)):
-            from .eval_logging import log_run_evaluation
-
-            log_run_evaluation(run.path() if run.is_local else None, run_id=registered["run_id"],
-                               tracking_uri=registered["tracking_uri"], ppl=result.get("ppl"),
-                               zero_shot=result.get("zero_shot"),
-                               source_ppl=result.get("ppl_source"), source_zero_shot=result.get("zero_shot_source"))
-    result["seconds"] = round(time.time() - started, 3)
-    logger.info("model %s (sha256 %s) in %.1f s", result["model_dir"], result["model_sha256"][:12], result["seconds"])
+            result["out"] = str(copy_model(model_dir, Path(delivery.out), delivery.overwrite))
+    if delivery.mlflow:
+        _register(run, result, recipe, bundle_parts, delivery)
     return result
 
 
-def _parallel_graph(runner, streamed: dict, calibration: dict, recipe: dict, widths: list[int], layers: int,
-                    solve_args: dict, layout_name: str, verify: bool, residual: bool = True) -> tuple[list, list]:
+def _register(run: RunDir, result: dict, recipe: dict, bundle_parts: dict, delivery: DeliveryOptions) -> None:
+    source = result["source"]
+    bundle = {"recipe": recipe, "source": source, "calibration": bundle_parts["calibration"],
+              "run_key": result["run_key"], "solves": bundle_parts["solves"], "export": bundle_parts["export"],
+              "evaluate": bundle_parts["evaluate"],
+              "stage_seconds": result["stage_seconds"],
+              "default_register_name": f"dotresize-{slug(source['spec'])}",
+              "run_name": Path(run.path()).name, "tags": dict(delivery.tags),
+              "lineage_sha256": result["lineage_sha256"]}
+    registered = register_task(run.url, bundle, delivery.register_name)
+    result.update(mlflow_run_id=registered["run_id"], model_version=registered["version"],
+                  registered_model=registered["registered_model"], mlflow_tracking_uri=registered["tracking_uri"])
+    if any(k in result for k in ("ppl", "ppl_source", "zero_shot", "zero_shot_source")):
+        from .eval_logging import log_run_evaluation
+
+        log_run_evaluation(run.path() if run.is_local else None, run_id=registered["run_id"],
+                           tracking_uri=registered["tracking_uri"], ppl=result.get("ppl"),
+                           zero_shot=result.get("zero_shot"),
+                           source_ppl=result.get("ppl_source"), source_zero_shot=result.get("zero_shot_source"))
+
+
+def _parallel_graph(runner, inputs: RunInputs, widths: list[int], layout_name: str, residual: bool) -> Graph:
     """Capture one layer after another (each task hands its output point to the next through the store); each
     point's solve starts as soon as the layer producing it is captured; the global layout pools them first.
     Without residual slicing (the MLP axis alone) there is nothing to solve."""
     captures, previous = [], None
-    for layer in range(layers):
-        previous = runner.submit(capture_task, {**streamed, "layer": layer, "calibration": calibration,
-                                                "recipe": recipe, "previous": previous, "verify": verify})
+    for layer in range(inputs.layers):
+        previous = runner.submit(capture_task, {**inputs.streamed, "layer": layer, "calibration": inputs.calibration,
+                                                "recipe": inputs.recipe, "previous": previous,
+                                                "verify": inputs.execution.verify})
         captures.append(previous)
     if not residual:
-        return captures, []
+        return Graph(captures=captures)
     if layout_name == "global":
-        pool = runner.submit(pool_task, {"run_url": streamed["run_url"], "captures": captures, "recipe": recipe,
-                                         "calibration": calibration, "num_points": 2 * layers + 1,
-                                         "verify": verify})
-        return captures + [pool], [runner.submit(solve_task, {**solve_args, "point": "global", "capture": pool,
-                                                               "width": widths[0]})]
-    solves = [runner.submit(solve_task, {**solve_args, "point": p, "capture": captures[max(0, (p - 1) // 2)],
+        pool = runner.submit(pool_task, {"run_url": inputs.run_url, "captures": captures, "recipe": inputs.recipe,
+                                         "calibration": inputs.calibration, "num_points": 2 * inputs.layers + 1,
+                                         "verify": inputs.execution.verify})
+        return Graph(captures=captures + [pool], solves=[runner.submit(solve_task, {
+            **inputs.solve, "point": "global", "capture": pool, "width": widths[0]})])
+    solves = [runner.submit(solve_task, {**inputs.solve, "point": p, "capture": captures[max(0, (p - 1) // 2)],
                                          "width": widths[p]})
-              for p in range(2 * layers + 1)]
-    return captures, solves
+              for p in range(2 * inputs.layers + 1)]
+    return Graph(captures=captures, solves=solves)
 
 
-def _mlp_sequential_graph(runner, streamed: dict, calibration: dict, recipe: dict, mlp_widths: list[int],
-                          layers: int, verify: bool) -> list:
+def _mlp_sequential_graph(runner, inputs: RunInputs, mlp_widths: list[int]) -> list:
     """The MLP axis in sequential mode: layer l's MLP reduced from its input through the reduced layers before."""
     mlps, previous = [], None
-    for layer in range(layers):
-        previous = runner.submit(mlp_sequential_task, {**streamed, "layer": layer, "calibration": calibration,
-                                                       "width": mlp_widths[layer], "recipe": recipe,
-                                                       "previous": previous, "verify": verify})
+    for layer in range(inputs.layers):
+        previous = runner.submit(mlp_sequential_task, {**inputs.streamed, "layer": layer,
+                                                       "calibration": inputs.calibration,
+                                                       "width": mlp_widths[layer], "recipe": inputs.recipe,
+                                                       "previous": previous, "verify": inputs.execution.verify})
         mlps.append(previous)
     return mlps
 
 
-def _sequential_graph(runner, streamed: dict, calibration: dict, recipe: dict, widths: list[int], layers: int,
-                      solve_args: dict, verify: bool, mlps: list | None = None) -> tuple[list, list]:
+def _sequential_graph(runner, inputs: RunInputs, widths: list[int], mlps: list) -> Graph:
     """SliceGPT's order: point p is captured through the layers compressed with the bases before it (and their
     reduced MLPs, with the MLP axis)."""
     captures, solves = [], []
-    for p in range(2 * layers + 1):
+    for p in range(2 * inputs.layers + 1):
         if p == 0:
             previous, bases, index = None, [], None
         else:
             index = (p - 1) // 2
             previous = captures[2 * index]
             bases = [solves[2 * index]] + ([solves[2 * index + 1]] if p % 2 == 0 else [])
-        capture = runner.submit(sequential_capture_task, {**streamed, "point": p, "calibration": calibration,
-                                                          "recipe": recipe, "previous": previous, "bases": bases,
-                                                          "verify": verify,
-                                                          "mlp": mlps[index] if mlps and index is not None
-                                                          else None})
+        capture = runner.submit(sequential_capture_task, {
+            **inputs.streamed, "point": p, "calibration": inputs.calibration, "recipe": inputs.recipe,
+            "previous": previous, "bases": bases, "verify": inputs.execution.verify,
+            "mlp": mlps[index] if mlps and index is not None else None})
         captures.append(capture)
-        solves.append(runner.submit(solve_task, {**solve_args, "point": p, "capture": capture, "width": widths[p]}))
-    return captures, solves
+        solves.append(runner.submit(solve_task, {**inputs.solve, "point": p, "capture": capture, "width": widths[p]}))
+    return Graph(captures=captures, solves=solves)
 
 
 def manifest_of(future) -> dict:

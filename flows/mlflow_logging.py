@@ -23,13 +23,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from storage import RunDir
 from storage import rundir as layout
 
 EXPERIMENT = "dotresize"
+#: the MLflow artifact folder of the compressed model (runs:/<id>/model); not a run-directory path
+MODEL_ARTIFACT = "model"
 #: the registry alias base: ``current`` (any recipe) and ``current-<recipe>`` (per recipe)
 ALIAS = "current"
 ALIAS_ENV = "DOTRESIZE_REGISTRY_ALIAS"
@@ -123,9 +122,12 @@ def _experiment_id(client, uri: str, run: RunDir) -> str:
     # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so the environment cannot tell the default apart
     if uri == f"sqlite:///{mlflow_home(run) / 'mlflow.db'}":
         artifact_location = (mlflow_home(run) / "mlartifacts").as_uri()
+    from mlflow.exceptions import MlflowException
+
     try:
         return client.create_experiment(EXPERIMENT, artifact_location=artifact_location)
-    except Exception:  # created concurrently
+    except MlflowException as error:  # created concurrently
+        log.debug("experiment %s not created (%s): using the existing one", EXPERIMENT, error)
         return client.get_experiment_by_name(EXPERIMENT).experiment_id
 
 
@@ -171,6 +173,7 @@ def _log_inputs(mlflow, run: RunDir, bundle: dict) -> None:
     import numpy as np
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.exceptions import MlflowException
 
     source = bundle["source"]
     calibration = bundle["calibration"]
@@ -180,9 +183,10 @@ def _log_inputs(mlflow, run: RunDir, bundle: dict) -> None:
         uri = Path(where).resolve().as_uri() if Path(where).exists() else str(where)
         try:
             model_source = resolve_dataset_source(uri)
-        except Exception:
+        except MlflowException as error:  # no dataset source type takes this URI (a hub id): record the spec
             from mlflow.data.code_dataset_source import CodeDatasetSource
 
+            log.debug("no MLflow dataset source for %s (%s): recording the spec", uri, error)
             model_source = CodeDatasetSource(tags={"spec": source["spec"]})
         mlflow.log_input(MetaDataset(source=model_source, name=f"source-model:{source['spec']}",
                                      digest=source["digest"][:16]), context="source-model")
@@ -254,7 +258,7 @@ def _mlmodel(run_id: str, bundle: dict) -> str:
     export = bundle["export"]
     recipe = bundle["recipe"]["config"]
     lines = [
-        "artifact_path: model",
+        f"artifact_path: {MODEL_ARTIFACT}",
         "flavors:",
         "  dotresize:",
         "    loader: dotresize.load_compressed",
@@ -284,6 +288,7 @@ def log_compression(run_url: str, bundle: dict, register_name: str | None = None
 
 def _log_compression(run_url: str, bundle: dict, register_name: str | None = None) -> dict:
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     from tasks.common import logger
 
@@ -312,7 +317,8 @@ def _log_compression(run_url: str, bundle: dict, register_name: str | None = Non
     if resume:
         try:
             client.get_run(resume)
-        except Exception:
+        except MlflowException as error:
+            logger().debug("MLflow run %s not resumable (%s): starting a new one", resume, error)
             resume = None
     logger().info("computing register %s (MLflow %s)", export["model_sha256"][:12], uri)
     experiment_id = _experiment_id(client, uri, run)
@@ -349,8 +355,8 @@ def _log_compression(run_url: str, bundle: dict, register_name: str | None = Non
         _log_inputs(mlflow, run, bundle)
         _log_artifacts(mlflow, run, bundle)
         with run.local_copy(layout.MODEL) as model_dir:
-            mlflow.log_artifacts(str(model_dir), artifact_path="model")
-        mlflow.log_text(_mlmodel(run_id, bundle), "model/MLmodel")
+            mlflow.log_artifacts(str(model_dir), artifact_path=MODEL_ARTIFACT)
+        mlflow.log_text(_mlmodel(run_id, bundle), f"{MODEL_ARTIFACT}/MLmodel")
         version_tags = {"model_sha256": export["model_sha256"], "run_key": bundle["run_key"], **extra_tags}
         registered = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'") \
             if "'" not in name else []
@@ -359,7 +365,7 @@ def _log_compression(run_url: str, bundle: dict, register_name: str | None = Non
             for key, value in version_tags.items():
                 client.set_model_version_tag(name, version.version, key, value)
         else:
-            version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=version_tags)
+            version = mlflow.register_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", name, tags=version_tags)
         aliases = []
         for alias in (recipe_alias(bundle), alias_base()):  # this recipe's latest, and the latest of any recipe
             try:
@@ -375,5 +381,3 @@ def _log_compression(run_url: str, bundle: dict, register_name: str | None = Non
     run.write_json(layout.MLFLOW, record)
     return {**record, "reused": False}
 
-
-register_task = task(name="register", cache_policy=NO_CACHE, persist_result=False)(log_compression)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from types import SimpleNamespace
 
 import torch
 from dotresize.calibration import embed_batches, rebase, run_layer, sequential_signals
@@ -47,6 +48,9 @@ from .common import (
 )
 from .mlp import load_reduction, mlp_capture_parts, mlp_stats_arrays
 
+
+#: the stage (its log label, manifests and Prefect task name; tasks/stages.py)
+NAME = "capture"
 
 class _PointRecorder:
     """One point on its way into the store, batch by batch (checked finite): its signal where a later stage
@@ -109,7 +113,7 @@ def _layer_points(layer: int) -> list[int]:
 def capture_key(inspect: dict, calibration: dict, recipe: dict, layer: int, previous: str | None,
                 device: str) -> str:
     config = config_of(recipe)
-    return stage_key("capture", mode="parallel", layer=layer, inspect=inspect["key"],
+    return stage_key(NAME, mode="parallel", layer=layer, inspect=inspect["key"],
                      calibration=calibration["digest"], previous=previous, device=device,
                      statistics=statistics_parts(config), **capture_parts(config), **mlp_capture_parts(config))
 
@@ -142,32 +146,40 @@ def capture_probe(run_url: str, layer: int, inspect: dict, calibration: dict, re
     groups = points + ([layout.mlp_stats_name(layer)] if config.mlp_active else [])
     status = {p: store.status(p, key, verify=verify) for p in groups}
     if not all(ok for ok, _ in status.values()):
-        return Probe(run, "capture", name, key, False, "; ".join(sorted({w for ok, w in status.values() if not ok})))
-    fallback = {"stage": "capture", "name": name, "key": key, "uri": run.uri(), "seconds": 0.0}
-    return Probe(run, "capture", name, key, True, manifest={
-        **stored_or(run, "capture", name, key, fallback), "layer": layer,
+        return Probe(run, NAME, name, key, False, "; ".join(sorted({w for ok, w in status.values() if not ok})))
+    fallback = {"stage": NAME, "name": name, "key": key, "uri": run.uri(), "seconds": 0.0}
+    return Probe(run, NAME, name, key, True, manifest={
+        **stored_or(run, NAME, name, key, fallback), "layer": layer,
         "points": {str(p): store.digest(p) for p in points}})
 
 
-@stage_task(capture_probe, name="capture", task_run_name="capture-{layer}")
+def _start(probe: Probe, recipe: dict, source: dict, inspect: dict, calibration: dict, device: str | None):
+    """What a capture that computes starts from: the config, the store, the streamed source, the calibration
+    batches (logged as ``computing capture[...]``)."""
+    from .common import compute_device
+
+    config = config_of(recipe)
+    computing(NAME, probe.name, probe.key, probe.why)
+    started = time.time()
+    model = streamed_model(source, inspect, compute_device(device))
+    ids, batches = calibration_batches(probe.run, calibration, config)
+    return SimpleNamespace(run=probe.run, name=probe.name, key=probe.key, config=config,
+                           store=ActivationStore(probe.run), model=model, batches=batches, tokens=int(ids.numel()),
+                           started=started)
+
+
+@stage_task(capture_probe, name=NAME, task_run_name="capture-{layer}")
 def capture_task(run_url: str, layer: int, source: dict, inspect: dict, calibration: dict, recipe: dict,
                  previous: dict | None = None, device: str | None = None, verify: bool = True) -> dict:
     """Points 2l+1 and 2l+2 (and 0 for layer 0) from layer ``layer`` of the uncompressed model."""
-    from .common import compute_device
-
     probe = capture_probe(run_url, layer, inspect, calibration, recipe, previous, device, verify)
     if probe.ok:
-        return reused("capture", probe.name, probe.key, probe.manifest)
-    run, name, key = probe.run, probe.name, probe.key
-    config = config_of(recipe)
-    device = compute_device(device)
-    store = ActivationStore(run)
+        return reused(NAME, probe.name, probe.key, probe.manifest)
+    work = _start(probe, recipe, source, inspect, calibration, device)
+    run, name, key, config, store, model, batches = (work.run, work.name, work.key, work.config, work.store,
+                                                     work.model, work.batches)
+    tokens, dim, started = work.tokens, model.hidden_size, work.started
     points = _layer_points(layer)
-    computing("capture", name, key, probe.why)
-    started = time.time()
-    model = streamed_model(source, inspect, device)
-    ids, batches = calibration_batches(run, calibration, config)
-    tokens, dim = int(ids.numel()), model.hidden_size
     recorders = {p: _PointRecorder(store, p, key=key, tokens=tokens, dim=dim, mode="parallel", config=config)
                  for p in points}
     embedded = embed_batches(model, batches) if layer == 0 else None
@@ -189,14 +201,14 @@ def capture_task(run_url: str, layer: int, source: dict, inspect: dict, calibrat
         if layer == 2 and index == 0:
             pause_point(run, "capture")
     release_memory()
-    return finish_manifest(run, "capture", name, key, started,
+    return finish_manifest(run, NAME, name, key, started,
                            {"layer": layer, "points": {str(p): store.digest(p) for p in points}})
 
 
 def sequential_capture_key(inspect: dict, calibration: dict, recipe: dict, point: int, inputs: list[str],
                            device: str) -> str:
     """Key of a sequential point: it depends on the keys of the bases and signal it was computed through."""
-    return stage_key("capture", mode="sequential", point=point, inspect=inspect["key"],
+    return stage_key(NAME, mode="sequential", point=point, inspect=inspect["key"],
                      calibration=calibration["digest"], inputs=inputs, device=device,
                      statistics=statistics_parts(config_of(recipe)), **capture_parts(config_of(recipe)))
 
@@ -218,13 +230,13 @@ def sequential_capture_probe(run_url: str, point: int, inspect: dict, calibratio
     store = ActivationStore(run)
     ok, why = store.status(point, key, verify=verify)
     if not ok:
-        return Probe(run, "capture", name, key, False, why)
-    fallback = {"stage": "capture", "name": name, "key": key, "uri": run.uri(), "point": point, "seconds": 0.0}
-    return Probe(run, "capture", name, key, True, manifest={**stored_or(run, "capture", name, key, fallback),
+        return Probe(run, NAME, name, key, False, why)
+    fallback = {"stage": NAME, "name": name, "key": key, "uri": run.uri(), "point": point, "seconds": 0.0}
+    return Probe(run, NAME, name, key, True, manifest={**stored_or(run, NAME, name, key, fallback),
                                                            "points": {name: store.digest(point)}})
 
 
-@stage_task(sequential_capture_probe, name="capture-sequential", task_run_name="capture-{point}")
+@stage_task(sequential_capture_probe, name=NAME, task_run_name="capture-{point}")
 def sequential_capture_task(run_url: str, point: int, source: dict, inspect: dict, calibration: dict, recipe: dict,
                             previous: dict | None = None, bases: list[dict] | None = None,
                             device: str | None = None, verify: bool = True, mlp: dict | None = None) -> dict:
@@ -233,21 +245,14 @@ def sequential_capture_task(run_url: str, point: int, source: dict, inspect: dic
     ``previous`` is the capture manifest of the layer input point 2l (for points 2l+1 and 2l+2), ``bases`` the
     solve manifests of points 2l (and 2l+1 for point 2l+2), ``mlp`` the MLP reduction of layer l (MLP axis).
     """
-    from .common import compute_device
-
     probe = sequential_capture_probe(run_url, point, inspect, calibration, recipe, previous, bases, device, verify,
                                      mlp)
     if probe.ok:
-        return reused("capture", probe.name, probe.key, probe.manifest)
-    run, name, key = probe.run, probe.name, probe.key
-    config = config_of(recipe)
-    device = compute_device(device)
-    store = ActivationStore(run)
-    computing("capture", name, key, probe.why)
-    started = time.time()
-    model = streamed_model(source, inspect, device)
-    ids, batches = calibration_batches(run, calibration, config)
-    tokens, dim = int(ids.numel()), model.hidden_size
+        return reused(NAME, probe.name, probe.key, probe.manifest)
+    work = _start(probe, recipe, source, inspect, calibration, device)
+    run, name, key, config, store, model, batches = (work.run, work.name, work.key, work.config, work.store,
+                                                     work.model, work.batches)
+    tokens, dim, started = work.tokens, model.hidden_size, work.started
     recorder = _PointRecorder(store, point, key=key, tokens=tokens, dim=dim, mode="sequential", config=config)
     if point == 0:
         for h in embed_batches(model, batches):
@@ -270,7 +275,7 @@ def sequential_capture_task(run_url: str, point: int, source: dict, inspect: dic
     recorder.finish()
     release_memory()
     logger().debug("captured point %d", point)
-    return finish_manifest(run, "capture", name, key, started, {"point": point, "points": {name: store.digest(point)}})
+    return finish_manifest(run, NAME, name, key, started, {"point": point, "points": {name: store.digest(point)}})
 
 
 __all__ = ["capture_task", "sequential_capture_task", "capture_key", "sequential_capture_key"]

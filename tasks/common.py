@@ -1,4 +1,4 @@
-"""What every task shares: code versions, the reuse-or-compute rule, the streamed source model, small loaders."""
+"""What every task shares: content keys, the reuse-or-compute rule, the streamed source model, small loaders."""
 
 from __future__ import annotations
 
@@ -16,19 +16,6 @@ import torch
 from storage import RunDir, content_key, manifest_status, write_manifest
 from storage import rundir as layout
 
-#: per-stage code versions: bump one when that stage's output for the same inputs changes
-CODE_VERSIONS = {
-    "calibration": "1",
-    "inspect": "1",
-    "capture": "2",
-    "mlp": "1",
-    "pool": "2",
-    "solve": "2",
-    "absorb": "2",
-    "export": "3",
-    "evaluate": "1",
-}
-
 #: the env var a test sets to stop a task at a named place (it writes a marker file and sleeps)
 PAUSE_ENV = "DOTRESIZE_TEST_PAUSE_AT"
 
@@ -37,18 +24,21 @@ log = logging.getLogger("dotresize.pipeline")
 
 def logger():
     """Prefect's run logger inside a task or flow run, else the module logger."""
-    try:
-        from prefect import get_run_logger
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
 
+    try:
         return get_run_logger()
-    except Exception:
+    except MissingContextError:  # outside a flow or task run (a test calling the task's function)
         return log
 
 
 def stage_key(stage: str, **parts: Any) -> str:
     from dotresize import __version__
 
-    return content_key(stage, f"{CODE_VERSIONS[stage]}/dotresize-{__version__}", **parts)
+    from .stages import code_version
+
+    return content_key(stage, f"{code_version(stage)}/dotresize-{__version__}", **parts)
 
 
 def label(stage: str, name: str | None) -> str:
@@ -190,17 +180,10 @@ def keep_set(config, point: int) -> list[int] | None:
 
 def basis_parts(config, point: int, width: int, device: str) -> dict:
     """The part of the config that determines one point's basis."""
-    parts = {"method": config.method, "point": point, "width": int(width), "keep": keep_set(config, point),
-             "device": device}
-    if config.method == "dot":
-        parts["dot"] = config.to_dict()["dot"]
-    elif config.method == "pca":
-        parts["pca_damping"] = config.pca_damping
-    elif config.method == "prune":
-        parts["targets"] = config.dot.targets
-    elif config.method == "random":
-        parts["seed"] = config.seed
-    return parts
+    from dotresize.bases import basis_key_options
+
+    return {"method": config.method, "point": point, "width": int(width), "keep": keep_set(config, point),
+            "device": device, **basis_key_options(config)}
 
 
 def compute_device(requested: str | None = None) -> str:
@@ -226,7 +209,7 @@ def streamed_model(source: dict, inspect: dict, device: str | None = None):
     """
     from dotresize.layerwise import StreamedModel
 
-    from .prepare import check_source_unchanged, open_source
+    from .source import check_source_unchanged, open_source
 
     device = compute_device(device)
     cache_key = (source["digest"], device)

@@ -21,6 +21,9 @@ from prefect.cache_policies import NO_CACHE
 from storage import RunDir, digest_of_digests
 from storage import rundir as layout
 
+#: the stage (its log label, manifests and Prefect task name; tasks/stages.py)
+NAME = "lineage"
+
 LINEAGE_VERSION = 2
 log = logging.getLogger("dotresize.pipeline")
 
@@ -101,7 +104,7 @@ def build_lineage(run: RunDir, export: dict, tags: dict | None = None) -> dict:
     base = export.get("lineage") or run.read_json(layout.LINEAGE)
     if not base:
         raise FileNotFoundError(f"{run.uri(layout.LINEAGE)} is missing and the export manifest has no lineage")
-    from .assemble import versions
+    from .export import versions
 
     lineage = dict(base)
     recipe = lineage.get("recipe") or {}
@@ -123,14 +126,14 @@ def build_lineage(run: RunDir, export: dict, tags: dict | None = None) -> dict:
     return lineage
 
 
-@task(name="lineage", cache_policy=NO_CACHE, persist_result=False)
+@task(name=NAME, cache_policy=NO_CACHE, persist_result=False)
 def lineage_task(run_url: str, export: dict, tags: dict | None = None) -> dict:
     """Write the final lineage.json of the run (both copies); returns ``{"sha256", "file"}``."""
     run = RunDir(run_url)
     lineage = build_lineage(run, export, tags)
     sha = run.write_json(f"{layout.MODEL}/{layout.LINEAGE}", lineage)
     run.write_json(layout.LINEAGE, lineage)
-    return {"stage": "lineage", "sha256": sha, "file": run.uri(layout.LINEAGE),
+    return {"stage": NAME, "sha256": sha, "file": run.uri(layout.LINEAGE),
             "evaluations": sorted(lineage["evaluation"])}
 
 

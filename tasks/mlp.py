@@ -23,6 +23,9 @@ from .common import (Probe, calibration_batches, capture_parts, computing, confi
                      release_memory, reused, run_probed, stage_key, stored_or, streamed_model)
 
 
+#: the stage (its log label, manifests and Prefect task name; tasks/stages.py)
+NAME = "mlp"
+
 def mlp_parts(config) -> dict:
     """The part of the config that determines a layer's MLP reduction from its statistics."""
     import dataclasses
@@ -78,12 +81,12 @@ def _save(run: RunDir, layer: int, reduction) -> dict:
 def mlp_probe(run_url: str, layer: int, capture: dict, width: int, recipe: dict, verify: bool = True,
               **_) -> Probe:
     config = config_of(recipe)
-    key = stage_key("mlp", mode="parallel", layer=layer, capture=capture["key"], width=int(width),
+    key = stage_key(NAME, mode="parallel", layer=layer, capture=capture["key"], width=int(width),
                     **mlp_parts(config), **layer_keep_parts(config, layer))
-    return manifest_probe(RunDir(run_url), "mlp", str(layer), key, verify)
+    return manifest_probe(RunDir(run_url), NAME, str(layer), key, verify)
 
 
-@stage_task(mlp_probe, name="mlp", task_run_name="mlp-{layer}")
+@stage_task(mlp_probe, name=NAME, task_run_name="mlp-{layer}")
 def mlp_task(run_url: str, layer: int, source: dict, inspect: dict, capture: dict, width: int, recipe: dict,
              device: str | None = None, verify: bool = True) -> dict:
     """Layer ``layer``'s MLP reduced to ``width`` neurons from the statistics its capture stored (parallel mode)."""
@@ -121,20 +124,20 @@ def mlp_sequential_probe(run_url: str, layer: int, inspect: dict, calibration: d
     run = RunDir(run_url)
     config = config_of(recipe)
     name = str(layer)
-    key = stage_key("mlp", mode="sequential", layer=layer, inspect=inspect["key"], calibration=calibration["digest"],
+    key = stage_key(NAME, mode="sequential", layer=layer, inspect=inspect["key"], calibration=calibration["digest"],
                     previous=previous["key"] if previous else None, width=int(width), device=compute_device(device),
                     **capture_parts(config), **mlp_parts(config), **layer_keep_parts(config, layer))
-    probe = manifest_probe(run, "mlp", name, key, verify)
+    probe = manifest_probe(run, NAME, name, key, verify)
     if probe.ok and layer != inspect["num_layers"] - 1:
         ok, why = ActivationStore(run).status(layout.mlp_input_name(layer + 1), key, verify=verify)
         if not ok:
-            return Probe(run, "mlp", name, key, False, why)
+            return Probe(run, NAME, name, key, False, why)
     if probe.ok:
-        probe.manifest = stored_or(run, "mlp", name, key, probe.manifest)
+        probe.manifest = stored_or(run, NAME, name, key, probe.manifest)
     return probe
 
 
-@stage_task(mlp_sequential_probe, name="mlp-sequential", task_run_name="mlp-{layer}")
+@stage_task(mlp_sequential_probe, name=NAME, task_run_name="mlp-{layer}")
 def mlp_sequential_task(run_url: str, layer: int, source: dict, inspect: dict, calibration: dict, width: int,
                         recipe: dict, previous: dict | None = None, device: str | None = None,
                         verify: bool = True) -> dict:
@@ -147,13 +150,13 @@ def mlp_sequential_task(run_url: str, layer: int, source: dict, inspect: dict, c
 
     probe = mlp_sequential_probe(run_url, layer, inspect, calibration, width, recipe, previous, device, verify)
     if probe.ok:
-        return reused("mlp", probe.name, probe.key, probe.manifest)
+        return reused(NAME, probe.name, probe.key, probe.manifest)
     run, name, key, why = probe.run, probe.name, probe.key, probe.why
     config = config_of(recipe)
     device = compute_device(device)
     store = ActivationStore(run)
     last = layer == inspect["num_layers"] - 1
-    computing("mlp", name, key, why)
+    computing(NAME, name, key, why)
     started = time.time()
     model = streamed_model(source, inspect, device)
     ids, batches = calibration_batches(run, calibration, config)
@@ -178,7 +181,7 @@ def mlp_sequential_task(run_url: str, layer: int, source: dict, inspect: dict, c
             writer.finish({})
     body = _save(run, layer, reduction)
     release_memory()
-    return finish_manifest(run, "mlp", name, key, started, body)
+    return finish_manifest(run, NAME, name, key, started, body)
 
 
 __all__ = ["mlp_task", "mlp_sequential_task", "load_reduction", "load_mlp_stats", "mlp_stats_arrays",

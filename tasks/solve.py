@@ -1,7 +1,7 @@
-"""Per-point bases: the point's statistics streamed from its stored signal a calibration batch at a time (the
-Gram matrix, sums, outlier exclusion and reservoir sample of :class:`dotresize.statistics.StatsAccumulator`, in
-the in-memory API's order, so bitwise its statistics), then the basis (Sinkhorn + QR, PCA, pruning). One source of
-truth: the cost and everything else the solver uses come from those statistics; nothing else is computed.
+"""The solve stage: per-point bases. The point's statistics are streamed from its stored signal a calibration
+batch at a time (the Gram matrix, sums, outlier exclusion and reservoir sample of
+:class:`dotresize.statistics.StatsAccumulator`, in the in-memory API's order, so bitwise its statistics), then the
+basis (Sinkhorn + QR, PCA, pruning). One source of truth: the cost and everything else the solver uses come from those statistics; nothing else is computed.
 
 An unsliced point whose basis is the identity (``dot`` and ``prune`` at full width) stores no matrix.
 """
@@ -19,7 +19,6 @@ from .common import (
     basis_parts,
     computing,
     config_of,
-    finish_manifest,
     pause_point,
     point_stats,
     release_memory,
@@ -27,10 +26,11 @@ from .common import (
     solver_device,
     stage_key,
     statistics_parts,
-    stats_arrays,
-    stored_or,
     stored_stats,
 )
+
+#: the stage (its log label, manifests and Prefect task name; tasks/stages.py)
+NAME = "solve"
 
 
 def _basis_index(point: int | str) -> int:
@@ -38,46 +38,9 @@ def _basis_index(point: int | str) -> int:
     return -1 if point == "global" else int(point)
 
 
-# --- pooling (global layout) ----------------------------------------------------------------------------------
-def pool_probe(run_url: str, captures: list[dict], recipe: dict, verify: bool = True, **_) -> Probe:
-    run = RunDir(run_url)
-    config = config_of(recipe)
-    key = stage_key("pool", captures=sorted({c["key"] for c in captures}), pooling=config.global_pooling,
-                    statistics=statistics_parts(config))
-    store = ActivationStore(run)
-    ok, why = store.status("pooled", key, verify=verify)
-    if not ok:
-        return Probe(run, "pool", None, key, False, why)
-    fallback = {"stage": "pool", "name": None, "key": key, "uri": run.uri(), "seconds": 0.0}
-    return Probe(run, "pool", None, key, True, manifest={**stored_or(run, "pool", None, key, fallback),
-                                                        "digest": store.digest("pooled")})
-
-
-@stage_task(pool_probe, name="pool")
-def pool_task(run_url: str, captures: list[dict], calibration: dict, recipe: dict, num_points: int,
-              verify: bool = True) -> dict:
-    """Pool every point's statistics into one (``dotresize.statistics.pool_stats``) for the global basis."""
-    from dotresize.statistics import pool_stats
-
-    probe = pool_probe(run_url, captures, recipe, verify)
-    if probe.ok:
-        return reused("pool", None, probe.key, probe.manifest)
-    run, key, why = probe.run, probe.key, probe.why
-    config = config_of(recipe)
-    store = ActivationStore(run)
-    computing("pool", None, key, why)
-    started = time.time()
-    pooled = pool_stats([point_stats(store, p, calibration, config) for p in range(num_points)],
-                        config.global_pooling)
-    arrays, attrs = stats_arrays(pooled)
-    store.create_stats_group("pooled", key=key, stats=arrays, attrs=attrs)
-    return finish_manifest(run, "pool", None, key, started, {"digest": store.digest("pooled")})
-
-
-# --- solve ----------------------------------------------------------------------------------------------------
 def solve_key(capture_key: str, recipe: dict, point: int | str, width: int, device: str) -> str:
     config = config_of(recipe)
-    return stage_key("solve", capture=capture_key, statistics=statistics_parts(config),
+    return stage_key(NAME, capture=capture_key, statistics=statistics_parts(config),
                      **basis_parts(config, _basis_index(point), width, device))
 
 
@@ -97,14 +60,14 @@ def solve_probe(run_url: str, point: int | str, capture: dict, width: int, recip
     key = solve_key(capture["key"], recipe, point, width, device)
     ok, why, record = basis_status(run, point, key, verify=verify)
     if not ok:
-        return Probe(run, "solve", name, key, False, why)
-    return Probe(run, "solve", name, key, True, manifest={
-        "stage": "solve", "name": name, "key": key, "uri": run.uri(), "point": point,
+        return Probe(run, NAME, name, key, False, why)
+    return Probe(run, NAME, name, key, True, manifest={
+        "stage": NAME, "name": name, "key": key, "uri": run.uri(), "point": point,
         "width": record["info"].get("width", width), "sha256": record["sha256"], "metrics": _metrics(record["info"]),
         "seconds": record.get("seconds", 0.0), "started": record.get("started"), "finished": record.get("finished")})
 
 
-@stage_task(solve_probe, name="solve", task_run_name="solve-{point}")
+@stage_task(solve_probe, name=NAME, task_run_name="solve-{point}")
 def solve_task(run_url: str, point: int | str, capture: dict, calibration: dict, width: int, recipe: dict,
                device: str | None = None, verify: bool = True) -> dict:
     """The basis of one point, stored under bases/: its statistics streamed from the store, then the solver
@@ -113,11 +76,11 @@ def solve_task(run_url: str, point: int | str, capture: dict, calibration: dict,
 
     probe = solve_probe(run_url, point, capture, width, recipe, device, verify)
     if probe.ok:
-        return reused("solve", probe.name, probe.key, probe.manifest)
+        return reused(NAME, probe.name, probe.key, probe.manifest)
     run, name, key, why = probe.run, probe.name, probe.key, probe.why
     config = config_of(recipe)
     device = solver_device(device)
-    computing("solve", name, key, why)
+    computing(NAME, name, key, why)
     if point == 2:
         pause_point(run, "solve")
     started = time.time()
@@ -138,7 +101,7 @@ def solve_task(run_url: str, point: int | str, capture: dict, calibration: dict,
     finished = time.time()
     record = save_basis(run, point, tensors, key=key, info=info,
                         extra={"started": started, "finished": finished, "seconds": round(finished - started, 6)})
-    return {"stage": "solve", "name": name, "key": key, "uri": run.uri(), "point": point, "width": basis.width,
+    return {"stage": NAME, "name": name, "key": key, "uri": run.uri(), "point": point, "width": basis.width,
             "sha256": record["sha256"], "metrics": _metrics(info), "seconds": round(finished - started, 6),
             "started": started, "finished": finished, "reused": False}
 
@@ -148,4 +111,4 @@ def _metrics(info: dict) -> dict:
             and not isinstance(info.get(k), bool)}
 
 
-__all__ = ["pool_task", "solve_task", "solve_key"]
+__all__ = ["solve_task", "solve_key"]

@@ -73,7 +73,7 @@ def test_a_rerun_reports_every_reused_stage_as_cached(run, caplog):
     assert second["model_sha256"] == first["model_sha256"] and second["ppl"] == first["ppl"]
     # the tasks that are not stages (no content key, nothing stored) still run
     others = {n.rpartition("-")[0]: s for n, s in _task_states(second["flow_run_id"]).items()}
-    assert others["resolve-source"] == others["lineage"] == "Completed"
+    assert others["source"] == others["lineage"] == "Completed"
 
     # one record per stage output, plain JSON, in the run directory (hidden: digests and copies skip it)
     records = sorted((run_dir / ".prefect").rglob("*.json"))
