@@ -82,7 +82,7 @@ def metric_suffix(cell: dict) -> str:
 
 def _speed(run_dir: Path, spec: SweepSpec, *, export: dict | None = None, source: dict | None = None,
            target: str = "model") -> dict:
-    from tasks.assemble import speed_task
+    from tasks.evaluate import speed_task
 
     manifest = speed_task.fn(str(run_dir), export=export, source=source, target=target, batch=spec.speed_batch,
                              ctx=spec.speed_ctx or spec.ctx, repeats=spec.speed_repeats)
@@ -100,7 +100,7 @@ def _cell_overrides(spec: SweepSpec, mlp_ratio: float) -> dict:
 
 def _compress_cell(spec: SweepSpec, out: Path, method: str, ratio: float, progress: bool,
                    mlp_ratio: float = 0.0) -> dict:
-    from tasks.assemble import release_eval_model
+    from tasks.evaluate import release_eval_model
 
     from .compress import run_compress
 
@@ -142,7 +142,7 @@ def _compress_cell(spec: SweepSpec, out: Path, method: str, ratio: float, progre
 
 def _dense_cell(spec: SweepSpec, out: Path, source: dict, first: dict, progress: bool) -> dict:
     """The source model with the same protocol, stored (and reused) under ``<sweep>/dense/eval/``."""
-    from tasks.assemble import evaluate_task, release_eval_model, zero_shot_task
+    from tasks.evaluate import evaluate_task, release_eval_model, zero_shot_task
 
     dense_dir = out / "dense"
     dense_dir.mkdir(parents=True, exist_ok=True)
