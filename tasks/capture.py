@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from types import SimpleNamespace
 
 import torch
 from dotresize.calibration import embed_batches, rebase, run_layer, sequential_signals
@@ -154,18 +153,15 @@ def capture_probe(run_url: str, layer: int, inspect: dict, calibration: dict, re
 
 
 def _start(probe: Probe, recipe: dict, source: dict, inspect: dict, calibration: dict, device: str | None):
-    """What a capture that computes starts from: the config, the store, the streamed source, the calibration
-    batches (logged as ``computing capture[...]``)."""
+    """(config, store, streamed source, calibration batches, tokens): what a capture that computes works on
+    (logged as ``computing capture[...]``)."""
     from .common import compute_device
 
     config = config_of(recipe)
     computing(NAME, probe.name, probe.key, probe.why)
-    started = time.time()
     model = streamed_model(source, inspect, compute_device(device))
     ids, batches = calibration_batches(probe.run, calibration, config)
-    return SimpleNamespace(run=probe.run, name=probe.name, key=probe.key, config=config,
-                           store=ActivationStore(probe.run), model=model, batches=batches, tokens=int(ids.numel()),
-                           started=started)
+    return config, ActivationStore(probe.run), model, batches, int(ids.numel())
 
 
 @stage_task(capture_probe, name=NAME, task_run_name="capture-{layer}")
@@ -175,10 +171,9 @@ def capture_task(run_url: str, layer: int, source: dict, inspect: dict, calibrat
     probe = capture_probe(run_url, layer, inspect, calibration, recipe, previous, device, verify)
     if probe.ok:
         return reused(NAME, probe.name, probe.key, probe.manifest)
-    work = _start(probe, recipe, source, inspect, calibration, device)
-    run, name, key, config, store, model, batches = (work.run, work.name, work.key, work.config, work.store,
-                                                     work.model, work.batches)
-    tokens, dim, started = work.tokens, model.hidden_size, work.started
+    run, name, key, started = probe.run, probe.name, probe.key, time.time()
+    config, store, model, batches, tokens = _start(probe, recipe, source, inspect, calibration, device)
+    dim = model.hidden_size
     points = _layer_points(layer)
     recorders = {p: _PointRecorder(store, p, key=key, tokens=tokens, dim=dim, mode="parallel", config=config)
                  for p in points}
@@ -249,10 +244,9 @@ def sequential_capture_task(run_url: str, point: int, source: dict, inspect: dic
                                      mlp)
     if probe.ok:
         return reused(NAME, probe.name, probe.key, probe.manifest)
-    work = _start(probe, recipe, source, inspect, calibration, device)
-    run, name, key, config, store, model, batches = (work.run, work.name, work.key, work.config, work.store,
-                                                     work.model, work.batches)
-    tokens, dim, started = work.tokens, model.hidden_size, work.started
+    run, name, key, started = probe.run, probe.name, probe.key, time.time()
+    config, store, model, batches, tokens = _start(probe, recipe, source, inspect, calibration, device)
+    dim = model.hidden_size
     recorder = _PointRecorder(store, point, key=key, tokens=tokens, dim=dim, mode="sequential", config=config)
     if point == 0:
         for h in embed_batches(model, batches):

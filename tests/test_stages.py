@@ -70,7 +70,7 @@ def test_content_keys_take_the_table_s_code_version(monkeypatch):
         stage_key("plan", point=1)  # plan stores nothing: it has no content key
 
 
-@pytest.mark.parametrize("layout, mode", [("per-point", "parallel"), ("global", "sequential")])
+@pytest.mark.parametrize("layout, mode", [("per-point", "sequential"), ("global", "parallel")])
 def test_a_run_writes_and_logs_the_table_s_stages(pipeline_env, caplog, layout, mode):
     """Every stage a run writes a manifest for, logs a ``computing`` line for, or runs a Prefect task of, is a stage
     of the table (in its module), and the table's stages with content keys are the manifests' stages."""
