@@ -65,6 +65,38 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def decode_text(raw: bytes, name: str) -> str:
+    """``raw`` as UTF-8 text (``\\r\\n`` read as ``\\n``) holding more than blanks; else a one-line
+    :class:`CalibrationError` about ``name`` (the file, or the option naming it)."""
+    try:
+        text = raw.decode("utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as error:
+        raise CalibrationError(f"{name} is not UTF-8 text (byte {error.start} is 0x{raw[error.start]:02x}): save it "
+                               "as UTF-8") from None
+    if not text.strip():
+        raise CalibrationError(f"{name} holds no text: pass a file with text in it")
+    return text
+
+
+def jsonl_rows(text: str, name: str) -> list[str]:
+    """The string ``text`` field of every non-blank line of a JSONL text; else a one-line :class:`CalibrationError`
+    about ``name`` and the line."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise CalibrationError(f"{name}: line {number} is not JSON; every JSONL row must be an object with a "
+                                   "string 'text' field") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise CalibrationError(f"{name}: line {number} is not an object with a string 'text' field, as every "
+                                   "JSONL row must be")
+        rows.append(row["text"])
+    return rows
+
+
 def _read_file(path: Path, dataset_id: str) -> TextSource:
     """A local text: UTF-8 (a ``.jsonl`` file: one JSON object with a string ``text`` per non-blank line, the
     rows joined by blank lines). Anything else is a one-line :class:`CalibrationError` naming the place."""
@@ -72,28 +104,9 @@ def _read_file(path: Path, dataset_id: str) -> TextSource:
         raw = path.read_bytes()
     except OSError as error:
         raise DataNotFoundError(f"{path} cannot be read ({error.strerror}): fix its permissions") from None
-    try:
-        text = raw.decode("utf-8").replace("\r\n", "\n")
-    except UnicodeDecodeError as error:
-        raise CalibrationError(f"{path} is not UTF-8 text (byte {error.start} is 0x{raw[error.start]:02x}): save it "
-                               "as UTF-8") from None
-    if not text.strip():
-        raise CalibrationError(f"{path} holds no text: pass a file with text in it")
+    text = decode_text(raw, str(path))
     if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise CalibrationError(f"{path}: line {number} is not JSON; every JSONL row must be an object with a "
-                                       "string 'text' field") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise CalibrationError(f"{path}: line {number} is not an object with a string 'text' field, as every "
-                                       "JSONL row must be")
-            rows.append(row["text"])
-        text = "\n\n".join(rows)
+        text = "\n\n".join(jsonl_rows(text, str(path)))
     elif path.name == "wiki.test.raw":
         # the raw test split: one row per line, joined with blank lines as the standard protocol does
         text = "\n\n".join(line for line in text.split("\n") if line)

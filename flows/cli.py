@@ -109,9 +109,8 @@ def _add_console_options(p, subcommand: bool) -> None:
     p.add_argument("-q", "--quiet", action="store_true", **default, help="no progress bars")
 
 
-def _add_compress(sub) -> None:
-    p = sub.add_parser("compress", help="compress a model's width and export it",
-                       description="Compress the residual-stream width of a decoder LM and export a loadable model.")
+def _add_compress(p) -> None:
+    """Compress the residual-stream width of a decoder LM and export a loadable model."""
     _shared(p, "--model")
     p.add_argument("--ratio", type=_ratio, required=True,
                    help="fraction of the hidden width removed, in (0, 1); 0 with --mlp-ratio reduces the MLPs only")
@@ -158,7 +157,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--mlp-keep-set", default=None, metavar="FILE",
                    help="JSON file: one list of kept intermediate-neuron indices per layer (instead of a keep "
                         "rule and --mlp-ratio; the lists' lengths are the widths)")
-    p.add_argument("--mlp-ridge", type=float, default=None,
+    p.add_argument("--mlp-ridge", type=float, default=None, metavar="RIDGE",
                    help="ridge of the lsq correction, relative to the mean kept activation energy (default 0.1)")
     p.add_argument("--recipe", default=None, metavar="FILE",
                    help="a recipe file (the watch's YAML format, one ratio; see recipes/): its settings, with the "
@@ -177,12 +176,10 @@ def _add_compress(sub) -> None:
                         "quantised GGUF)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the source model's own code")
     _shared(p, "--json")
-    p.set_defaults(func=cmd_compress)
 
 
-def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a compressed (or original) model",
-                       description="WikiText-2 test perplexity and zero-shot accuracy (lm-eval, offline tasks).")
+def _add_evaluate(p) -> None:
+    """WikiText-2 test perplexity and zero-shot accuracy (lm-eval, offline tasks)."""
     p.add_argument("model", help="a compressed model directory, or any --model source of compress")
     p.add_argument("--ppl", action="store_true", help="WikiText-2 test perplexity (the default when no metric)")
     _shared(p, "--ctx", "--max-windows", "--tasks", "--limit")
@@ -192,32 +189,28 @@ def _add_evaluate(sub) -> None:
                         "bfloat16 is about 2x faster on CPUs with AVX512-BF16)")
     p.add_argument("--float32-head", action="store_true",
                    help="with --dtype bfloat16/float16: compute the output head in float32 (unrounded logits)")
-    p.add_argument("--data-dir", default=None,
+    p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="data directory holding wikitext-2/ and tasks/ (the calibration data setting, "
                         "$DOTRESIZE_DATA_DIR; default ../shared/data)")
-    p.add_argument("--mlflow-run", default=None,
+    p.add_argument("--mlflow-run", default=None, metavar="RUN_ID",
                    help="log the metrics to this MLflow run (default: for a run directory, the run in its "
                         "mlflow.json)")
     _shared(p, "--no-mlflow", "--json")
-    p.set_defaults(func=cmd_evaluate)
 
 
-def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="measure speed of a compressed model against its source",
-                       description="Parameters, file size, batched-forward tokens/s and per-token generation "
-                                   "latency (KV cache), compressed vs original in one process, as ratios.")
+def _add_bench(p) -> None:
+    """Parameters, file size, batched-forward tokens/s and per-token generation latency (KV cache), compressed vs
+    original in one process, as ratios."""
     p.add_argument("model", help="a compressed model directory")
     p.add_argument("--baseline", default=None, help="source model (default: the one recorded in source.json)")
     for flag, default in (("--batch", 8), ("--ctx", 256), ("--prompt", 64), ("--new-tokens", 32), ("--repeats", 5)):
         p.add_argument(flag, type=_positive_int, default=default)
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all)")
     _shared(p, "--json")
-    p.set_defaults(func=cmd_bench)
 
 
-def _add_sweep(sub) -> None:
-    p = sub.add_parser("sweep", help="compress and evaluate methods x ratios, write a report with plots",
-                       description="Compress and evaluate a grid of methods x ratios; completed cells are reused.")
+def _add_sweep(p) -> None:
+    """Compress and evaluate a grid of methods x ratios; completed cells are reused."""
     _shared(p, "--model")
     p.add_argument("--ratios", default="0.1,0.2,0.3")
     p.add_argument("--methods", default="dot,pca,prune")
@@ -235,20 +228,18 @@ def _add_sweep(sub) -> None:
     p.add_argument("--out", default=None, help="sweep directory (default runs/sweep-<model>); each cell is a "
                                                "pipeline run under <out>/runs/, completed work is reused")
     _shared(p, "--json")
-    p.set_defaults(func=cmd_sweep)
 
 
-def _add_watch(sub) -> None:
-    p = sub.add_parser("watch", help="compress every new checkpoint of a training run with a recipe (one tick)",
-                       description="Find the checkpoints of SOURCE not yet compressed with the recipe (identity: "
-                                   "content digest + recipe hash, looked up in MLflow), compress, evaluate and "
-                                   "register each exactly once. Scheduled by `dotresize serve` / prefect deploy.")
+def _add_watch(p) -> None:
+    """Find the checkpoints of SOURCE not yet compressed with the recipe (identity: content digest + recipe hash,
+    looked up in MLflow), compress, evaluate and register each exactly once. Scheduled by `dotresize serve` /
+    prefect deploy."""
     p.add_argument("source", help="a directory of checkpoint folders / .gguf files, one checkpoint, or hub "
                                   "revisions (hub:org/name@rev1,rev2)")
     p.add_argument("--recipe", required=True, help="recipe YAML file (see recipes/dot-20.yaml)")
     p.add_argument("--runs-dir", default=None,
                    help="where run directories go (default $DOTRESIZE_HOME/runs or ./runs; MLflow beside it)")
-    p.add_argument("--pattern", default="*",
+    p.add_argument("--pattern", default="*", metavar="GLOB",
                    help="only checkpoints whose name matches (default *; names inside SOURCE only, no '/')")
     p.add_argument("--follow-symlinks", action="store_true",
                    help="also compress checkpoints that are (or hold) symbolic links leading outside SOURCE "
@@ -260,36 +251,30 @@ def _add_watch(sub) -> None:
     p.add_argument("--wait-for-lock", action="store_true",
                    help="wait for another watch run compressing the same checkpoint instead of leaving it to it")
     _shared(p, "--workers", "--json")
-    p.set_defaults(func=cmd_watch)
 
 
-def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve the Prefect deployments of deployments/prefect.yaml from this machine",
-                       description="Serve the deployments (schedules included) with Prefect's serve; they show up "
-                                   "in `prefect deployment ls` and run on `prefect deployment run`.")
+def _add_serve(p) -> None:
+    """Serve the deployments (schedules included) with Prefect's serve; they show up in `prefect deployment ls` and
+    run on `prefect deployment run`."""
     p.add_argument("--file", default=None, help="prefect.yaml to read (default: the packaged deployments/prefect.yaml)")
     p.add_argument("--name", action="append", default=None, help="serve only this deployment (repeatable)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter of every deployment that takes it (value parsed as JSON if it can be)")
     p.add_argument("--no-schedule", action="store_true", help="serve without the schedules (manual runs only)")
     p.add_argument("--limit", type=_positive_int, default=None, help="at most this many runs at once")
-    p.set_defaults(func=cmd_serve)
 
 
-def _add_lineage(sub) -> None:
-    p = sub.add_parser("lineage", help="show the chain from the source checkpoint to a compressed model",
-                       description="Source digests, calibration digest, recipe and hash, code version, stage "
-                                   "digests, evaluation results and the artifact's files.")
+def _add_lineage(p) -> None:
+    """Source digests, calibration digest, recipe and hash, code version, stage digests, evaluation results and the
+    artifact's files."""
     p.add_argument("target", help=_TARGET_HELP)
     _shared(p, "--tracking-uri", "--json")
-    p.set_defaults(func=cmd_lineage)
 
 
-def _add_verify(sub) -> None:
-    p = sub.add_parser("verify", help="recompute every digest of a compressed model and check its records",
-                       description="Exit 0 when every file matches its signature (with --public-key), lineage.json "
-                                   "and, where a record is found, MLflow; else name the file and both digests and "
-                                   "exit 1. Works on any copy, offline: MLflow is an extra witness, not a need.")
+def _add_verify(p) -> None:
+    """Exit 0 when every file matches its signature (with --public-key), lineage.json and, where a record is found,
+    MLflow; else name the file and both digests and exit 1. Works on any copy, offline: MLflow is an extra witness,
+    not a need."""
     p.add_argument("target", help=_TARGET_HELP)
     p.add_argument("--public-key", default=None, metavar="KEY.pub",
                    help="check model.sig (signature over every file, lineage.json included) against this PEM "
@@ -302,15 +287,12 @@ def _add_verify(sub) -> None:
     _shared(p, "--no-mlflow", no_mlflow="do not look for an MLflow record at all")
     p.add_argument("--no-source", action="store_true", help="do not re-hash the source checkpoint")
     _shared(p, "--json")
-    p.set_defaults(func=cmd_verify)
 
 
-def _add_sign(sub) -> None:
-    p = sub.add_parser("sign", help="sign every file of a compressed model directory (lineage.json included)",
-                       description="Write MODEL_DIR/model.sig: an OpenSSF model signing bundle over the sha256 of "
-                                   "every file of the directory. Check it with `dotresize verify DIR --public-key "
-                                   "KEY.pub`. An encrypted key's password is read from "
-                                   "$DOTRESIZE_SIGNING_KEY_PASSWORD.")
+def _add_sign(p) -> None:
+    """Write MODEL_DIR/model.sig: an OpenSSF model signing bundle over the sha256 of every file of the directory.
+    Check it with `dotresize verify DIR --public-key KEY.pub`. An encrypted key's password is read from
+    $DOTRESIZE_SIGNING_KEY_PASSWORD."""
     p.add_argument("model_dir", help="a compressed model directory (or its run directory)")
     p.add_argument("--private-key", required=True, metavar="KEY",
                    help="PEM elliptic-curve private key (dotresize keygen, or openssl ecparam -genkey)")
@@ -318,19 +300,15 @@ def _add_sign(sub) -> None:
                    help="certificate mode: the key's signing certificate (PEM)")
     _shared(p, "--certificate-chain", "--json",
             certificate_chain="certificate mode: intermediate/root certificates to embed (repeatable)")
-    p.set_defaults(func=cmd_sign)
 
 
-def _add_keygen(sub) -> None:
-    p = sub.add_parser("keygen", help="make a key pair for signing compressed models",
-                       description="Write a new elliptic-curve private key KEY (PEM, mode 0600; encrypted with "
-                                   "$DOTRESIZE_SIGNING_KEY_PASSWORD when set) and its public key KEY.pub. "
-                                   "Existing files are never replaced.")
+def _add_keygen(p) -> None:
+    """Write a new elliptic-curve private key KEY (PEM, mode 0600; encrypted with $DOTRESIZE_SIGNING_KEY_PASSWORD
+    when set) and its public key KEY.pub. Existing files are never replaced."""
     p.add_argument("key", help="path of the private key to create")
     p.add_argument("--public", default=None, help="path of the public key (default KEY.pub)")
     p.add_argument("--curve", choices=("P-256", "P-384", "P-521"), default="P-256")
     _shared(p, "--json")
-    p.set_defaults(func=cmd_keygen)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -352,11 +330,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dotresize", description=__doc__.splitlines()[0])
     _add_console_options(parser, subcommand=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_compress, _add_evaluate, _add_bench, _add_sweep, _add_watch, _add_serve, _add_lineage,
-                _add_verify, _add_sign, _add_keygen):
-        add(sub)
-    for subparser in sub.choices.values():
-        _add_console_options(subparser, subcommand=True)
+    # name, the function adding its options (its docstring is the description), the command, its one-line help
+    for name, add_options, command, help_text in (
+        ("compress", _add_compress, cmd_compress, "compress a model's width and export it"),
+        ("evaluate", _add_evaluate, cmd_evaluate, "evaluate a compressed (or original) model"),
+        ("bench", _add_bench, cmd_bench, "measure speed of a compressed model against its source"),
+        ("sweep", _add_sweep, cmd_sweep, "compress and evaluate methods x ratios, write a report with plots"),
+        ("watch", _add_watch, cmd_watch, "compress every new checkpoint of a training run with a recipe (one tick)"),
+        ("serve", _add_serve, cmd_serve, "serve the Prefect deployments of deployments/prefect.yaml from this machine"),
+        ("lineage", _add_lineage, cmd_lineage, "show the chain from the source checkpoint to a compressed model"),
+        ("verify", _add_verify, cmd_verify, "recompute every digest of a compressed model and check its records"),
+        ("sign", _add_sign, cmd_sign, "sign every file of a compressed model directory (lineage.json included)"),
+        ("keygen", _add_keygen, cmd_keygen, "make a key pair for signing compressed models"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=add_options.__doc__)
+        add_options(p)
+        _add_console_options(p, subcommand=True)
+        p.set_defaults(func=command)
     return parser
 
 

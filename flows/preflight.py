@@ -378,7 +378,10 @@ def _check_gguf(path: Path) -> None:
 
 # --- calibration file ------------------------------------------------------------------------------------------
 def check_calibration_file(spec: str) -> None:
-    """The rules :func:`dotresize.data.load_text` applies, checked without importing it (it needs torch)."""
+    """The rules :func:`dotresize.data.load_text` applies to a file (its own functions), before any work."""
+    from dotresize.data import decode_text, jsonl_rows
+    from dotresize.errors import CalibrationError
+
     path = Path(spec).expanduser()
     if path.is_dir():
         raise PreflightError(f"--calib-data {spec} is a directory: pass a .txt or .jsonl file or one of "
@@ -391,24 +394,11 @@ def check_calibration_file(spec: str) -> None:
     except OSError as error:
         raise PreflightError(f"--calib-data {spec} cannot be read ({error.strerror}): fix its permissions") from None
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise PreflightError(f"--calib-data {spec} is not UTF-8 text (byte {error.start} is 0x{raw[error.start]:02x}):"
-                             " save it as UTF-8") from None
-    if not text.strip():
-        raise PreflightError(f"--calib-data {spec} holds no text: pass a file with text in it")
-    if path.suffix == ".jsonl":
-        for number, line in enumerate(text.replace("\r\n", "\n").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise PreflightError(f"--calib-data {spec}: line {number} is not JSON; every JSONL row must be an "
-                                     "object with a string 'text' field") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise PreflightError(f"--calib-data {spec}: line {number} is not an object with a string 'text' "
-                                     "field, as every JSONL row must be")
+        text = decode_text(raw, f"--calib-data {spec}")
+        if path.suffix == ".jsonl":
+            jsonl_rows(text, f"--calib-data {spec}")
+    except CalibrationError as error:
+        raise PreflightError(str(error)) from None
 
 
 # --- checks that need transformers -----------------------------------------------------------------------------
