@@ -545,6 +545,7 @@ def _compress_in_memory(args, config, out: Path) -> dict:
     from dotresize.adapters import adapter_class_for_config
     from dotresize.data import calibration_set
     from dotresize.sources import load_config, load_model, resolve_source
+    from storage.rundir import CALIBRATION, SOURCE
 
     started = time.perf_counter()
     source = resolve_source(args.model)
@@ -566,7 +567,7 @@ def _compress_in_memory(args, config, out: Path) -> dict:
         compressed = compressed.to(getattr(torch, args.export_dtype))
     path = save_compressed(compressed, out, tokenizer=tokenizer, compression=config.to_dict(), overwrite=args.overwrite,
                            extra_json={"compression_report.json": report.to_dict(),
-                                       "source.json": source.meta(), "calibration.json": calibration.meta()})
+                                       SOURCE: source.meta(), CALIBRATION: calibration.meta()})
     if signing_key:
         from storage.signing import sign_model_dir
 
@@ -609,16 +610,17 @@ def cmd_bench(args) -> dict:
     from dotresize import count_parameters
     from dotresize.evaluation.speed import directory_size, forward_throughput, generation_latency
     from dotresize.sources import load_model, resolve_source
+    from storage.rundir import MODEL, SOURCE
 
     from .evaluate import record_bench, run_dir_of
 
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = run_dir_of(args.model)  # a pipeline run directory: bench its model/, record into its eval/
-    model_path = str(run_dir / "model") if run_dir is not None else args.model
+    model_path = str(run_dir / MODEL) if run_dir is not None else args.model
     compressed_source = resolve_source(model_path)
     baseline_spec = args.baseline
-    recorded = Path(model_path) / "source.json"
+    recorded = Path(model_path) / SOURCE
     if baseline_spec is None:
         if not recorded.is_file():
             raise UsageError(f"{args.model} has no source.json: pass --baseline SRC")

@@ -104,15 +104,16 @@ def _in_prefect_run() -> bool:
 
 
 class ConsoleFilter(logging.Filter):
-    """The default console of a compression: warnings and errors, the records marked :data:`CONSOLE`, and the
-    command's own messages (``dotresize`` loggers) outside the Prefect runs; the rest is for the run's log."""
+    """The default console of a compression: warnings and errors, the records marked :data:`CONSOLE`, the
+    command's own voice (the ``dotresize`` logger: waiting for a busy run directory, a sweep's cells) and the
+    library's messages (``dotresize.*``) outside the Prefect runs; the rest is for the run's log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING or getattr(record, "console", False):
+        if record.levelno >= logging.WARNING or getattr(record, "console", False) or record.name == "dotresize":
             return True
         if getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None) or _in_prefect_run():
             return False
-        return record.name == "dotresize" or record.name.startswith("dotresize.")
+        return record.name.startswith("dotresize.")
 
 
 class ConsoleFormatter(CliFormatter):
@@ -224,7 +225,9 @@ class RunLogHandler(logging.Handler):
         if self.stream is not None:
             self.stream.close()
             self.stream = None
-        elif self.target and self.pending and _local(self.target) is None:
+        elif self.target is None:
+            return  # the lines before the first announcement are the first run's
+        elif self.pending and _local(self.target) is None:
             self._write_remote(self.target, "".join(line + "\n" for line in self.pending))
         self.pending = []
 

@@ -30,11 +30,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from dotresize.export import COMPRESSION_FILE
 from storage.rundir import LINEAGE
 
 #: export markers: a directory holding one of these is a previous dotresize export (``--overwrite`` may replace it)
-#: (dotresize.export.COMPRESSION_FILE, spelled out: importing dotresize here would cost the checks 3 s of torch)
-EXPORT_MARKERS = ("dotresize.json", LINEAGE)
+EXPORT_MARKERS = (COMPRESSION_FILE, LINEAGE)
 NAMED_DATA = ("wikitext2", "wikitext2-test")
 #: safetensors dtypes and their element sizes
 _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
@@ -150,7 +150,12 @@ def _mlflow_store(run: Path | None, default_parent: Path) -> tuple[Path | None, 
         if "://" not in uri:
             return None, (_resolved(uri),)
         return None, ()
-    return home, (home / "mlflow.db", home / "mlartifacts")
+    return home, _mlflow_store_files(home)
+
+
+def _mlflow_store_files(home: Path) -> tuple[Path, Path]:
+    """The default MLflow store under ``home``: its database and its artifact root."""
+    return home / "mlflow.db", home / "mlartifacts"
 
 
 def check_paths(args) -> Paths:
@@ -165,7 +170,7 @@ def check_paths(args) -> Paths:
     home, protected = _mlflow_store(run, runs_parent) if mlflow else (None, ())
     if remote_run and mlflow and not os.environ.get("DOTRESIZE_HOME") and not os.environ.get("MLFLOW_TRACKING_URI"):
         home = _resolved(Path.home() / ".dotresize")
-        protected = (home / "mlflow.db", home / "mlartifacts")
+        protected = _mlflow_store_files(home)
     out = _resolved(args.out) if args.out else None
     if out is not None:
         _check_out(args, out, run, pattern, runs_parent, protected)
@@ -179,7 +184,7 @@ def check_paths(args) -> Paths:
         _check_writable_dir(runs_parent, "run directory parent")
     if home is not None:
         _check_writable_dir(home, "MLflow home (DOTRESIZE_HOME, else the run directory's parent)")
-        database = home / "mlflow.db"
+        database = _mlflow_store_files(home)[0]
         if database.exists() and not os.access(database, os.W_OK):
             raise PreflightError(f"the MLflow database {database} is not writable: fix its permissions, set "
                                  "DOTRESIZE_HOME elsewhere, or pass --no-mlflow")

@@ -95,3 +95,53 @@ def test_a_usage_error_is_one_line(argv, names):
     [line] = result.stderr.splitlines()
     assert line.startswith("dotresize: error: ") and names in line, line
     assert line.endswith(f"(see `dotresize {argv[0]} --help`)"), line
+
+
+def _record(name: str, msg: str, *args, level: int = logging.INFO, **attrs) -> logging.LogRecord:
+    record = logging.LogRecord(name, level, __file__, 1, msg, args, None)
+    record.__dict__.update(attrs)
+    return record
+
+
+def test_the_default_console_keeps_stage_lines_warnings_and_the_commands_own_voice():
+    from flows.logs import ConsoleFilter, ConsoleFormatter
+
+    shown = ConsoleFilter().filter
+    assert not shown(_record("prefect.task_runs", "computing capture[3] 6182899c5d54", task_run_name="capture-3"))
+    assert not shown(_record("prefect.flow_runs", "Beginning flow run", flow_run_name="paper-shrimp"))
+    assert not shown(_record("dotresize.storage", "a detail", task_run_name="capture-3"))
+    assert not shown(_record("mlflow.store.db.utils", "Creating initial MLflow database tables..."))
+    stage = _record("prefect.flow_runs", "%s: computed %d, reused %d (%.1f s)", "capture", 30, 0, 41.2,
+                    flow_run_name="paper-shrimp", console=True)
+    assert shown(stage) and ConsoleFormatter().format(stage) == "capture: computed 30, reused 0 (41.2 s)"
+    assert shown(_record("prefect.task_runs", "odd", level=logging.WARNING, task_run_name="solve-1"))
+    # the command's own voice, inside a flow too: waiting for a busy run directory, a sweep's cells
+    assert shown(_record("dotresize", "run %s is in use by %s: waiting for it to finish", "r", "h"))
+    assert shown(_record("dotresize.sources", "loading a model"))  # the library, outside a run (--in-memory)
+
+
+def test_the_run_log_waits_for_the_run_directory_and_follows_each_announced_run(tmp_path):
+    from flows.logs import RunLogHandler
+
+    first, second = tmp_path / "one", tmp_path / "two"
+    handler = RunLogHandler()
+    handler.handle(_record("prefect.flow_runs", "Beginning flow run", flow_run_name="f"))
+    handler.handle(_record("prefect.flow_runs", "run %s (key %s): dot", str(first), "abc", flow_run_name="f"))
+    assert not first.exists()  # never created by the log: a failed fresh run removes the flow's directory
+    first.mkdir()
+    handler.handle(_record("prefect.task_runs", "computing capture[0]", task_run_name="capture-0"))
+    handler.handle(_record("prefect.flow_runs", "detail", flow_run_name="g", run_dir=str(second)))
+    second.mkdir()
+    handler.handle(_record("prefect.task_runs", "computing solve[0]", task_run_name="solve-0"))
+    handler.handle(_record("prefect.task_runs", "remote", task_run_name="x", run_dir="memory://console-test/run"))
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.makedirs("/console-test/run", exist_ok=True)
+    handler.close()
+    one = (first / CONSOLE_LOG).read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in one] == [
+        "dotresize[f]: Beginning flow run", f"dotresize[f]: run {first} (key abc): dot",
+        "dotresize[capture-0]: computing capture[0]"]
+    assert (second / CONSOLE_LOG).read_text().splitlines()[-1].endswith("dotresize[solve-0]: computing solve[0]")
+    assert fs.cat_file(f"/console-test/run/{CONSOLE_LOG}").decode().endswith("dotresize[x]: remote\n")
