@@ -34,12 +34,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from dotresize.digests import sha256_file
 from dotresize.errors import DotResizeError
 from storage import rundir as layout
-from storage.checkpoints import sha256_file
 from storage.lineage import (
-    LINEAGE,
-    SIGNATURE,
     Mismatch,
     check_activations,
     check_files,
@@ -48,6 +46,10 @@ from storage.lineage import (
     model_digests,
     source_files,
 )
+from storage.records import Lineage, RecordVersionError
+from storage.rundir import LINEAGE, SIGNATURE
+
+from .mlflow_logging import MODEL_ARTIFACT  # an MLflow run's artifacts are laid out like the run directory
 
 log = logging.getLogger("dotresize")
 
@@ -92,12 +94,20 @@ class Target:
     spec: str
     model_dir: Path
     run_dir: Path | None
-    lineage: dict
+    lineage: dict                          # lineage.json as read ({} when it is not JSON)
     lineage_sha256: str
     record: MlflowRecord | None
     from_registry: bool = False
     _temp: list = field(default_factory=list)
     searched_mlflow: bool = True
+
+    def document(self) -> Lineage:
+        """lineage.json as a :class:`storage.records.Lineage`; one of a version this dotresize does not read (or
+        no lineage record at all) raises :class:`LineageError` (a one-line message)."""
+        try:
+            return Lineage.from_dict(self.lineage, str(self.model_dir / LINEAGE))
+        except RecordVersionError as error:
+            raise LineageError(str(error)) from None
 
     def close(self) -> None:
         for path in self._temp:
@@ -173,22 +183,25 @@ def _search_versions(client, filter_string: str) -> list:
 def weights_file(lineage: dict, model_dir: Path) -> str:
     """The file whose sha256 is the model's digest (the MLflow tag ``model_sha256``): ``model.safetensors``, or
     for a sharded export its index (which records every shard's sha256); lineage.json names it when it can."""
+    from dotresize.checkpoint import INDEX_FILE
+    from dotresize.shards import SINGLE_FILE
+
     named = lineage.get("weights_file")
     if named:
         return str(named)
-    for candidate in ("model.safetensors", "model.safetensors.index.json"):
-        if candidate in (lineage.get("model") or {}) or (model_dir / candidate).is_file():
+    for candidate in (SINGLE_FILE, INDEX_FILE):
+        if candidate in Lineage.model_files_of(lineage) or (model_dir / candidate).is_file():
             return candidate
-    return "model.safetensors"
+    return SINGLE_FILE
 
 
 def _find_record(model_dir: Path, run_dir: Path | None, lineage: dict, lineage_sha: str, tracking_uri: str | None,
                  temp: list) -> MlflowRecord | None:
     """The MLflow run that logged this model: ``<run>/mlflow.json`` if any, else a run tagged with the same
     model sha256 (preferring one whose lineage digest tag matches this lineage.json)."""
-    if run_dir is not None and (run_dir / "mlflow.json").is_file() and not tracking_uri:
+    if run_dir is not None and layout.at(run_dir, layout.MLFLOW).is_file() and not tracking_uri:
         try:
-            saved = json.loads((run_dir / "mlflow.json").read_text())
+            saved = layout.read_mlflow_record(run_dir) or {}
             uri = str(saved.get("tracking_uri") or "")
             if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
                 raise FileNotFoundError(uri)  # a moved run directory: never create an empty database there
@@ -196,9 +209,9 @@ def _find_record(model_dir: Path, run_dir: Path | None, lineage: dict, lineage_s
                 return _record(saved["tracking_uri"], saved["run_id"], temp, saved.get("registered_model"),
                                saved.get("version"))
         except Exception as error:  # the recorded tracking store is gone or moved: search by digest below
-            log.debug("MLflow record of %s/mlflow.json not usable: %s", run_dir, _first_line(error))
+            log.debug("MLflow record of %s not usable: %s", layout.at(run_dir, layout.MLFLOW), _first_line(error))
     weights = weights_file(lineage, model_dir)
-    model_sha = (lineage.get("model") or {}).get(weights)
+    model_sha = Lineage.model_files_of(lineage).get(weights)
     if not model_sha and (model_dir / weights).is_file():  # lineage.json unreadable
         model_sha = sha256_file(model_dir / weights)
     if not model_sha:
@@ -233,9 +246,7 @@ def _download_target(spec: str, temp: list) -> Path:
     from storage import RunDir
 
     run = RunDir(spec)
-    if run.exists(f"{layout.MODEL}/{LINEAGE}"):
-        pass  # a run directory
-    elif not run.exists(LINEAGE):
+    if not (layout.is_run_dir(run) or layout.is_model_dir(run)):
         raise LineageError(f"{spec} holds no {LINEAGE}: pass a run directory or a model directory exported by the "
                            "dotresize pipeline")
     tmp = Path(tempfile.mkdtemp(prefix="dotresize-verify-"))
@@ -270,9 +281,9 @@ def resolve_target(spec: str, tracking_uri: str | None = None, use_mlflow: bool 
                 errors.append(str(error).splitlines()[0])
                 continue
             record = _record(uri, mv.run_id, temp, name, mv.version)
-            if record.artifact_dir is None or not (record.artifact_dir / "model" / LINEAGE).is_file():
-                raise LineageError(f"{spec}: the model artifacts of MLflow run {mv.run_id} have no lineage.json")
-            model_dir = record.artifact_dir / "model"
+            model_dir = layout.at(record.artifact_dir, MODEL_ARTIFACT) if record.artifact_dir is not None else None
+            if model_dir is None or not layout.is_model_dir(model_dir):
+                raise LineageError(f"{spec}: the model artifacts of MLflow run {mv.run_id} have no {LINEAGE}")
             run_dir = Path(record.run_tags["dotresize.run_dir"]) if record.run_tags.get("dotresize.run_dir") else None
             lineage_path = model_dir / LINEAGE
             return Target(spec, model_dir, run_dir if run_dir and run_dir.is_dir() else None,
@@ -288,17 +299,17 @@ def resolve_target(spec: str, tracking_uri: str | None = None, use_mlflow: bool 
     path = Path(spec_local).expanduser().resolve()
     if not path.exists():
         raise LineageError(f"{spec} does not exist: pass a compressed model directory or models:/<name>/<version>")
-    if path.is_dir() and (path / "model" / LINEAGE).is_file():
-        path = path / "model"  # a run directory (its own lineage.json is a copy of the model's)
+    run_dir = layout.run_dir_of(path)  # path is a run directory, or the model directory inside one
+    if run_dir is not None:
+        path = layout.at(run_dir, layout.MODEL)  # (a run's own lineage.json is a copy of its model's)
     lineage_path = path / LINEAGE
-    if not lineage_path.is_file():
+    if not layout.is_model_dir(path):
         raise LineageError(f"{path} has no {LINEAGE}: it is not a model directory exported by the dotresize pipeline")
     try:
         lineage = json.loads(lineage_path.read_text())
     except ValueError:
         lineage = {}
     lineage_sha = sha256_file(lineage_path)
-    run_dir = path.parent if (path.name == "model" and (path.parent / "stages").is_dir()) else None
     record = _find_record(path, run_dir, lineage, lineage_sha, tracking_uri, temp) if use_mlflow else None
     return Target(spec, path, run_dir, lineage, lineage_sha, record, _temp=temp, searched_mlflow=use_mlflow)
 
@@ -326,20 +337,25 @@ def verify_target(target: Target, require_mlflow: bool = False, check_source: bo
     them (a missing or foreign signature is then a mismatch). ``require_mlflow``: no MLflow record is a mismatch
     (otherwise MLflow is checked only where a record is found)."""
     report = Report(target)
-    lineage = target.lineage
     record = target.record
     _verify_signature(report, target, public_key, tuple(certificate_chain))  # it covers lineage.json too
     if record is not None:  # lineage.json next: every other check trusts it
         _verify_lineage_digest(report, target, record)
-    if not lineage.get("model"):
+    if not Lineage.model_files_of(target.lineage):
         report.add([Mismatch(LINEAGE, "a JSON lineage record with model digests",
                              f"an unreadable file (sha256 {target.lineage_sha256})", "verify")],
                    "", f"{LINEAGE} is not a readable lineage record")
         return report
+    try:
+        lineage = target.document()
+    except LineageError as error:
+        report.add([Mismatch(LINEAGE, "a lineage record this dotresize reads", f"{error} (sha256 "
+                             f"{target.lineage_sha256})", "verify")], "", f"{LINEAGE} cannot be read here")
+        return report
     # 1. every model file against lineage.json
     exclude = (LINEAGE, SIGNATURE, MLMODEL) if target.from_registry else (LINEAGE, SIGNATURE)  # + MLflow's file
-    found = compare(dict(lineage["model"]), file_digests(target.model_dir, exclude=exclude), LINEAGE)
-    report.add(found, f"{len(lineage['model'])} model files match {LINEAGE}",
+    found = compare(dict(lineage.model), file_digests(target.model_dir, exclude=exclude), LINEAGE)
+    report.add(found, f"{len(lineage.model)} model files match {LINEAGE}",
                f"model files disagree with {LINEAGE}")
     # 2. the model files against the MLflow record
     if record is None:
@@ -354,7 +370,7 @@ def verify_target(target: Target, require_mlflow: bool = False, check_source: bo
         _verify_against_mlflow(report, target, record)
     # 3. what the lineage names outside the model directory, where it still exists
     if check_source:
-        directory, recorded = source_files(lineage.get("source") or {})
+        directory, recorded = source_files(lineage.source or {})
         if directory is None:
             report.checks.append((True, "source checkpoint not present here: not checked"))
         else:
@@ -363,13 +379,8 @@ def verify_target(target: Target, require_mlflow: bool = False, check_source: bo
                        f"source {directory}: {checked} files match" + (f", {skipped} not present" if skipped else ""),
                        f"source {directory} differs from what was compressed")
     if target.run_dir is not None:
-        outputs = {}
-        for entry in (lineage.get("stage_outputs") or {}).values():
-            outputs.update(entry.get("files") or {})
-        for name, entry in (lineage.get("evaluation") or {}).items():
-            if entry.get("file") and entry.get("sha256"):
-                outputs[entry["file"]] = entry["sha256"]
-        outputs = {k: v for k, v in outputs.items() if not k.startswith("model/")}  # checked above
+        outputs = lineage.stage_output_files()
+        outputs = {k: v for k, v in outputs.items() if not k.startswith(f"{layout.MODEL}/")}  # checked above
         evaluations = {k: v for k, v in outputs.items() if layout.is_eval_file(k)}
         outputs = {k: v for k, v in outputs.items() if k not in evaluations}
         found, checked, skipped = check_files(target.run_dir, outputs, "lineage.json (stage outputs)",
@@ -382,12 +393,7 @@ def verify_target(target: Target, require_mlflow: bool = False, check_source: bo
         for mismatch in changed:
             report.checks.append((True, f"note: {mismatch.file} was rewritten after {LINEAGE} recorded it "
                                         "(re-evaluated?); lineage.json keeps the recorded results"))
-        points = {}
-        for name, entry in (lineage.get("stage_outputs") or {}).items():
-            if name == "capture" and entry.get("points"):
-                points.update(entry["points"])
-            elif name.startswith("capture/") and entry.get("digest"):
-                points[name.split("/", 1)[1]] = entry["digest"]
+        points = lineage.captured_points()
         if points:
             found, checked, skipped = check_activations(target.run_dir, points, "lineage.json (capture)")
             report.add(found, f"activations: {checked} points re-hashed and match"
@@ -435,8 +441,8 @@ def _verify_lineage_digest(report: Report, target: Target, record: MlflowRecord)
                                  f"{record.registered_model} v{record.version} tag {TAG_LINEAGE}"))
     artifacts = record.artifact_dir
     if artifacts is not None and tag is not None:
-        for rel in (LINEAGE, f"model/{LINEAGE}"):
-            path = artifacts / rel
+        for rel in (LINEAGE, f"{MODEL_ARTIFACT}/{LINEAGE}"):
+            path = layout.at(artifacts, rel)
             if path.is_file() and sha256_file(path) != tag:
                 problems.append(Mismatch(f"MLflow artifact {rel}", tag, sha256_file(path),
                                          f"{label} tag {TAG_LINEAGE}"))
@@ -456,13 +462,14 @@ def _verify_against_mlflow(report: Report, target: Target, record: MlflowRecord)
                              f"{record.registered_model} v{record.version} tag model_sha256")],
                    f"{weights} matches the registered version's model_sha256",
                    f"{weights} disagrees with the registered version")
-    if artifacts is None or not (artifacts / "model").is_dir():
-        report.add([Mismatch("model/", "logged model files", "none readable", label)], "",
+    logged_dir = layout.at(artifacts, MODEL_ARTIFACT) if artifacts is not None else None
+    if logged_dir is None or not logged_dir.is_dir():
+        report.add([Mismatch(f"{MODEL_ARTIFACT}/", "logged model files", "none readable", label)], "",
                    f"the model files logged to {label} cannot be read")
         return
     if target.from_registry:
         return  # the target's files are the logged ones: checked against lineage.json above
-    logged = {k: v for k, v in file_digests(artifacts / "model", exclude=(LINEAGE, SIGNATURE, MLMODEL)).items()}
+    logged = file_digests(logged_dir, exclude=(LINEAGE, SIGNATURE, MLMODEL))
     found = compare(logged, model_digests(target.model_dir), f"{label} model artifacts")
     report.add(found, f"{len(logged)} model files match the files logged to {label}",
                f"model files disagree with the files logged to {label}")
@@ -494,9 +501,9 @@ def _short(digest: Any) -> str:
 
 def render_lineage(target: Target) -> str:
     """The chain from the source checkpoint to the artifact, one stage per block."""
-    doc = target.lineage
-    source, calibration = doc.get("source") or {}, doc.get("calibration") or {}
-    config = (doc.get("recipe") or {}).get("config") or {}
+    doc = target.document()
+    source, calibration = doc.source or {}, doc.calibration or {}
+    config = (doc.recipe or {}).get("config") or {}
     lines = [f"lineage of {target.spec}", ""]
     lines.append(f"source       {source.get('spec')}  ({source.get('kind')}, revision {source.get('revision') or '-'})")
     lines.append(f"  digest     {_short(source.get('digest'))}")
@@ -511,8 +518,8 @@ def render_lineage(target: Target) -> str:
                  f"{calibration.get('tokens')} tokens, seed {calibration.get('seed')}")
     lines.append(f"  token ids  sha256 {_short(calibration.get('input_ids_sha256'))}")
     lines.append("")
-    lines.append(f"recipe       sha256 {_short(doc.get('recipe_sha256'))}  (compression recipe: config, calibration, "
-                 f"source; run key {_short(doc.get('run_key'))})")
+    lines.append(f"recipe       sha256 {_short(doc.recipe_sha256)}  (compression recipe: config, calibration, "
+                 f"source; run key {_short(doc.run_key)})")
     lines.append(f"  method     {config.get('method')} ratio {config.get('ratio')}, {config.get('mode')}, "
                  f"{config.get('layout')} layout, seed {config.get('seed')}")
     if config.get("method") == "dot":
@@ -520,9 +527,9 @@ def render_lineage(target: Target) -> str:
         lines.append("  dot        " + ", ".join(f"{k} {dot[k]}" for k in ("epsilon", "cost", "cost_normalization",
                                                                             "marginals", "targets", "decompression",
                                                                             "solver") if k in dot))
-    for key, value in sorted((doc.get("tags") or {}).items()):
+    for key, value in sorted((doc.tags or {}).items()):
         lines.append(f"  tag        {key} = {value}")
-    code, versions = doc.get("code") or {}, doc.get("versions") or {}
+    code, versions = doc.code or {}, doc.versions or {}
     lines.append("")
     commit = code.get("git_commit")
     lines.append(f"code         {code.get('package', 'dotresize')} {code.get('version', versions.get('dotresize'))}"
@@ -532,7 +539,7 @@ def render_lineage(target: Target) -> str:
                                                                              "lm-eval", "safetensors", "prefect",
                                                                              "mlflow") if k in versions))
     lines.append("")
-    outputs = doc.get("stage_outputs") or {}
+    outputs = doc.stage_outputs or {}
     if outputs:
         lines.append(f"stages       {len(outputs)} stage outputs")
         for name, entry in outputs.items():
@@ -541,10 +548,10 @@ def render_lineage(target: Target) -> str:
                                                    if entry.get("points") else "-"))
             lines.append(f"  {name:<22} key {str(entry.get('key'))[:16]}  {digest}")
     else:
-        stages = doc.get("stages") or {}
+        stages = doc.stages or {}
         lines.append(f"stages       {', '.join(stages)}")
     lines.append("")
-    evaluation = doc.get("evaluation") or {}
+    evaluation = doc.evaluation or {}
     if evaluation:
         for name, entry in sorted(evaluation.items()):
             result = entry.get("result") or {}
@@ -563,7 +570,7 @@ def render_lineage(target: Target) -> str:
     lines.append("")
     lines.append(f"artifact     {target.model_dir}")
     lines.append(f"  {LINEAGE:<28} sha256 {target.lineage_sha256}")
-    for name, sha in sorted((doc.get("model") or {}).items()):
+    for name, sha in sorted((doc.model or {}).items()):
         lines.append(f"  {name:<28} sha256 {sha}")
     lines.append(_signature_line(target))
     record = target.record

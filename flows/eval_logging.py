@@ -18,11 +18,12 @@ Logging is idempotent: a metric already logged with the same value is not logged
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any
+
+from storage.rundir import EVAL, at, read_mlflow_record
 
 ZERO_SHOT_METRICS = ("acc", "acc_norm", "perplexity", "acc_stderr", "acc_norm_stderr", "perplexity_stderr")
 #: metrics that also become tags of the registered model version
@@ -94,7 +95,7 @@ def eval_tags(zero_shot: dict | None = None, ppl: dict | None = None) -> dict[st
 
 
 def log_evaluation(tracking_uri: str, run_id: str, metrics: dict[str, float], *, tags: dict[str, str] | None = None,
-                   files: list[Path] | None = None, artifact_path: str = "eval",
+                   files: list[Path] | None = None, artifact_path: str = EVAL,
                    model_version: tuple[str, str | int] | None = None) -> dict:
     """Log ``metrics`` (those not already logged with the same value), ``tags`` and ``files`` to ``run_id``;
     set the headline metrics as tags of ``model_version`` (name, version). Returns what was logged."""
@@ -125,13 +126,8 @@ def log_evaluation(tracking_uri: str, run_id: str, metrics: dict[str, float], *,
 
 def recorded_run(run_dir: str | Path | None) -> dict | None:
     """The MLflow record (``mlflow.json``: tracking_uri, run_id, registered_model, version) of a run directory."""
-    if run_dir is None:
-        return None
-    path = Path(run_dir) / "mlflow.json"
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    return record if record.get("run_id") else None
+    record = read_mlflow_record(run_dir)
+    return record if record and record.get("run_id") else None
 
 
 def default_tracking_uri(run_dir: str | Path | None = None) -> str:
@@ -159,7 +155,7 @@ def log_run_evaluation(run_dir: str | Path | None, *, run_id: str | None = None,
     metrics = {**eval_metrics(ppl=ppl, zero_shot=zero_shot, speed=speed, bench=bench),
                **eval_metrics(ppl=source_ppl, zero_shot=source_zero_shot, speed=source_speed, prefix="source/")}
     tags = {**eval_tags(zero_shot or source_zero_shot, ppl or source_ppl)}
-    eval_dir = Path(run_dir) / "eval" if run_dir is not None else None
+    eval_dir = at(run_dir, EVAL) if run_dir is not None else None
     files = sorted(eval_dir.glob("*.json")) if eval_dir is not None and eval_dir.is_dir() else []
     version = None
     if record.get("run_id") == run_id and record.get("registered_model") and record.get("version"):

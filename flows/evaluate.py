@@ -1,7 +1,7 @@
 """``dotresize evaluate``: perplexity and zero-shot accuracy of any model, stored in its run when it has one.
 
 A run directory (or its ``model/`` directory) is evaluated through the pipeline's evaluate stage
-(:func:`tasks.assemble.evaluate_task` / :func:`tasks.assemble.zero_shot_task`, called in this process): the results
+(:func:`tasks.evaluate.evaluate_task` / :func:`tasks.evaluate.zero_shot_task`, called in this process): the results
 go to ``<run>/eval/ppl.json`` and ``<run>/eval/lm_eval.json`` under content keys (a repeated evaluation is read
 back), and to the MLflow run of the compression (``--mlflow-run ID``, default the run in ``<run>/mlflow.json``),
 which links them to the registered model version. Any other source (the packaged model, a GGUF file, a plain HF
@@ -14,28 +14,15 @@ import logging
 import os
 from pathlib import Path
 
+from storage import rundir as layout
+from storage.rundir import run_dir_of  # the run directory of a path (or of the model/ inside one), else None
+
 log = logging.getLogger("dotresize")
-
-
-def run_dir_of(path: str | os.PathLike | None) -> Path | None:
-    """The run directory when ``path`` is a pipeline run directory or the ``model/`` directory inside one."""
-    if not path:
-        return None
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        return None
-    p = p.resolve()
-    candidates = [p] if p.name != "model" else [p.parent]
-    for run in candidates:
-        if (run / "model" / "config.json").is_file() and (run / "stages").is_dir():
-            return run
-    return None
 
 
 def _export_manifest(run_dir: Path) -> dict:
     """The export stage's manifest (its ``model_sha256`` keys the evaluations), else the weights' digest."""
     from storage import RunDir, read_manifest
-    from storage import rundir as layout
 
     run = RunDir(str(run_dir))
     export = read_manifest(run, "export")
@@ -87,12 +74,14 @@ def evaluate_command(args, usage_error: type[Exception]) -> dict:
 
 
 def _evaluate_run(run_dir: Path, args, tasks: list[str]) -> dict:
-    from tasks.assemble import evaluate_task, release_eval_model, zero_shot_task
+    from tasks.evaluate import evaluate_task, release_eval_model, zero_shot_task
 
     export = _export_manifest(run_dir)
     progress = not args.quiet
-    result: dict = {"model": str(run_dir / "model"), "run_dir": str(run_dir),
-                    "weights_sha256": {export.get("weights_file", "model.safetensors"): export["model_sha256"]},
+    from dotresize.shards import SINGLE_FILE
+
+    result: dict = {"model": str(layout.at(run_dir, layout.MODEL)), "run_dir": str(run_dir),
+                    "weights_sha256": {export.get("weights_file", SINGLE_FILE): export["model_sha256"]},
                     "reused": {}}
     precision = _precision_args(args)
     try:
@@ -107,7 +96,7 @@ def _evaluate_run(run_dir: Path, args, tasks: list[str]) -> dict:
             result["zero_shot"], result["reused"]["zero_shot"] = manifest["zero_shot"], manifest["reused"]
     finally:
         release_eval_model()
-    result["eval_files"] = sorted(str(p) for p in (run_dir / "eval").glob("*.json"))
+    result["eval_files"] = sorted(str(p) for p in layout.at(run_dir, layout.EVAL).glob("*.json"))
     return result
 
 
@@ -178,7 +167,7 @@ def print_evaluation(result: dict) -> None:
                 shown.append(f"{key} {value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
             print(f"  {task:<14} {', '.join(shown)} (n={metrics.get('n')})")
     if result.get("run_dir"):
-        print(f"  results in {result['run_dir']}/eval/")
+        print(f"  results in {layout.at(result['run_dir'], layout.EVAL)}/")
     if result.get("mlflow"):
         print(f"  logged to MLflow run {result['mlflow']['run_id']} ({result['mlflow']['tracking_uri']})")
 
@@ -189,7 +178,6 @@ def record_bench(model: str, result: dict) -> dict | None:
     if run_dir is None:
         return None
     from storage import RunDir
-    from storage import rundir as layout
 
     from .eval_logging import log_run_evaluation
 

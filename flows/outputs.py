@@ -16,9 +16,9 @@ def copy_model(model_dir: Path, out: Path, overwrite: bool) -> Path:
     import os
     import shutil
     import tempfile
-    import uuid
 
     from dotresize.permissions import apply_umask_tree
+    from storage.atomic import swap_dir
 
     from .preflight import PreflightError, is_export
 
@@ -29,7 +29,6 @@ def copy_model(model_dir: Path, out: Path, overwrite: bool) -> Path:
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
     try:
         for directory, _, files in os.walk(model_dir):  # file by file: an OSError names the file (not shutil.Error)
             target = tmp / Path(directory).relative_to(model_dir)
@@ -42,20 +41,13 @@ def copy_model(model_dir: Path, out: Path, overwrite: bool) -> Path:
                         error.filename2 = str(target / name)
                     raise
         apply_umask_tree(tmp)  # mkdtemp made it 0700, and the run's files may be 0600
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
-            os.replace(out, old)
-        os.replace(tmp, out)
+        swap_dir(tmp, out)  # the old out is put back if the rename fails
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old, out)
         for parent in created:  # innermost first
             with contextlib.suppress(OSError):
                 parent.rmdir()
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return out
 
 

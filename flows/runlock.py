@@ -58,7 +58,8 @@ def _flow_run_canceller():
 
         context = FlowRunContext.get()
         api_url, api_key = PREFECT_API_URL.value(), PREFECT_API_KEY.value()
-    except Exception:
+    except Exception as error:  # no Prefect context or settings here: nothing to mark Cancelled
+        log.debug("no Prefect flow run to cancel on an interrupt (%s: %s)", type(error).__name__, error)
         return None
     if context is None or context.flow_run is None or not api_url:
         return None

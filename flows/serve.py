@@ -149,7 +149,7 @@ _PREFECT_DYING_WITH_PARENT = (
     "    try:\n"
     "        import ctypes\n"
     "        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
-    "    except Exception:\n"
+    "    except (OSError, AttributeError):  # no libc with prctl here: nothing to ask\n"
     "        pass\n"
     "sys.argv = ['prefect', *sys.argv[1:]]\n"
     "runpy.run_module('prefect', run_name='__main__', alter_sys=True)\n"

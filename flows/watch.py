@@ -46,6 +46,7 @@ from storage import RunDir, digest_of_digests
 from storage.checkpoints import (Checkpoint, DigestCache, check_pattern, escape, is_remote, mirror, remote_problem,
                                  remote_snapshot, scan, scan_remote, snapshot, static_problem)
 from storage.locks import FileLock
+from storage.records import IDENTITY_VERSION
 
 from flows.recipe import Recipe, Variant, load_recipe
 
@@ -57,7 +58,6 @@ TAG_RECIPE_NAME = "dotresize.recipe_name"
 TAG_WATCH_SOURCE = "dotresize.watch_source"
 TAG_REVISION = "dotresize.revision"
 TAG_CHECKPOINT_URL = "dotresize.checkpoint_url"
-IDENTITY_VERSION = "1"
 
 log = logging.getLogger("dotresize")
 
@@ -75,7 +75,7 @@ def identity_of(source_digest: str, recipe_sha256: str) -> str:
 def source_meta(checkpoint: Checkpoint, cache: DigestCache | None = None) -> dict:
     """The source record compress_flow will compute for this checkpoint (same digest), with cached sha256s."""
     from dotresize.sources import resolve_source
-    from tasks.prepare import _SIDE_FILES, source_digest
+    from tasks.source import _SIDE_FILES, source_digest
 
     cache = cache or DigestCache()
     source = resolve_source(checkpoint.spec)

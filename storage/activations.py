@@ -16,6 +16,7 @@ chunk is detected by :meth:`ActivationStore.status` and the point is recomputed.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -25,13 +26,16 @@ import numpy as np
 
 from .digests import digest_of_digests, sha256_array
 from .errors import StorageError
+from .records import ACTIVATIONS_FORMAT
 from .rundir import ACTIVATIONS, RunDir, point_name
+
+log = logging.getLogger("dotresize.storage")
 
 #: a chunk of activations holds at least this many bytes (whole rows)
 MIN_CHUNK_BYTES = 1 << 20
 #: rows per chunk are rounded up to a multiple of this
 ROW_MULTIPLE = 64
-FORMAT = 1
+FORMAT = ACTIVATIONS_FORMAT  # (storage/records.py holds every schema version)
 
 
 def chunk_rows(dim: int, itemsize: int = 4, min_bytes: int = MIN_CHUNK_BYTES, multiple: int = ROW_MULTIPLE) -> int:
@@ -91,21 +95,28 @@ class PointWriter:
         self._flush()
         if self.rows_written != self.tokens:
             raise ValueError(f"{point_name_of(self.group)}: {self.rows_written} rows written, {self.tokens} expected")
-        digests: dict[str, Any] = {"acts": list(self.chunk_digests)}
-        for name, value in stats.items():
-            if value is None:
-                continue
-            value = np.ascontiguousarray(value)
-            rows = chunk_rows(value.shape[1], value.dtype.itemsize) if value.ndim == 2 else max(value.shape[0], 1)
-            chunks = (min(rows, max(value.shape[0], 1)),) + tuple(value.shape[1:])
-            array = self.group.create_array(name, shape=value.shape, chunks=chunks, dtype=value.dtype,
-                                            compressors=None, fill_value=0, overwrite=True)
-            if value.size:
-                array[...] = value
-            digests[name] = sha256_array(value)
+        digests: dict[str, Any] = {"acts": list(self.chunk_digests), **write_arrays(self.group, stats)}
         self.group.attrs.update({**dict(attrs or {}), "digests": digests, "chunk_rows": self.rows_per_chunk})
         self.group.attrs["complete"] = True  # last, in its own write
         return digests
+
+
+def write_arrays(group, arrays: Mapping[str, np.ndarray | None]) -> dict[str, str]:
+    """Store every array of ``arrays`` (None ones skipped) whole in ``group``, in chunks of whole rows; returns
+    ``{name: sha256 of its values}``."""
+    digests: dict[str, str] = {}
+    for name, value in arrays.items():
+        if value is None:
+            continue
+        value = np.ascontiguousarray(value)
+        rows = chunk_rows(value.shape[1], value.dtype.itemsize) if value.ndim == 2 else max(value.shape[0], 1)
+        chunks = (min(rows, max(value.shape[0], 1)),) + tuple(value.shape[1:])
+        array = group.create_array(name, shape=value.shape, chunks=chunks, dtype=value.dtype, compressors=None,
+                                   fill_value=0, overwrite=True)
+        if value.size:
+            array[...] = value
+        digests[name] = sha256_array(value)
+    return digests
 
 
 def point_name_of(group) -> str:
@@ -164,18 +175,7 @@ class ActivationStore:
         """A group holding only statistics (no activations), e.g. the pooled statistics of the global layout."""
         group = self.root.create_group(point_name(point), overwrite=True)
         group.attrs.update({"key": key, "complete": False, "format": FORMAT, **dict(attrs or {})})
-        digests: dict[str, Any] = {}
-        for name, value in stats.items():
-            if value is None:
-                continue
-            value = np.ascontiguousarray(value)
-            rows = chunk_rows(value.shape[1], value.dtype.itemsize) if value.ndim == 2 else max(value.shape[0], 1)
-            chunks = (min(rows, max(value.shape[0], 1)),) + tuple(value.shape[1:])
-            array = group.create_array(name, shape=value.shape, chunks=chunks, dtype=value.dtype, compressors=None,
-                                       fill_value=0, overwrite=True)
-            if value.size:
-                array[...] = value
-            digests[name] = sha256_array(value)
+        digests = write_arrays(group, stats)
         group.attrs["digests"] = digests
         group.attrs["complete"] = True
         return digests
@@ -183,7 +183,8 @@ class ActivationStore:
     def attrs(self, point: int | str) -> dict[str, Any] | None:
         try:
             return dict(self._group(point).attrs)
-        except Exception:
+        except Exception as error:  # no such group (zarr's errors differ by store and version), unreadable metadata
+            log.debug("%s: no readable group %s (%s)", self.name, point_name(point), type(error).__name__)
             return None
 
     def status(self, point: int | str, key: str, verify: bool = True) -> tuple[bool, str]:
@@ -192,7 +193,8 @@ class ActivationStore:
         try:
             group = self._group(point)
             attrs = dict(group.attrs)
-        except Exception:
+        except Exception as error:  # no such group, or its metadata cannot be read: either way not usable
+            log.debug("%s: %s is missing (%s: %s)", self.name, name, type(error).__name__, error)
             return False, f"{name} is missing"
         if attrs.get("complete") is not True:
             return False, f"{name} is incomplete (no complete marker)"
@@ -242,7 +244,8 @@ class ActivationStore:
         try:
             self._group(point)[name]
             return True
-        except Exception:
+        except Exception as error:  # no such group or array
+            log.debug("%s: %s/%s not stored (%s)", self.name, point_name(point), name, type(error).__name__)
             return False
 
     def load_stats(self, point: int | str) -> dict[str, Any]:

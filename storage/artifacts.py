@@ -11,9 +11,12 @@ written after every file it names.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from .errors import CorruptArtifactError, MissingArtifactError
+from .records import StageManifest
 from .rundir import RunDir, basis_file, basis_meta_file, manifest_file
 
 
@@ -62,34 +65,60 @@ def load_basis(run: RunDir, point: int | str) -> tuple[dict, dict[str, Any]]:
 
 
 # --- manifests ------------------------------------------------------------------------------------------------
-def write_manifest(run: RunDir, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Write a stage manifest (after its outputs): it marks the stage complete."""
-    manifest = {**manifest, "complete": True}
-    manifest.pop("reused", None)
-    run.write_json(manifest_file(manifest["stage"], manifest.get("name")), manifest)
-    return manifest
+def write_manifest(run: RunDir, manifest: Mapping[str, Any] | StageManifest) -> dict[str, Any]:
+    """Write a stage manifest (after its outputs): it marks the stage complete. Returns its dict."""
+    if not isinstance(manifest, StageManifest):
+        data = {**manifest, "complete": True}
+        data.pop("reused", None)
+        manifest = StageManifest.from_dict(data)
+    record = manifest.to_dict()
+    run.write_json(manifest_file(manifest.stage, manifest.name), record)
+    return record
+
+
+def finish_stage(run: RunDir, stage: str, name: str | None, key: str, started: float,
+                 body: Mapping[str, Any]) -> dict[str, Any]:
+    """Write the manifest of an output computed since ``started`` (``body``: the stage's own fields, ``files``
+    first of all), now; returns its dict."""
+    return write_manifest(run, StageManifest.finish(stage=stage, name=name, key=key, uri=run.uri(), started=started,
+                                                    body=body, finished=time.time()))
 
 
 def read_manifest(run: RunDir, stage: str, name: str | None = None) -> dict[str, Any] | None:
+    """The stored manifest's dict, or None when missing or unreadable; a manifest of a version this dotresize does
+    not read raises :class:`storage.records.RecordVersionError`."""
+    record = read_stage_manifest(run, stage, name)
+    return None if record is None else record.to_dict()
+
+
+def read_stage_manifest(run: RunDir, stage: str, name: str | None = None) -> StageManifest | None:
+    """The stored manifest as a :class:`StageManifest`, or None when missing or unreadable."""
+    rel = manifest_file(stage, name)
     try:
-        return run.read_json(manifest_file(stage, name))
+        data = run.read_json(rel)
     except CorruptArtifactError:
         return None
+    if data is None:
+        return None
+    if not isinstance(data, dict) or ("manifest_version" not in data and not ("stage" in data and "key" in data)):
+        return None  # not a manifest this pipeline wrote: as good as missing
+    return StageManifest.from_dict(data, run.uri(rel))
 
 
 def manifest_status(run: RunDir, stage: str, name: str | None, key: str,
                     verify: bool = True) -> tuple[bool, str, dict | None]:
     """(ok, why, manifest): reusable when complete, with ``key``, and every file it names matches its sha256."""
     label = stage if name is None else f"{stage}/{name}"
-    manifest = read_manifest(run, stage, name)
-    if manifest is None:
+    record = read_stage_manifest(run, stage, name)
+    if record is None:
         return False, f"no manifest for {label}", None
-    if manifest.get("complete") is not True:
+    manifest = record.to_dict()
+    if record.complete is not True:
         return False, f"{label} is incomplete", manifest
-    if manifest.get("key") != key:
+    if record.key != key:
         return False, f"{label} was computed for another key", manifest
     if verify:
-        for rel, sha in (manifest.get("files") or {}).items():
+        for rel, sha in record.files.items():
             ok, why = run.check_file(rel, sha)
             if not ok:
                 return False, why, manifest

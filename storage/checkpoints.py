@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import hashlib
 import json
 import os
 import re
@@ -41,7 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotresize.errors import DotResizeError
-from dotresize.permissions import apply_umask
+from dotresize.digests import sha256_file  # the one sha256 of a file (re-exported)
+
+from .atomic import write_atomic
 
 #: safetensors headers larger than this are treated as corrupt (the format's own limit is 100 MB)
 MAX_HEADER = 100 * 1024 * 1024
@@ -273,14 +274,6 @@ def static_problem(checkpoint: Checkpoint, marker: str | None = None) -> str | N
 
 
 # --- digests ------------------------------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class DigestCache:
     """sha256 of files, remembered by (path, size, mtime_ns, inode) in a JSON file (``None``: in memory only).
 
@@ -323,16 +316,7 @@ class DigestCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             text = json.dumps(self._entries, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-            apply_umask(tmp)  # mkstemp's 0600 -> what open() would give
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_atomic(self.path, text)
 
 
 # --- checkpoints in an object store ------------------------------------------------------------------------------
@@ -494,11 +478,7 @@ def mirror(checkpoint: RemoteCheckpoint, snapshot: dict[str, list], local_root: 
         elif target.exists() or target.is_symlink():
             target.unlink()
         os.replace(local, target)
-        text = json.dumps(wanted, sort_keys=True)
-        tmp = staging / "record.json"
-        tmp.write_text(text)
-        apply_umask(tmp)
-        os.replace(tmp, record)
+        write_atomic(record, json.dumps(wanted, sort_keys=True))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Checkpoint(name, target.resolve(), checkpoint.kind)

@@ -8,12 +8,9 @@ from typing import Any
 
 import numpy as np
 
-#: version of the key scheme itself (bump to invalidate every stored stage at once)
-KEY_SCHEME = 1
+from dotresize.data import sha256_bytes  # the project's one sha256 of bytes
 
-
-def sha256_bytes(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
+from .records import KEY_SCHEME  # the version of the key scheme itself (with every other schema version)
 
 
 def sha256_array(array: np.ndarray) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import posixpath
 import socket
@@ -40,8 +41,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from .atomic import atomic_file
 from .errors import StorageError
 from .rundir import RunDir
+
+log = logging.getLogger("dotresize.storage")
 
 #: the lease's folder inside the run directory (hidden: digests and listings of the run skip it)
 LEASE_DIR = ".lease"
@@ -72,7 +76,7 @@ def _process_start(pid: int) -> float | None:
         return round(psutil.Process(pid).create_time(), 2)
     except ImportError:
         return None
-    except Exception:  # no such process, access denied
+    except (psutil.Error, OSError, ValueError):  # no such process, access denied
         return None
 
 
@@ -211,7 +215,7 @@ class RunLease:
             return LeaseRecord(generation, unknown, heartbeat=unknown.since, ttl=self.ttl, path=path)
 
     def _mtime(self, path: str) -> float:
-        with contextlib.suppress(Exception):
+        try:
             info = self._fs.info(path)
             for key in ("mtime", "LastModified", "updated", "created"):
                 value = info.get(key)
@@ -219,6 +223,8 @@ class RunLease:
                     return float(value)
                 if hasattr(value, "timestamp"):
                     return float(value.timestamp())
+        except Exception as error:  # gone, or a store whose info has no time: now is the best guess
+            log.debug("lease %s: no modification time (%s: %s)", path, type(error).__name__, error)
         return time.time()
 
     def holder(self) -> LeaseRecord | None:
@@ -266,19 +272,14 @@ class RunLease:
         data = self._record(released).to_json()
         if self.run.is_local:
             try:
-                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self._dir())
-            except FileNotFoundError:
+                with atomic_file(path, prefix=".tmp-", umask=False, makedirs=False) as staged:
+                    with open(staged.path, "wb") as handle:
+                        handle.write(data)
+                    if not os.path.exists(path):
+                        staged.abandon()
+            except FileNotFoundError:  # the lease folder is gone with the run
                 return False
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                if not os.path.exists(path):
-                    return False
-                os.replace(tmp, path)
-                return True
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+            return not staged.abandoned
         if not self._fs.exists(path):
             return False
         self._fs.pipe_file(path, data)
@@ -329,8 +330,11 @@ class RunLease:
                 return
             self._stop.set()
             if not self.lost:
-                with contextlib.suppress(Exception):
+                try:
                     self._rewrite(released=True)
+                except Exception as error:  # the store is unreachable: the heartbeat stops, it goes stale
+                    log.debug("lease %s: release not written (%s: %s)", self.run.uri(), type(error).__name__,
+                              error)
             self.generation = None
 
     @property
@@ -353,7 +357,9 @@ class RunLease:
                     if not self._rewrite() or max(self._generations(), default=0) != self.generation:
                         self.lost = True
                         return
-                except Exception:  # a transient storage error: try again at the next beat
+                except Exception as error:  # a transient storage error: try again at the next beat
+                    log.debug("lease %s: heartbeat failed (%s: %s); retrying", self.run.uri(), type(error).__name__,
+                              error)
                     continue
 
     def __enter__(self) -> RunLease:

@@ -13,11 +13,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import sha256_file
+from dotresize.digests import sha256_file
 
-LINEAGE = "lineage.json"
-#: the OpenSSF model signing bundle inside a model directory (see :mod:`storage.signing`)
-SIGNATURE = "model.sig"
+from .rundir import LINEAGE, SIGNATURE
 MISSING = "missing"
 UNRECORDED = "not recorded"
 
@@ -105,10 +103,7 @@ def check_activations(run_dir: str | os.PathLike, points: dict[str, str], agains
     for name, recorded in sorted(points.items()):
         point = int(name) if str(name).isdigit() else name
         label = f"{ACTIVATIONS}/{point_name(point)}"
-        try:
-            attrs = store.attrs(point)
-        except Exception:
-            attrs = None
+        attrs = store.attrs(point)  # None when the point is gone
         if attrs is None:
             skipped += 1
             continue

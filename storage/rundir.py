@@ -22,7 +22,7 @@ This module is the only place that knows the layout of a run (see ``architecture
          layers/              layer_<l>.safetensors (one absorbed layer = one shard of the export)
          model/               the compressed HF directory: sharded safetensors (the layer files, hard-linked
                               where the filesystem allows) + index, config, tokenizer, lineage.json
-         lineage.json  timings.json  eval/  stages/<stage>/<name>.json (manifests)
+         lineage.json  timings.json  mlflow.json  eval/  stages/<stage>/<name>.json (manifests)
          .prefect/<stage>/[<name>/]<key>.json   Prefect's result record of the task run that made or reused a
                               stage output with that key (hidden: the run's digests and copies skip it)
 """
@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -44,10 +45,13 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from dotresize.permissions import apply_umask, apply_umask_tree
+from dotresize.permissions import apply_umask_tree
 
+from .atomic import atomic_file, swap_dir, write_atomic
 from .digests import sha256_bytes
 from .errors import CorruptArtifactError, MissingArtifactError
+
+log = logging.getLogger("dotresize.storage")
 
 # --- layout -------------------------------------------------------------------------------------------------
 RECIPE = "recipe.yaml"
@@ -129,6 +133,89 @@ def task_record_file(stage: str, name: str | None, key: str) -> str:
     """Where the result record of the task run that produced (or reused) stage output ``stage[name]`` with content
     key ``key`` is kept: beside the outputs, so that losing the run directory loses it too."""
     return f"{TASK_RECORDS}/{stage}/{key}.json" if name is None else f"{TASK_RECORDS}/{stage}/{name}/{key}.json"
+
+
+#: the OpenSSF model signing bundle inside a model directory (see :mod:`storage.signing`)
+SIGNATURE = "model.sig"
+
+
+def at(root: str | os.PathLike, rel: str = "") -> Path:
+    """The local path of the layout entry ``rel`` (``/``-separated, e.g. :data:`MODEL` or ``eval_file("ppl")``)
+    under the local directory ``root``: of a run, or of anything laid out like one (an MLflow run's artifacts)."""
+    return Path(root).joinpath(*[part for part in rel.split("/") if part])
+
+
+def _where(where) -> tuple[Any, str]:
+    """(filesystem, path) of a local path, a URL or a :class:`RunDir`."""
+    if isinstance(where, RunDir):
+        return where.fs, where.path()
+    if isinstance(where, (str, os.PathLike)) and "://" not in str(where):
+        return None, os.path.abspath(os.path.expanduser(os.fspath(where)))
+    run = RunDir(str(where))
+    return run.fs, run.path()
+
+
+def _isfile(fs, path: str, rel: str) -> bool:
+    if fs is None:
+        return os.path.isfile(os.path.join(path, *rel.split("/")))
+    return fs.isfile(posixpath.join(path, rel))
+
+
+def _isdir(fs, path: str, rel: str = "") -> bool:
+    if fs is None:
+        return os.path.isdir(os.path.join(path, *[p for p in rel.split("/") if p]))
+    return fs.isdir(posixpath.join(path, rel) if rel else path)
+
+
+def is_model_dir(where: str | os.PathLike | RunDir) -> bool:
+    """Whether ``where`` (a local path, a URL) is a compressed model directory the pipeline exported: a directory
+    holding its ``lineage.json`` (a run's ``model/``, a copy made with ``--out``, the model logged to MLflow)."""
+    fs, path = _where(where)
+    return _isdir(fs, path) and _isfile(fs, path, LINEAGE)
+
+
+def is_run_dir(where: str | os.PathLike | RunDir) -> bool:
+    """Whether ``where`` (a local path, a URL, a :class:`RunDir`) is a pipeline run directory whose export is done:
+    it holds its stage manifests (``stages/``) and a model directory (``model/`` with its ``lineage.json``). The
+    one test of "is this a run directory?" (evaluate, verify, lineage, sign, bench)."""
+    fs, path = _where(where)
+    return _isdir(fs, path, STAGES) and _isfile(fs, path, f"{MODEL}/{LINEAGE}")
+
+
+def run_dir_of(path: str | os.PathLike | None) -> Path | None:
+    """The local run directory when ``path`` is one or is the ``model/`` directory inside one, else None."""
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return None
+    p = p.resolve()
+    for candidate in (p, p.parent) if p.name == MODEL else (p,):
+        if is_run_dir(candidate):
+            return candidate
+    return None
+
+
+def model_dir_of(path: str | os.PathLike) -> Path:
+    """The model directory of ``path``: a run directory's ``model/``, else ``path`` itself."""
+    p = Path(path).expanduser()
+    return at(p, MODEL) if is_run_dir(p) else p
+
+
+def read_mlflow_record(run_dir: str | os.PathLike | None) -> dict | None:
+    """A local run directory's MLflow record (``mlflow.json``: tracking_uri, run_id, registered_model, version), or
+    None when it has none; undecodable JSON raises :class:`CorruptArtifactError`."""
+    if run_dir is None:
+        return None
+    path = at(run_dir, MLFLOW)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        raise CorruptArtifactError(f"{path} is not valid JSON: delete it (the next compression records the MLflow "
+                                   "run again)") from None
+    return record if isinstance(record, dict) else None
 
 
 #: filesystems whose single write of a whole object is atomic and which have no (atomic) rename
@@ -222,20 +309,7 @@ class RunDir:
             self.fs.pipe_file(final, bytes(data))  # atomic: the object appears whole or not at all
             return sha256_bytes(data)
         if self.is_local:
-            parent = os.path.dirname(final)
-            os.makedirs(parent, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                apply_umask(tmp)  # mkstemp made it 0600
-                os.replace(tmp, final)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
+            write_atomic(final, data, fsync=True)
         else:
             self._through_temporary(final, lambda tmp: self.fs.pipe_file(tmp, data))
         return sha256_bytes(data)
@@ -252,8 +326,10 @@ class RunDir:
                 self.fs.rm(final)
             self.fs.mv(tmp, final)
         except BaseException:
-            with contextlib.suppress(Exception):
+            try:
                 self.fs.rm(tmp)
+            except Exception as error:  # never written, or the filesystem is gone: the first error is the one
+                log.debug("%s not removed: %s", tmp, error)
             raise
 
     def read_bytes(self, rel: str, sha256: str | None = None) -> bytes:
@@ -319,21 +395,8 @@ class RunDir:
 
         tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
         if self.is_local:
-            final = self.path(rel)
-            parent = os.path.dirname(final)
-            os.makedirs(parent, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
-            os.close(fd)
-            try:
-                save_file(tensors, tmp, metadata=metadata)
-                with open(tmp, "rb+") as handle:
-                    os.fsync(handle.fileno())
-                apply_umask(tmp)
-                os.replace(tmp, final)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
+            with atomic_file(self.path(rel), fsync=True) as staged:
+                save_file(tensors, staged.path, metadata=metadata)
             return self.sha256(rel)
         return self.write_bytes(rel, save(tensors, metadata=metadata))
 
@@ -354,12 +417,10 @@ class RunDir:
             header["__metadata__"] = dict(metadata)
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * ((8 - len(text) % 8) % 8)
-        local_dir = os.path.dirname(self.path(rel)) if self.is_local else tempfile.mkdtemp(prefix="dotresize-put-")
-        os.makedirs(local_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{posixpath.basename(rel)}.tmp-", dir=local_dir)
         digest = hashlib.sha256()
-        try:
-            with os.fdopen(fd, "wb") as handle:
+
+        def write(path: str) -> None:
+            with open(path, "wb") as handle:
                 for block in (struct.pack("<Q", len(text)), text):
                     handle.write(block)
                     digest.update(block)
@@ -372,20 +433,18 @@ class RunDir:
                         written += data.nbytes
                     if written != _numel(entry.shape) * _itemsize(entry.dtype):
                         raise ValueError(f"{entry.name}: {written} bytes produced for shape {entry.shape}")
-                handle.flush()
-                os.fsync(handle.fileno())
-            if self.is_local:
-                apply_umask(tmp)
-                os.replace(tmp, self.path(rel))
-            else:
-                self.put_file(tmp, rel)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+
+        if self.is_local:
+            with atomic_file(self.path(rel), fsync=True) as staged:
+                write(staged.path)
+            return digest.hexdigest()
+        local_dir = tempfile.mkdtemp(prefix="dotresize-put-")
+        try:
+            tmp = os.path.join(local_dir, posixpath.basename(rel))
+            write(tmp)
+            self.put_file(tmp, rel)
         finally:
-            if not self.is_local:
-                shutil.rmtree(local_dir, ignore_errors=True)
+            shutil.rmtree(local_dir, ignore_errors=True)
         return digest.hexdigest()
 
     def load_tensors(self, rel: str, sha256: str | None = None) -> dict:
@@ -453,13 +512,7 @@ class RunDir:
             try:
                 yield tmp
                 apply_umask_tree(tmp)  # mkdtemp made it 0700; files written through mkstemp are 0600
-                old = None
-                if final.exists():
-                    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"
-                    os.replace(final, old)
-                os.replace(tmp, final)
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
+                swap_dir(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             return

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -27,7 +28,11 @@ from pathlib import Path
 
 from dotresize.errors import DotResizeError
 
+from .atomic import atomic_file
 from .lineage import SIGNATURE, Mismatch, compare, file_digests
+from .rundir import model_dir_of
+
+log = logging.getLogger("dotresize.storage")
 
 #: environment variable holding the password of an encrypted private key (never a command-line value)
 PASSWORD_ENV = "DOTRESIZE_SIGNING_KEY_PASSWORD"
@@ -144,9 +149,7 @@ def _hashing(extra_ignored: Sequence[str] = ()):
 
 
 def _model_dir(model_dir: str | os.PathLike) -> Path:
-    path = Path(model_dir).expanduser()
-    if path.is_dir() and (path / "model").is_dir() and (path / "model" / "lineage.json").is_file():
-        path = path / "model"  # a run directory: its model
+    path = model_dir_of(model_dir)  # a run directory: its model
     if not path.is_dir():
         raise SigningError(f"{model_dir} is not a directory: pass a compressed model directory (or its run "
                            "directory)")
@@ -191,13 +194,9 @@ def sign_model_dir(model_dir: str | os.PathLike, private_key: str | os.PathLike,
     final = directory / SIGNATURE
     for stale in directory.glob(f".{SIGNATURE}.tmp-*"):  # left by an interrupted signing
         stale.unlink(missing_ok=True)
-    tmp = directory / f".{SIGNATURE}.tmp-{os.getpid()}"
-    try:
-        config.sign(directory, tmp)  # hashes the files first, then writes the bundle to tmp
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(final, prefix=f".{SIGNATURE}.tmp-", umask=False) as staged:
+        os.unlink(staged.path)  # model-signing writes the bundle itself, to a file that is not there yet
+        config.sign(directory, Path(staged.path))  # hashes the files first, then writes the bundle
     return final
 
 
@@ -265,7 +264,8 @@ def signature_info(model_dir: str | os.PathLike) -> dict | None:
         else:
             info.update(mode="sigstore")
         info["files"] = len(signed_digests(bundle))
-    except Exception:
+    except Exception as error:  # a bundle model-signing or cryptography cannot decode: said in the info
+        log.debug("%s is not a readable signature bundle: %s", path, _first_line(error))
         info["readable"] = False
     return info
 
@@ -333,7 +333,8 @@ def _file_mismatches(directory: Path, signature: Path, signer: str, ignore: Sequ
         expected = signed_digests(read_bundle(signature))
         actual = file_digests(directory, exclude=(SIGNATURE, *ignore), hidden=True)
         found = compare(expected, actual, against)
-    except Exception:
+    except Exception as error:  # the bundle's manifest cannot be read: name the files from the message instead
+        log.debug("signed digests of %s not readable: %s", signature, _first_line(error))
         found = []
     if found:
         return found
