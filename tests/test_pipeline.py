@@ -155,8 +155,9 @@ def _cli(src: Path, run: Path, env: dict, pause: str | None = None) -> subproces
         env["DOTRESIZE_TEST_PAUSE_AT"] = pause
     else:
         env.pop("DOTRESIZE_TEST_PAUSE_AT", None)
-    argv = [sys.executable, "-m", "flows.cli", "-q", "compress", "--model", str(src), "--ratio", str(ARGS["ratio"]),
-            "--method", "dot", "--calib-samples", str(ARGS["calib_samples"]), "--calib-seqlen",
+    # -v: the stage tasks' lines ("reused capture[0]") on the console as well as in the run's log
+    argv = [sys.executable, "-m", "flows.cli", "-q", "-v", "compress", "--model", str(src), "--ratio",
+            str(ARGS["ratio"]), "--method", "dot", "--calib-samples", str(ARGS["calib_samples"]), "--calib-seqlen",
             str(ARGS["calib_seqlen"]), "--seed", str(ARGS["seed"]), "--run-dir", str(run), "--no-mlflow", "--json"]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
