@@ -136,7 +136,8 @@ def configure_cli_logging(level: int, runs_to_file: bool = False) -> None:
     if runs_to_file:
         handler.addFilter(ConsoleFilter())
     root = logging.getLogger()
-    root.handlers[:] = [h for h in root.handlers if not isinstance(h.formatter, CliFormatter)]
+    root.handlers[:] = [h for h in root.handlers
+                        if isinstance(h, RunLogHandler) or not isinstance(h.formatter, CliFormatter)]
     root.addHandler(handler)
     root.setLevel(level)
 
