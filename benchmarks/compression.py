@@ -55,7 +55,7 @@ def command(variant: str, out: Path, *, model: str | None, ratio_: float, method
     if model:
         argv += ["--model", model]
     if runner == "in-memory":
-        argv += ["--in-memory", "--out", str(out / "model")]
+        argv += ["--in-memory", "--out", str(out / "exported")]
     else:
         argv += ["--run-dir", str(out / "run"), "--no-mlflow"]
     return argv + list(extra or [])

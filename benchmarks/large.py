@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from storage import rundir as layout
+
 from .common import TreeRssMonitor, log, machine_info, machine_line, markdown_table, write_json
 
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -68,17 +70,16 @@ def checkpoint_for(shape: str, layers: int, scratch: Path) -> Path:
 
 
 def _manifests(run: Path, stage: str) -> list[dict]:
-    base = run / "stages" / stage
-    if (run / "stages" / f"{stage}.json").is_file():
-        return [json.loads((run / "stages" / f"{stage}.json").read_text())]
-    if not base.is_dir():
-        return []
-    return [json.loads(p.read_text()) for p in sorted(base.glob("*.json"))]
+    single = run / layout.manifest_file(stage)
+    if single.is_file():
+        return [json.loads(single.read_text())]
+    base = run / layout.STAGES / stage
+    return [json.loads(p.read_text()) for p in sorted(base.glob("*.json"))] if base.is_dir() else []
 
 
 def _solve_seconds(run: Path) -> dict[str, dict]:
     out = {}
-    for path in sorted((run / "bases").glob("*.json")):
+    for path in sorted((run / layout.BASES).glob("*.json")):
         record = json.loads(path.read_text())
         info = record.get("info", {})
         out[str(record["point"])] = {"seconds": record.get("seconds"), "statistics": info.get("statistics_seconds"),
@@ -121,7 +122,7 @@ def run_once(checkpoint: Path, *, method: str, ratio: float, samples: int, seqle
     row["run_dir_bytes"] = du_bytes(rundir)
     row["checkpoint_bytes"] = du_bytes(checkpoint)
     row["disk_ratio"] = round(row["run_dir_bytes"] / row["checkpoint_bytes"], 3)
-    row["model_dir"] = str(rundir / "model")
+    row["model_dir"] = str(rundir / layout.MODEL)
     if not keep:
         import shutil
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from dotresize.digests import sha256_file
+from storage import rundir as layout
 
 
 def _argv(args, run: Path) -> list[str]:
@@ -135,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     report["resume_after_capture_kill"] = _grep(out / "kill-absorb.log", "reused capture", "computing capture")
     report["resume_after_absorb_kill"] = _grep(out / "resume.log", "reused absorb", "computing absorb")
     report["resumed"] = {"sha256": resumed["model_sha256"], "stages": resumed["stages"]}
-    files = {p.name: sha256_file(p) for p in sorted((out / "reference" / "model").glob("model*.safetensors*"))}
-    again = {p.name: sha256_file(p) for p in sorted((run / "model").glob("model*.safetensors*"))}
+    files = {p.name: sha256_file(p) for p in sorted((out / "reference" / layout.MODEL).glob("model*.safetensors*"))}
+    again = {p.name: sha256_file(p) for p in sorted((run / layout.MODEL).glob("model*.safetensors*"))}
     same = resumed["model_sha256"] == reference["model_sha256"] and files == again
     report["weight_files"] = {"reference": files, "resumed": again}
     report["byte_identical"] = same
@@ -147,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_in_memory:
         print("3. logits of the pipeline's model vs the in-memory API", flush=True)
-        report["max_abs_logit_difference_vs_in_memory"] = _in_memory_difference(args, out / "reference" / "model")
+        report["max_abs_logit_difference_vs_in_memory"] = _in_memory_difference(args, out / "reference" / layout.MODEL)
         print(f"  max |difference| = {report['max_abs_logit_difference_vs_in_memory']:.3g}", flush=True)
 
-    overlap = _overlap(json.loads((out / "reference" / "timings.json").read_text()))
+    overlap = _overlap(json.loads((out / "reference" / layout.TIMINGS).read_text()))
     report["per_point_tasks"] = overlap
     first = sorted(overlap["intervals"].items(), key=lambda kv: kv[1][0])[:8]
     t0 = first[0][1][0] if first else 0.0

@@ -41,7 +41,7 @@ from .common import (SHARED_MACHINE_NOTE, fmt, log, machine_info, machine_line, 
 
 def _load_sinkhorn():
     """``dotresize/bases/sinkhorn.py`` by path: it imports nothing but torch (and POT lazily)."""
-    path = Path(__file__).resolve().parents[1] / "dotresize" / "bases" / "sinkhorn.py"
+    path = Path(__file__).resolve().parents[1] / "dotresize/bases/sinkhorn.py"
     name = "_dotresize_bench_sinkhorn"
     if name in sys.modules:
         return sys.modules[name]

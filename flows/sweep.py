@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dotresize.evaluation.protocol import MeasurementProtocol
+from storage import rundir as layout
 
 log = logging.getLogger("dotresize")
 
@@ -146,7 +147,7 @@ def _dense_cell(spec: SweepSpec, out: Path, source: dict, first: dict, progress:
 
     dense_dir = out / "dense"
     dense_dir.mkdir(parents=True, exist_ok=True)
-    report = json.loads((Path(first["run_dir"]) / "model" / "compression_report.json").read_text())
+    report = json.loads((Path(first["run_dir"]) / layout.MODEL / "compression_report.json").read_text())
     try:
         ppl = evaluate_task.fn(str(dense_dir), source=source, target="source", ctx=spec.ctx,
                                max_windows=spec.max_windows, progress=progress, dtype=spec.eval_dtype)["ppl"]
