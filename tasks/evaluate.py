@@ -57,7 +57,7 @@ def evaluate_task(run_url: str, export: dict | None = None, source: dict | None 
     """WikiText-2 test perplexity of the exported model (``target="model"``, stored in ``eval/ppl.json``) or of
     the source model (``target="source"``, ``eval/ppl_source.json``), with the same protocol; ``dtype`` is the
     evaluation precision (:mod:`dotresize.evaluation.precision`), part of the key when not float32."""
-    from dotresize.data import load_text, tokenize
+    from dotresize.data import load_text
 
     run = RunDir(run_url)
     text = load_text("wikitext2-test")
@@ -67,12 +67,15 @@ def evaluate_task(run_url: str, export: dict | None = None, source: dict | None 
     rel = eval_file("ppl", target)
 
     def compute() -> dict:
-        from dotresize.evaluation.perplexity import perplexity
+        from dotresize.evaluation.perplexity import wikitext2_perplexity
 
         model, tokenizer = eval_model(run, target, source, digest, dtype, float32_head)
-        result = perplexity(model, tokenize(tokenizer, text.text), ctx=ctx, max_windows=max_windows or None,
-                            batch_size=batch_size, progress=progress)
-        result["dataset"] = text.meta()
+        result = wikitext2_perplexity(model, tokenizer, ctx=ctx, max_windows=max_windows, batch_size=batch_size,
+                                      progress=progress)
+        if result["dataset"]["sha256"] != text.sha256:  # the key names the text: never store another's result
+            from dotresize.errors import DataNotFoundError
+
+            raise DataNotFoundError(f"{text.path} changed during the evaluation: rerun the command")
         result["model_digest"] = digest
         result["dtype"] = label
         return {"files": {rel: run.write_json(rel, result)}, "ppl": result}
