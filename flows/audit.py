@@ -374,7 +374,7 @@ def verify_target(target: Target, require_mlflow: bool = False, check_source: bo
         if directory is None:
             report.checks.append((True, "source checkpoint not present here: not checked"))
         else:
-            found, checked, skipped = check_files(directory, recorded, "lineage.json (source)", missing_ok=True)
+            found, checked, skipped = check_files(directory, recorded, f"{LINEAGE} (source)", missing_ok=True)
             report.add([Mismatch(f"source {m.file}", m.expected, m.actual, m.against) for m in found],
                        f"source {directory}: {checked} files match" + (f", {skipped} not present" if skipped else ""),
                        f"source {directory} differs from what was compressed")
@@ -383,7 +383,7 @@ def verify_target(target: Target, require_mlflow: bool = False, check_source: bo
         outputs = {k: v for k, v in outputs.items() if not k.startswith(f"{layout.MODEL}/")}  # checked above
         evaluations = {k: v for k, v in outputs.items() if layout.is_eval_file(k)}
         outputs = {k: v for k, v in outputs.items() if k not in evaluations}
-        found, checked, skipped = check_files(target.run_dir, outputs, "lineage.json (stage outputs)",
+        found, checked, skipped = check_files(target.run_dir, outputs, f"{LINEAGE} (stage outputs)",
                                               missing_ok=True)
         report.add(found, f"run directory: {checked} stage output files match"
                    + (f", {skipped} not present" if skipped else ""), "run directory stage outputs differ")
@@ -392,10 +392,10 @@ def verify_target(target: Target, require_mlflow: bool = False, check_source: bo
         changed, _, _ = check_files(target.run_dir, evaluations, LINEAGE, missing_ok=True)
         for mismatch in changed:
             report.checks.append((True, f"note: {mismatch.file} was rewritten after {LINEAGE} recorded it "
-                                        "(re-evaluated?); lineage.json keeps the recorded results"))
+                                        f"(re-evaluated?); {LINEAGE} keeps the recorded results"))
         points = lineage.captured_points()
         if points:
-            found, checked, skipped = check_activations(target.run_dir, points, "lineage.json (capture)")
+            found, checked, skipped = check_activations(target.run_dir, points, f"{LINEAGE} (capture)")
             report.add(found, f"activations: {checked} points re-hashed and match"
                        + (f", {skipped} not present" if skipped else ""), "captured activations differ")
     return report
@@ -410,7 +410,7 @@ def _verify_signature(report: Report, target: Target, public_key: str | None,
     report.signature = None if info is None else {**info, "checked": False}
     if public_key is None and not certificate_chain:
         if info is None:
-            report.checks.append((True, f"note: no {SIGNATURE}: nothing but lineage.json vouches for these files "
+            report.checks.append((True, f"note: no {SIGNATURE}: nothing but {LINEAGE} vouches for these files "
                                         "(sign with `dotresize sign`, check with --public-key)"))
         else:
             claimed = info.get("key_fingerprint") or info.get("certificate_subject") or info.get("mode")

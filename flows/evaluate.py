@@ -86,12 +86,12 @@ def _evaluate_run(run_dir: Path, args, tasks: list[str]) -> dict:
     precision = _precision_args(args)
     try:
         if args.ppl or not tasks:
-            manifest = evaluate_task.fn(str(run_dir), export=export, target="model", ctx=args.ctx,
+            manifest = evaluate_task.fn(str(run_dir), export=export, ctx=args.ctx,
                                         max_windows=args.max_windows, batch_size=args.batch_size, progress=progress,
                                         **precision)
             result["ppl"], result["reused"]["ppl"] = manifest["ppl"], manifest["reused"]
         if tasks:
-            manifest = zero_shot_task.fn(str(run_dir), tasks, export=export, target="model", limit=args.limit,
+            manifest = zero_shot_task.fn(str(run_dir), tasks, export=export, limit=args.limit,
                                          batch_size=args.batch_size, progress=progress, **precision)
             result["zero_shot"], result["reused"]["zero_shot"] = manifest["zero_shot"], manifest["reused"]
     finally:
@@ -131,7 +131,7 @@ def _log(result: dict, run_dir: Path | None, run_id: str | None) -> dict | None:
     if run_dir is None and not run_id:
         return None
     if run_dir is not None and not run_id and recorded_run(run_dir) is None:
-        log.info("%s has no mlflow.json: nothing logged to MLflow (pass --mlflow-run ID)", run_dir)
+        log.info("%s has no %s: nothing logged to MLflow (pass --mlflow-run ID)", run_dir, layout.MLFLOW)
         return None
     logged = log_run_evaluation(run_dir, run_id=run_id, ppl=result.get("ppl"), zero_shot=result.get("zero_shot"))
     if logged:
