@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from storage.rundir import EVAL, at, read_mlflow_record
-
 ZERO_SHOT_METRICS = ("acc", "acc_norm", "perplexity", "acc_stderr", "acc_norm_stderr", "perplexity_stderr")
 #: metrics that also become tags of the registered model version
 HEADLINE = ("ppl", "zeroshot/mean_acc", "speed/tokens_per_second", "speed/ms_per_token")
@@ -95,11 +93,14 @@ def eval_tags(zero_shot: dict | None = None, ppl: dict | None = None) -> dict[st
 
 
 def log_evaluation(tracking_uri: str, run_id: str, metrics: dict[str, float], *, tags: dict[str, str] | None = None,
-                   files: list[Path] | None = None, artifact_path: str = EVAL,
+                   files: list[Path] | None = None, artifact_path: str | None = None,
                    model_version: tuple[str, str | int] | None = None) -> dict:
     """Log ``metrics`` (those not already logged with the same value), ``tags`` and ``files`` to ``run_id``;
-    set the headline metrics as tags of ``model_version`` (name, version). Returns what was logged."""
+    set the headline metrics as tags of ``model_version`` (name, version); ``files`` go to ``artifact_path``
+    (default the run directory's evaluation folder, ``eval``). Returns what was logged."""
     from mlflow import MlflowClient
+
+    from storage.rundir import EVAL
     from mlflow.entities import Metric, RunTag
 
     client = MlflowClient(tracking_uri)
@@ -111,7 +112,7 @@ def log_evaluation(tracking_uri: str, run_id: str, metrics: dict[str, float], *,
     if tags:
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in sorted(tags.items())])
     for path in files or []:
-        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path or EVAL)
     version_tags = {}
     if model_version is not None:
         name, version = model_version
@@ -126,6 +127,8 @@ def log_evaluation(tracking_uri: str, run_id: str, metrics: dict[str, float], *,
 
 def recorded_run(run_dir: str | Path | None) -> dict | None:
     """The MLflow record (``mlflow.json``: tracking_uri, run_id, registered_model, version) of a run directory."""
+    from storage.rundir import read_mlflow_record
+
     record = read_mlflow_record(run_dir)
     return record if record and record.get("run_id") else None
 
@@ -155,6 +158,8 @@ def log_run_evaluation(run_dir: str | Path | None, *, run_id: str | None = None,
     metrics = {**eval_metrics(ppl=ppl, zero_shot=zero_shot, speed=speed, bench=bench),
                **eval_metrics(ppl=source_ppl, zero_shot=source_zero_shot, speed=source_speed, prefix="source/")}
     tags = {**eval_tags(zero_shot or source_zero_shot, ppl or source_ppl)}
+    from storage.rundir import EVAL, at
+
     eval_dir = at(run_dir, EVAL) if run_dir is not None else None
     files = sorted(eval_dir.glob("*.json")) if eval_dir is not None and eval_dir.is_dir() else []
     version = None
