@@ -53,12 +53,20 @@ class RecordVersionError(DotResizeError, StorageError, ValueError):
     """A stored record has a version (or a shape) this dotresize cannot read."""
 
 
+#: what to do about a record of another version, by the kind of record
+_ADVICE = {
+    "stage manifest": "run it with the dotresize that wrote it, or delete the run directory to compute it again",
+    "run recipe": "run it with the dotresize that wrote it, or delete the run directory to compute it again",
+    "lineage.json": "read it with the dotresize that wrote it (or a newer one)",
+    "watch recipe": "use a recipe_version this dotresize reads, or the dotresize the recipe was written for",
+}
+
+
 def _check_version(kind: str, version: Any, readable: tuple, where: str | None) -> int:
     if isinstance(version, bool) or version not in readable:
         place = f"{where}: " if where else ""
-        raise RecordVersionError(
-            f"{place}{kind} version {version!r} is not one this dotresize reads ({', '.join(map(str, readable))}): "
-            f"it was written by another dotresize version; use that version, or delete it and run again")
+        raise RecordVersionError(f"{place}{kind} version {version!r} is not one this dotresize reads "
+                                 f"({', '.join(map(str, readable))}): {_ADVICE[kind]}")
     return int(version)
 
 

@@ -73,7 +73,7 @@ def test_an_unknown_version_is_a_one_line_error_that_says_what_to_do(kind, data)
         kind.from_dict({**data, VERSION_KEYS[kind]: 99}, "runs/r/thing.json")
     text = str(error.value)
     assert isinstance(error.value, DotResizeError) and "\n" not in text
-    assert "99" in text and "runs/r/thing.json" in text and "use that version" in text
+    assert "99" in text and "runs/r/thing.json" in text and "dotresize" in text.split("reads")[1]
 
 
 def test_the_run_recipe_is_todays_dict_and_the_watch_recipe_has_its_own_version():
