@@ -20,7 +20,7 @@ from .adapters.base import LayerModules
 from .bases import Basis
 from .layerwise import LayeredModel
 from .modeling import RMSN
-from .statistics import PointStats, StatsAccumulator
+from .statistics import PointStats, StatsAccumulator, accumulate
 from .surgery import absorb_layer, build_layer
 
 log = logging.getLogger(__name__)
@@ -100,16 +100,6 @@ def capture_point_stats(model: LayeredModel, batches: Sequence[torch.Tensor], *,
     return [acc.finalize() for acc in accumulators]
 
 
-def _accumulate(tensors, point: int, sample_tokens: int, outlier_tokens, seed) -> PointStats:
-    acc = None
-    for t in tensors:
-        if acc is None:
-            acc = StatsAccumulator(t.shape[-1], point=point, sample_tokens=sample_tokens,
-                                   outlier_tokens=outlier_tokens, seed=seed)
-        acc.add(t)
-    return acc.finalize()
-
-
 def rebase(x: torch.Tensor, basis: Basis) -> torch.Tensor:
     """A signal of the full width expressed in a point's compressed basis (float64 product, input dtype)."""
     return (x.to(torch.float64) @ basis.Q.to(x.device)).to(x.dtype)
@@ -163,18 +153,18 @@ def sequential_bases(model: LayeredModel, batches: Sequence[torch.Tensor], width
     """
     acc_kwargs = dict(sample_tokens=sample_tokens, outlier_tokens=outlier_tokens, seed=seed)
     hidden, kwargs = layer_inputs(model, batches)
-    bases = [basis_fn(_accumulate(hidden, 0, **acc_kwargs), widths[0], 0)]
+    bases = [basis_fn(accumulate(hidden, point=0, **acc_kwargs), widths[0], 0)]
     xs = [rebase(h, bases[0]) for h in hidden]
     del hidden
     for index in tqdm(range(model.num_layers), desc="sequential", unit="layer", disable=not progress):
         b_in = bases[-1]
         with model.layer(index) as layer:
             captured = sequential_signals(model, index, layer, xs, kwargs, b_in)
-            b_attn = basis_fn(_accumulate(captured, 2 * index + 1, **acc_kwargs), widths[2 * index + 1],
+            b_attn = basis_fn(accumulate(captured, point=2 * index + 1, **acc_kwargs), widths[2 * index + 1],
                               2 * index + 1)
             del captured
             outputs = sequential_signals(model, index, layer, xs, kwargs, b_in, b_attn)
-        b_mlp = basis_fn(_accumulate(outputs, 2 * index + 2, **acc_kwargs), widths[2 * index + 2], 2 * index + 2)
+        b_mlp = basis_fn(accumulate(outputs, point=2 * index + 2, **acc_kwargs), widths[2 * index + 2], 2 * index + 2)
         xs = [rebase(o, b_mlp) for o in outputs]
         bases.extend([b_attn, b_mlp])
     return bases

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,21 @@ class StatsAccumulator:
 
     def finalize(self) -> PointStats:
         return PointStats(self.gram, self.abs_sum, self.sum, self.count, self._sample)
+
+
+def accumulate(blocks: Iterable[torch.Tensor], *, point: int = 0, sample_tokens: int = 0,
+               outlier_tokens: float | None = None, seed: int = 0) -> PointStats:
+    """The statistics of a point's signal given as blocks of rows (a calibration batch at a time, in order): the
+    same blocks in the same order give bitwise the same statistics, in memory or streamed from a store."""
+    accumulator = None
+    for block in blocks:
+        if accumulator is None:
+            accumulator = StatsAccumulator(block.shape[-1], point=point, sample_tokens=sample_tokens,
+                                           outlier_tokens=outlier_tokens, seed=seed)
+        accumulator.add(block)
+    if accumulator is None:
+        raise ValueError(f"no activations for slice point {point}")
+    return accumulator.finalize()
 
 
 def pool_stats(stats: list[PointStats], normalization: str = "trace") -> PointStats:

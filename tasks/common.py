@@ -260,18 +260,14 @@ def point_stats(store, point: int, calibration: dict, config):
     """The :class:`dotresize.statistics.PointStats` of a stored point: as stored at capture, or streamed from its
     stored signal a calibration batch at a time through the in-memory API's accumulator (same blocks, same order:
     bitwise its statistics either way)."""
-    from dotresize.statistics import StatsAccumulator
+    from dotresize.statistics import accumulate
 
     if store.has(point, "gram"):
         return stored_stats(store, point)
     parts = statistics_parts(config)
-    accumulator = None
-    for rows in store.iter_rows(point, batch_rows(calibration, config)):
-        if accumulator is None:
-            accumulator = StatsAccumulator(rows.shape[1], point=point, sample_tokens=parts["sample_tokens"],
-                                           outlier_tokens=parts["outlier_tokens"], seed=parts["seed"])
-        accumulator.add(torch.from_numpy(rows))
-    return accumulator.finalize()
+    blocks = (torch.from_numpy(rows) for rows in store.iter_rows(point, batch_rows(calibration, config)))
+    return accumulate(blocks, point=point, sample_tokens=parts["sample_tokens"],
+                      outlier_tokens=parts["outlier_tokens"], seed=parts["seed"])
 
 
 def stored_stats(store, point: int | str):
