@@ -430,13 +430,9 @@ def _compression_config(args):
 
 
 def _eval_ppl(model, tokenizer, args, progress: bool) -> dict:
-    from dotresize.data import load_text, tokenize
-    from dotresize.evaluation.perplexity import perplexity
+    from dotresize.evaluation.perplexity import wikitext2_perplexity
 
-    text = load_text("wikitext2-test")
-    result = perplexity(model, tokenize(tokenizer, text.text), ctx=args.ctx,
-                        max_windows=args.max_windows or None, progress=progress)
-    return {**result, "dataset": text.meta()}
+    return wikitext2_perplexity(model, tokenizer, ctx=args.ctx, max_windows=args.max_windows, progress=progress)
 
 
 def cmd_compress(args) -> dict:
