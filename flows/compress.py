@@ -36,6 +36,7 @@ from dotresize.api import export_layout
 from dotresize.errors import DotResizeError
 from storage import RunDir, content_key
 
+from .logs import CONSOLE
 from .runlock import hold_run
 from .settings import apply_offline_defaults
 from storage import rundir as paths
@@ -277,7 +278,7 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
     run_key = run_key_of(recipe)
     run = RunDir(run_dir or default_run_dir(recipe, run_key))
     logger.info("run %s (key %s): %s, %s, %s layout, ratio %s", run.uri(), run_key[:12], config.method, config.mode,
-                config.layout, config.ratio)
+                config.layout, config.ratio, extra={"run_dir": run.uri()})  # where the run's log goes (flows/logs.py)
     fresh = not run.exists("")
     run.makedirs()
     # one process at a time in a run directory, for the whole run (evaluations and MLflow included); a failed
@@ -350,7 +351,7 @@ def _log_stages(stages: dict[str, dict]) -> None:
     logger = get_run_logger()
     for stage, info in stages.items():
         logger.info("%s: computed %d, reused %d (%.1f s)", stage, len(info["computed"]), len(info["reused"]),
-                    info["seconds"], extra={"console": True})  # the console's one line per stage (flows/logs.py)
+                    info["seconds"], extra=CONSOLE)  # the console's one line per stage
 
 
 def _prepare(runner, run_url: str, recipe: dict, source: dict, calib: dict, architecture: dict,
