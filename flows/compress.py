@@ -306,6 +306,7 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, calib: dict, ar
     with make_task_runner(execution.dask_address, execution.n_workers) as runner:
         quiet_dask_logs()
         inputs = _prepare(runner, run.url, recipe, source, calib, architecture, execution)
+        _log_stages([inputs.calibration, inputs.inspect])
         widths = (plan_task(inputs.inspect, recipe) if config.residual_active
                   else [inputs.inspect["hidden_size"]] * inputs.inspect["num_points"])
         mlp_widths = plan_mlp_task(run, inputs.inspect, recipe) if config.mlp_active else None
@@ -314,17 +315,19 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, calib: dict, ar
                   execution.progress)
         done = {part: [manifest_of(f) for f in getattr(graph, part)] for part in ("captures", "mlps", "solves",
                                                                                    "absorbs")}
+        _log_stages([m for part in ("captures", "mlps", "solves", "absorbs") for m in done[part]])
         export = manifest_of(runner.submit(export_task, {
             "run_url": run.url, "run_key": run_key, "recipe": recipe, "source": source,
             "calibration": inputs.calibration, "inspect": inputs.inspect, "widths": widths,
             "captures": done["captures"], "bases": done["solves"], "absorbs": done["absorbs"],
             "dtype": execution.export_dtype, "device": execution.device, "mlps": done["mlps"]}))
+        _log_stages([export])
         evaluations = _evaluate(runner, run.url, source, export, evaluation, execution.progress)
+        _log_stages(list(evaluations.values()))
     manifests = [inputs.calibration, inputs.inspect, *done["captures"], *done["mlps"], *done["solves"],
                  *done["absorbs"], export, *evaluations.values()]
     stages = _stage_summary(manifests)
     stage_seconds = {stage: round(info["seconds"], 6) for stage, info in stages.items()}
-    _log_stages(stages)
     run.write_json(paths.TIMINGS, {"stages": stage_seconds,
                                     "intervals": {_label(m): [m.get("started"), m.get("finished")]
                                                   for m in manifests if m.get("started")}})
@@ -347,9 +350,11 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, calib: dict, ar
     return result
 
 
-def _log_stages(stages: dict[str, dict]) -> None:
+def _log_stages(manifests: list[dict]) -> None:
+    """The console's line per stage, as soon as the stage's outputs are done: how many were computed and reused,
+    and their compute time."""
     logger = get_run_logger()
-    for stage, info in stages.items():
+    for stage, info in _stage_summary(manifests).items():
         logger.info("%s: computed %d, reused %d (%.1f s)", stage, len(info["computed"]), len(info["reused"]),
                     info["seconds"], extra=CONSOLE)  # the console's one line per stage
 
