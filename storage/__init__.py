@@ -13,6 +13,7 @@ from .artifacts import (
     read_manifest,
     read_stage_manifest,
     save_basis,
+    stage_manifests,
     write_manifest,
 )
 from .digests import canonical_json, content_key, digest_of_digests, sha256_array, sha256_bytes
@@ -23,7 +24,7 @@ from .rundir import RunDir, is_model_dir, is_run_dir
 __all__ = [
     "ActivationStore", "PointWriter", "chunk_rows", "MIN_CHUNK_BYTES", "RunDir",
     "save_basis", "load_basis", "basis_status", "write_manifest", "read_manifest", "manifest_status",
-    "finish_stage", "read_stage_manifest", "StageManifest", "Lineage", "RunRecipe", "WatchVariant",
+    "finish_stage", "read_stage_manifest", "stage_manifests", "StageManifest", "Lineage", "RunRecipe", "WatchVariant",
     "RecordVersionError", "is_run_dir", "is_model_dir",
     "content_key", "canonical_json", "digest_of_digests", "sha256_array", "sha256_bytes",
     "StorageError", "CorruptArtifactError", "MissingArtifactError",

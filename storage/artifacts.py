@@ -11,13 +11,14 @@ written after every file it names.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from .errors import CorruptArtifactError, MissingArtifactError
 from .records import StageManifest
-from .rundir import RunDir, basis_file, basis_meta_file, manifest_file
+from .rundir import STAGES, RunDir, basis_file, basis_meta_file, manifest_file
 
 
 # --- bases ----------------------------------------------------------------------------------------------------
@@ -103,6 +104,27 @@ def read_stage_manifest(run: RunDir, stage: str, name: str | None = None) -> Sta
     if not isinstance(data, dict) or ("manifest_version" not in data and not ("stage" in data and "key" in data)):
         return None  # not a manifest this pipeline wrote: as good as missing
     return StageManifest.from_dict(data, run.uri(rel))
+
+
+def stage_manifests(run: RunDir) -> dict[str, StageManifest]:
+    """``{"<stage>" or "<stage>/<name>": manifest}`` of every complete stage manifest of the run, sorted by label
+    (hidden files skipped; an unreadable manifest is left out)."""
+    out: dict[str, StageManifest] = {}
+    if not run.exists(STAGES):
+        return out
+    base = run.path(STAGES)
+    for path in sorted(run.fs.find(base)):
+        rel = path[len(base):].lstrip("/\\").replace(os.sep, "/")
+        if not rel.endswith(".json") or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        try:
+            data = run.read_json(f"{STAGES}/{rel}") or {}
+        except CorruptArtifactError:
+            continue
+        if not isinstance(data, dict) or data.get("complete") is not True or "stage" not in data or "key" not in data:
+            continue
+        out[rel[:-len(".json")]] = StageManifest.from_dict(data, run.uri(f"{STAGES}/{rel}"))
+    return out
 
 
 def manifest_status(run: RunDir, stage: str, name: str | None, key: str,

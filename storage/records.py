@@ -215,6 +215,24 @@ class Lineage(_Record):
             evaluation=evaluation, tags={str(k): str(v) for k, v in sorted((tags or {}).items())},
             model={k: v for k, v in (self.model or {}).items() if k != LINEAGE}, version=LINEAGE_VERSION)
 
+    @staticmethod
+    def stage_outputs_of(manifests: Mapping[str, "StageManifest"]) -> dict[str, dict]:
+        """The ``stage_outputs`` entries of the given manifests (by label, as :func:`storage.stage_manifests`
+        gives them): ``{key, [digest], [points], [files]}``, lineage.json itself left out of the files."""
+        from .rundir import LINEAGE
+
+        out: dict[str, dict] = {}
+        for label, manifest in manifests.items():
+            entry: dict[str, Any] = {"key": manifest.key}
+            for name in ("digest", "points"):
+                if manifest.body.get(name):
+                    entry[name] = manifest.body[name]
+            files = {k: v for k, v in manifest.files.items() if not k.endswith(LINEAGE)}
+            if files:
+                entry["files"] = files
+            out[label] = entry
+        return out
+
     # reading --------------------------------------------------------------------------------------------------
     @staticmethod
     def model_files_of(data: Any) -> dict[str, str]:

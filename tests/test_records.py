@@ -134,3 +134,16 @@ def test_one_test_of_a_run_directory_and_of_a_model_directory(tmp_path):
     assert layout.run_dir_of(model) == run.resolve() == layout.run_dir_of(run)
     assert layout.model_dir_of(run) == model and layout.model_dir_of(model) == model
     assert layout.run_dir_of(tmp_path) is None and layout.run_dir_of(None) is None
+
+
+def test_stage_outputs_come_from_the_complete_manifests(tmp_path):
+    from storage import stage_manifests
+
+    run = RunDir(tmp_path / "run")
+    finish_stage(run, "capture", "3", "k3", 1.0, {"digest": SHA, "files": {}})
+    finish_stage(run, "export", None, "ke", 1.0, {"files": {"model/lineage.json": SHA, "model/config.json": SHA}})
+    run.write_json(layout.manifest_file("absorb", "0"), {"stage": "absorb", "name": "0", "key": "ka"})  # incomplete
+    manifests = stage_manifests(run)
+    assert list(manifests) == ["capture/3", "export"]
+    assert Lineage.stage_outputs_of(manifests) == {"capture/3": {"key": "k3", "digest": SHA},
+                                                   "export": {"key": "ke", "files": {"model/config.json": SHA}}}
