@@ -7,6 +7,7 @@ digests, so that a stage can tell a complete output from a partial or corrupted 
 from .activations import MIN_CHUNK_BYTES, ActivationStore, PointWriter, chunk_rows
 from .artifacts import (
     basis_status,
+    evaluation_entries,
     finish_stage,
     load_basis,
     manifest_status,
@@ -24,7 +25,7 @@ from .rundir import RunDir, is_model_dir, is_run_dir
 __all__ = [
     "ActivationStore", "PointWriter", "chunk_rows", "MIN_CHUNK_BYTES", "RunDir",
     "save_basis", "load_basis", "basis_status", "write_manifest", "read_manifest", "manifest_status",
-    "finish_stage", "read_stage_manifest", "stage_manifests", "StageManifest", "Lineage", "RunRecipe", "WatchVariant",
+    "finish_stage", "read_stage_manifest", "stage_manifests", "evaluation_entries", "StageManifest", "Lineage", "RunRecipe", "WatchVariant",
     "RecordVersionError", "is_run_dir", "is_model_dir",
     "content_key", "canonical_json", "digest_of_digests", "sha256_array", "sha256_bytes",
     "StorageError", "CorruptArtifactError", "MissingArtifactError",

@@ -11,6 +11,7 @@ written after every file it names.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -18,7 +19,9 @@ from typing import Any
 
 from .errors import CorruptArtifactError, MissingArtifactError
 from .records import StageManifest
-from .rundir import STAGES, RunDir, basis_file, basis_meta_file, manifest_file
+from .rundir import EVAL, STAGES, RunDir, basis_file, basis_meta_file, manifest_file
+
+log = logging.getLogger("dotresize.pipeline")
 
 
 # --- bases ----------------------------------------------------------------------------------------------------
@@ -124,6 +127,29 @@ def stage_manifests(run: RunDir) -> dict[str, StageManifest]:
         if not isinstance(data, dict) or data.get("complete") is not True or "stage" not in data or "key" not in data:
             continue
         out[rel[:-len(".json")]] = StageManifest.from_dict(data, run.uri(f"{STAGES}/{rel}"))
+    return out
+
+
+def evaluation_entries(run: RunDir, digests: tuple[str | None, ...]) -> dict[str, dict]:
+    """lineage.json's ``evaluation``: ``{"ppl": {file, sha256, result}, "lm_eval_source": {...}, ...}``, one entry per
+    ``eval/*.json`` of a model whose digest is in ``digests`` (or that names none); an unreadable file is left out
+    (said in the log)."""
+    out: dict[str, dict] = {}
+    for name in run.listdir(EVAL):
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        rel = f"{EVAL}/{name}"
+        try:
+            data = run.read_json(rel)
+        except (CorruptArtifactError, OSError) as error:
+            log.warning("lineage: %s is unreadable (%s); left out", rel, error)
+            continue
+        if not isinstance(data, dict):
+            continue
+        digest = data.get("model_digest")
+        if digest is not None and digest not in digests:
+            continue  # an evaluation of another model left in the directory
+        out[name[:-len(".json")]] = {"file": rel, "sha256": run.sha256(rel), "result": data}
     return out
 
 
