@@ -747,7 +747,7 @@ def cmd_serve(args) -> dict:
 
 
 def cmd_lineage(args) -> dict:
-    from .lineage import lineage_json, render_lineage, resolve_target
+    from .audit import lineage_json, render_lineage, resolve_target
 
     target = resolve_target(args.target, tracking_uri=args.tracking_uri)
     try:
@@ -761,7 +761,7 @@ def cmd_lineage(args) -> dict:
 def cmd_verify(args) -> dict:
     import os
 
-    from .lineage import render_report, resolve_target, verify_error, verify_target
+    from .audit import render_report, resolve_target, verify_error, verify_target
 
     if args.require_mlflow and args.no_mlflow:
         raise UsageError("--require-mlflow and --no-mlflow contradict each other: pass one")

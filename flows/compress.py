@@ -40,6 +40,7 @@ from .logs import CONSOLE
 from .runlock import hold_run
 from .settings import apply_offline_defaults
 from storage import rundir as paths
+from storage.records import RUN_KEY_VERSION, RunRecipe
 from tasks import (
     absorb_task,
     calibration_task,
@@ -60,9 +61,6 @@ from tasks import (
     zero_shot_task,
 )
 
-RECIPE_VERSION = 1
-RUN_KEY_VERSION = "1"
-
 
 # --- configuration ----------------------------------------------------------------------------------------------
 def build_config(*, ratio: float, method: str, mode: str, layout_name: str, seed: int,
@@ -82,8 +80,8 @@ def build_config(*, ratio: float, method: str, mode: str, layout_name: str, seed
 
 
 def make_recipe(config, source: dict, calib: dict) -> dict:
-    return {"recipe_version": RECIPE_VERSION, "config": config.to_dict(),
-            "source": {"spec": source["spec"], "digest": source["digest"]}, "calibration": calib}
+    """The run record (:class:`storage.records.RunRecipe`) as the run key and recipe.yaml take it."""
+    return RunRecipe.make(config, source, calib).to_dict()
 
 
 def run_key_of(recipe: dict) -> str:

@@ -101,8 +101,7 @@ def _evaluate_run(run_dir: Path, args, tasks: list[str]) -> dict:
 
 
 def _evaluate_source(args, tasks: list[str]) -> dict:
-    from dotresize.data import load_text, tokenize
-    from dotresize.evaluation.perplexity import perplexity
+    from dotresize.evaluation.perplexity import wikitext2_perplexity
     from dotresize.evaluation.precision import set_evaluation_precision
     from dotresize.sources import load_model, resolve_source
 
@@ -111,10 +110,9 @@ def _evaluate_source(args, tasks: list[str]) -> dict:
     precision = set_evaluation_precision(model, **_precision_args(args))
     result: dict = {"model": args.model or source.spec, "weights_sha256": source.digests(), "dtype": precision}
     if args.ppl or not tasks:
-        text = load_text("wikitext2-test")
-        ppl = perplexity(model, tokenize(tokenizer, text.text), ctx=args.ctx, max_windows=args.max_windows or None,
-                         batch_size=args.batch_size, progress=not args.quiet)
-        result["ppl"] = {**ppl, "dataset": text.meta(), "dtype": precision}
+        ppl = wikitext2_perplexity(model, tokenizer, ctx=args.ctx, max_windows=args.max_windows,
+                                   batch_size=args.batch_size, progress=not args.quiet)
+        result["ppl"] = {**ppl, "dtype": precision}
     if tasks:
         from dotresize.evaluation.zeroshot import evaluate_zero_shot
 

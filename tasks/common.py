@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from storage import RunDir, content_key, manifest_status, write_manifest
+from storage import RunDir, content_key, finish_stage, manifest_status
 from storage import rundir as layout
 
 #: the env var a test sets to stop a task at a named place (it writes a marker file and sleeps)
@@ -135,10 +135,7 @@ def stored_or(run: RunDir, stage: str, name: str | None, key: str, fallback: dic
 
 
 def finish_manifest(run: RunDir, stage: str, name: str | None, key: str, started: float, body: dict) -> dict:
-    finished = time.time()
-    manifest = {"stage": stage, "name": name, "key": key, "uri": run.uri(), **body,
-                "started": started, "finished": finished, "seconds": round(finished - started, 6)}
-    return {**write_manifest(run, manifest), "reused": False}
+    return {**finish_stage(run, stage, name, key, started, body), "reused": False}
 
 
 def pause_point(run: RunDir, where: str) -> None:

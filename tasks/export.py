@@ -15,6 +15,7 @@ from dotresize import surgery
 from storage import RunDir
 from storage import rundir as layout
 from storage.errors import CorruptArtifactError
+from storage.records import Lineage
 
 from .absorb import stored_bases
 from .cache import stage_task
@@ -129,13 +130,12 @@ def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibrat
                                           layout.CALIBRATION: calibration.get("meta", {})})
             weights = weights_file(directory)
         model_files = run.file_digests(layout.MODEL)
-        lineage = {
-            "lineage_version": 1,
-            "run_key": run_key,
-            "recipe": recipe,
-            "source": source,
-            "calibration": calibration.get("meta", {}),
-            "stages": {
+        lineage = Lineage.from_export(
+            run_key=run_key,
+            recipe=recipe,
+            source=source,
+            calibration=calibration.get("meta", {}),
+            stages={
                 "calibration": {"key": calibration["key"], "digest": calibration["digest"]},
                 "inspect": {"key": inspect["key"], "digest": inspect["digest"]},
                 "capture": [{"stage": c["stage"], "key": c["key"], "name": c.get("name"), "points": c.get("points")}
@@ -148,10 +148,10 @@ def export_task(run_url: str, run_key: str, recipe: dict, source: dict, calibrat
                 "ends": {"sha256": ends_sha},
                 "export": {"key": key},
             },
-            "model": model_files,
-            "weights_file": weights,
-            "versions": versions(),
-        }
+            model=model_files,
+            weights_file=weights,
+            versions=versions(),
+        ).to_dict()
         files = {f"{layout.MODEL}/{name}": sha for name, sha in model_files.items()}
         files[layout.ENDS] = ends_sha
         # lineage.json (both copies) is not a stage output: tasks/lineage.py rewrites it after the evaluations

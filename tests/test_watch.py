@@ -342,7 +342,7 @@ def test_recipe_hash_ignores_spelled_out_defaults_and_files(tmp_path):
 def test_identity_matches_the_source_digest_compress_records(tmp_path):
     from flows.watch import identity_of, source_meta
     from storage.checkpoints import DigestCache, discover
-    from tasks.prepare import _resolve
+    from tasks.source import _resolve
 
     write_model_dir(tmp_path / "checkpoint-1")
     [checkpoint] = discover(tmp_path)
