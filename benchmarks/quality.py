@@ -139,13 +139,9 @@ class Variant:
     mlp_ratio: float = 0.0         # fraction of every MLP's intermediate neurons removed (0: MLPs untouched)
     mlp_method: str = "lsq"
 
-    @property
-    def mode(self) -> str:
-        return self.setting.split("/")[0]
-
-    @property
-    def layout(self) -> str:
-        return self.setting.split("/")[1]
+    #: the setting's two halves: parallel/sequential and per-point/global
+    mode = property(lambda self: self.setting.split("/")[0])
+    layout = property(lambda self: self.setting.split("/")[1])
 
     @property
     def label(self) -> str:
