@@ -242,7 +242,8 @@ def _log_artifacts(mlflow, run: RunDir, bundle: dict) -> None:
         plot = per_point_plot(bundle["solves"], Path(tmp) / "per_point.png")
         if plot is not None:
             mlflow.log_artifact(str(plot), artifact_path="plots")
-    for rel in (layout.RECIPE, layout.LINEAGE, layout.SOURCE, layout.CALIBRATION, layout.TIMINGS):
+    # the run's log (the CLI writes every task's lines there) as it stands at registration
+    for rel in (layout.RECIPE, layout.LINEAGE, layout.SOURCE, layout.CALIBRATION, layout.TIMINGS, layout.CONSOLE_LOG):
         if run.exists(rel):
             with run.local_copy(rel) as path:
                 mlflow.log_artifact(str(path))

@@ -4,6 +4,7 @@ error is one line."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -64,8 +65,13 @@ def test_default_console_is_a_line_per_stage_and_the_log_file_has_the_rest(pipel
 
     # -v: the same lines on the console too (the rerun reuses every stage: Cached states, reused stages)
     code = main(["-v", *argv, "--json"])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert code == 0, err
+    record = json.loads(out)  # the run's log is an artifact of its MLflow run too (as it stood at registration)
+    from mlflow.tracking import MlflowClient
+
+    artifacts = {a.path for a in MlflowClient(record["mlflow_tracking_uri"]).list_artifacts(record["mlflow_run_id"])}
+    assert CONSOLE_LOG in artifacts, artifacts
     assert re.search(r"dotresize\[capture-0\]: Finished in state Cached", err), err[-3000:]
     assert re.search(r"capture: computed 0, reused \d+", err)
     assert (run / CONSOLE_LOG).read_text().startswith(log)  # appended
