@@ -167,10 +167,6 @@ class EvaluationOptions:
     tasks_source: bool = False
     dtype: str = "float32"
 
-    @property
-    def any(self) -> bool:
-        return self.ppl or self.ppl_source or bool(self.tasks)
-
 
 @dataclass(frozen=True)
 class DeliveryOptions:
@@ -288,9 +284,9 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
     # fresh run is removed while the lease is still held (flows/runlock.py, storage/lease.py)
     with hold_run(run) as lease:
         try:
-            result = _run_stages(run, config, recipe, run_key, calib, resolved["architecture"], source, execution,
-                                 evaluation)
-            result = _deliver(run, result, recipe, delivery)
+            result, outputs = _run_stages(run, config, recipe, run_key, calib, resolved["architecture"], source,
+                                          execution, evaluation)
+            result = _deliver(run, result, outputs, recipe, delivery)
         except DotResizeError:
             if fresh and not lease.waited:  # a run another process created while this one waited is not ours
                 logger.info("removing %s: the run failed before producing anything reusable", run.uri())
@@ -302,8 +298,9 @@ def compress_flow(model: str | None = None, ratio: float = 0.2, method: str = "d
 
 
 def _run_stages(run: RunDir, config, recipe: dict, run_key: str, calib: dict, architecture: dict, source: dict,
-                execution: ExecutionOptions, evaluation: EvaluationOptions) -> dict:
-    """Every stage up to the evaluations, on one task runner; the run's result without lineage and delivery."""
+                execution: ExecutionOptions, evaluation: EvaluationOptions) -> tuple[dict, dict]:
+    """Every stage up to the evaluations, on one task runner: the run's result without lineage and delivery, and
+    the manifests its registration logs (export, calibration, solves, the model's perplexity)."""
     run.write_text(paths.RECIPE, _yaml(recipe))
     run.write_json(paths.SOURCE, source)
     with make_task_runner(execution.dask_address, execution.n_workers) as runner:
@@ -343,14 +340,11 @@ def _run_stages(run: RunDir, config, recipe: dict, run_key: str, calib: dict, ar
         "stages": {s: {"computed": i["computed"], "reused": i["reused"]} for s, i in stages.items()},
         "stage_seconds": stage_seconds, "mlflow_run_id": None, "model_version": None, "registered_model": None,
     }
-    for name, (manifest, field_name) in {"ppl": ("evaluate", "ppl"), "ppl_source": ("evaluate_source", "ppl"),
-                                         "zero_shot": ("zero_shot", "zero_shot"),
-                                         "zero_shot_source": ("zero_shot_source", "zero_shot")}.items():
-        if manifest in evaluations:
-            result[name] = evaluations[manifest][field_name]
-    result["_bundle"] = {"export": export, "calibration": inputs.calibration, "solves": done["solves"],
-                         "evaluate": evaluations.get("evaluate")}
-    return result
+    for name in ("ppl", "ppl_source", "zero_shot", "zero_shot_source"):
+        if name in evaluations:
+            result[name] = evaluations[name][name.removesuffix("_source")]
+    return result, {"export": export, "calibration": inputs.calibration, "solves": done["solves"],
+                    "evaluate": evaluations.get("ppl")}
 
 
 def _log_stages(manifests: list[dict]) -> None:
@@ -398,14 +392,14 @@ def _graph(runner, inputs: RunInputs, config, widths: list[int], mlp_widths: lis
 
 def _evaluate(runner, run_url: str, source: dict, export: dict, options: EvaluationOptions,
               progress: bool) -> dict[str, dict]:
-    """The evaluations asked for, by name (``evaluate``, ``evaluate_source``, ``zero_shot``, ``zero_shot_source``),
-    the source's first."""
+    """The evaluations asked for, by their name in the run's result (``ppl``, ``ppl_source``, ``zero_shot``,
+    ``zero_shot_source``: the manifest's field of that name without ``_source`` holds it), the source's first."""
     ppl_args = {"run_url": run_url, "ctx": options.ppl_ctx, "max_windows": options.ppl_max_windows,
                 "progress": progress, "dtype": options.dtype}
     zs_args = {"run_url": run_url, "tasks": list(options.tasks), "limit": options.limit, "progress": progress,
                "dtype": options.dtype}
-    wanted = (("evaluate_source", options.ppl_source, evaluate_task, ppl_args, "source"),
-              ("evaluate", options.ppl, evaluate_task, ppl_args, "model"),
+    wanted = (("ppl_source", options.ppl_source, evaluate_task, ppl_args, "source"),
+              ("ppl", options.ppl, evaluate_task, ppl_args, "model"),
               ("zero_shot_source", bool(options.tasks) and options.tasks_source, zero_shot_task, zs_args, "source"),
               ("zero_shot", bool(options.tasks), zero_shot_task, zs_args, "model"))
     out = {}
@@ -416,12 +410,11 @@ def _evaluate(runner, run_url: str, source: dict, export: dict, options: Evaluat
     return out
 
 
-def _deliver(run: RunDir, result: dict, recipe: dict, delivery: DeliveryOptions) -> dict:
+def _deliver(run: RunDir, result: dict, outputs: dict, recipe: dict, delivery: DeliveryOptions) -> dict:
     """The final lineage, then the signature, the copy to ``out`` and the MLflow registration (in that order: a
     signature is logged with the model, and a failed copy registers nothing)."""
     logger = get_run_logger()
-    bundle_parts = result.pop("_bundle")
-    export = bundle_parts["export"]
+    export = outputs["export"]
     try:
         from prefect.runtime import flow_run
 
@@ -441,15 +434,15 @@ def _deliver(run: RunDir, result: dict, recipe: dict, delivery: DeliveryOptions)
         with run.local_copy(paths.MODEL) as model_dir:
             result["out"] = str(copy_model(model_dir, Path(delivery.out), delivery.overwrite))
     if delivery.mlflow:
-        _register(run, result, recipe, bundle_parts, delivery)
+        _register(run, result, recipe, outputs, delivery)
     return result
 
 
-def _register(run: RunDir, result: dict, recipe: dict, bundle_parts: dict, delivery: DeliveryOptions) -> None:
+def _register(run: RunDir, result: dict, recipe: dict, outputs: dict, delivery: DeliveryOptions) -> None:
     source = result["source"]
-    bundle = {"recipe": recipe, "source": source, "calibration": bundle_parts["calibration"],
-              "run_key": result["run_key"], "solves": bundle_parts["solves"], "export": bundle_parts["export"],
-              "evaluate": bundle_parts["evaluate"],
+    bundle = {"recipe": recipe, "source": source, "calibration": outputs["calibration"],
+              "run_key": result["run_key"], "solves": outputs["solves"], "export": outputs["export"],
+              "evaluate": outputs["evaluate"],
               "stage_seconds": result["stage_seconds"],
               "default_register_name": f"dotresize-{slug(source['spec'])}",
               "run_name": Path(run.path()).name, "tags": dict(delivery.tags),

@@ -21,11 +21,6 @@ from .common import Probe, manifest_probe, run_probed, stage_key
 NAME = "evaluate"
 
 
-def eval_file(kind: str, target: str = "model") -> str:
-    """``eval/ppl.json``, ``eval/lm_eval_source.json``, ...: where an evaluation of ``target`` is stored."""
-    return layout.eval_file(kind, target)
-
-
 def _precision_key(label: str) -> dict:
     """Key part for an evaluation precision label; empty for float32 so earlier float32 results stay valid."""
     return {} if label == DEFAULT_EVAL_DTYPE else {"dtype": label}
@@ -64,18 +59,14 @@ def evaluate_task(run_url: str, export: dict | None = None, source: dict | None 
     digest = _eval_digest(target, export, source)
     label = precision_label(dtype, float32_head)
     probe = manifest_probe(run, NAME, target, _ppl_key(target, digest, ctx, max_windows, text.sha256, label))
-    rel = eval_file("ppl", target)
+    rel = layout.eval_file("ppl", target)
 
     def compute() -> dict:
         from dotresize.evaluation.perplexity import wikitext2_perplexity
 
         model, tokenizer = eval_model(run, target, source, digest, dtype, float32_head)
         result = wikitext2_perplexity(model, tokenizer, ctx=ctx, max_windows=max_windows, batch_size=batch_size,
-                                      progress=progress)
-        if result["dataset"]["sha256"] != text.sha256:  # the key names the text: never store another's result
-            from dotresize.errors import DataNotFoundError
-
-            raise DataNotFoundError(f"{text.path} changed during the evaluation: rerun the command")
+                                      progress=progress, text=text)  # the text the key names
         result["model_digest"] = digest
         result["dtype"] = label
         return {"files": {rel: run.write_json(rel, result)}, "ppl": result}
@@ -131,7 +122,7 @@ def zero_shot_task(run_url: str, tasks: list[str], export: dict | None = None, s
     probe = plan.probe
     run, digest, names, root, lm_version = probe.run, plan.digest, plan.names, plan.root, plan.lm_version
     task_hashes, label, task_keys = plan.task_hashes, plan.label, plan.task_keys
-    rel = eval_file("lm_eval", target)
+    rel = layout.eval_file("lm_eval", target)
 
     def compute() -> dict:
         import time
@@ -192,7 +183,7 @@ def speed_task(run_url: str, export: dict | None = None, source: dict | None = N
     probe = speed_probe(run_url, export, source, target, batch, ctx, repeats, prompt, new_tokens, threads)
     run = probe.run
     digest = _eval_digest(target, export, source)
-    rel = eval_file("speed", target)
+    rel = layout.eval_file("speed", target)
 
     def compute() -> dict:
         before = torch.get_num_threads()
@@ -259,5 +250,4 @@ def _load_for_eval(run: RunDir, target: str, source: dict | None):
         return load_compressed(directory), AutoTokenizer.from_pretrained(directory)
 
 
-
-__all__ = ["evaluate_task", "zero_shot_task", "speed_task", "eval_file", "eval_model", "release_eval_model"]
+__all__ = ["evaluate_task", "zero_shot_task", "speed_task", "eval_model", "release_eval_model"]

@@ -47,13 +47,14 @@ def perplexity(model, token_ids: torch.Tensor, *, ctx: int = 256, max_windows: i
 
 
 def wikitext2_perplexity(model, tokenizer, *, ctx: int = 256, max_windows: int | None = 100, batch_size: int = 4,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, text=None) -> dict:
     """The project's perplexity: WikiText-2's test text tokenised with ``tokenizer``, :func:`perplexity` over its
     windows, and the text's record (``dataset``: name, path, sha256) beside the value. Every perplexity the CLI,
-    the pipeline's evaluate stage and ``dotresize evaluate`` report comes from here."""
+    the pipeline's evaluate stage and ``dotresize evaluate`` report comes from here. ``text``: the test text as
+    the caller already loaded it (a :class:`dotresize.data.TextSource`), else it is loaded."""
     from ..data import load_text, tokenize
 
-    text = load_text("wikitext2-test")
+    text = text or load_text("wikitext2-test")
     result = perplexity(model, tokenize(tokenizer, text.text), ctx=ctx, max_windows=max_windows or None,
                         batch_size=batch_size, progress=progress)
     return {**result, "dataset": text.meta()}
