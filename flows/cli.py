@@ -78,7 +78,7 @@ _SHARED: dict[str, dict] = {
     "--max-windows": dict(type=int, default=100, help="first N perplexity windows (0 = all; default 100)"),
     "--eval-dtype": dict(choices=EVAL_DTYPE_NAMES, default="float32",
                          help="precision of the evaluations (see evaluate --dtype; default float32)"),
-    "--workers": dict(type=_positive_int, default=None, help="threads of the local Dask cluster"),
+    "--workers": dict(type=_positive_int, default=None, help="task threads of a local run (default 2-4 by cores)"),
     "--register-name": dict(default=None, help="registered model name in MLflow (default dotresize-<model>)"),
     "--no-mlflow": dict(action="store_true", help="log nothing to MLflow"),
     "--tracking-uri": dict(default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the run's record, "
@@ -130,7 +130,7 @@ def _add_compress(p) -> None:
                    help="compress in this process with the in-memory API (no Prefect, run directory or MLflow); "
                         "needs --out")
     p.add_argument("--dask-address", default=None,
-                   help="run the tasks on an existing Dask scheduler (tcp://host:port) instead of a local cluster")
+                   help="run the tasks on an existing Dask scheduler (tcp://host:port) instead of local threads")
     _shared(p, "--workers")
     p.add_argument("--device", default=None, help="where Sinkhorn runs (cpu, cuda, cuda:1; default cuda if present)")
     _shared(p, "--no-mlflow", "--register-name", no_mlflow="do not log the run to MLflow nor register the model")
@@ -224,7 +224,7 @@ def _add_sweep(p) -> None:
     p.add_argument("--speed-batch", type=_positive_int, default=8, help="batch of the timed forward (default 8)")
     p.add_argument("--speed-ctx", type=_positive_int, default=None, help="context of the timed forward (default --ctx)")
     p.add_argument("--speed-repeats", type=_positive_int, default=3)
-    _shared(p, "--workers", "--no-mlflow", workers="threads of each run's local Dask cluster")
+    _shared(p, "--workers", "--no-mlflow", workers="task threads of each local run")
     p.add_argument("--out", default=None, help="sweep directory (default runs/sweep-<model>); each cell is a "
                                                "pipeline run under <out>/runs/, completed work is reused")
     _shared(p, "--json")

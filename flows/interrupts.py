@@ -121,7 +121,8 @@ def guard(block: bool = True, what_next: str | None = None) -> Iterator[None]:
 def _wait_for_signals(stop: threading.Event) -> None:
     while not stop.is_set():
         received = signal.sigtimedwait(SIGNALS, 0.25)
-        if received is not None:
+        # a stop by a tracer (a profiler attaching, a debugger) can return a record that is no signal of ours
+        if received is not None and received.si_signo in SIGNALS:
             _on_signal(received.si_signo)
 
 
