@@ -445,14 +445,23 @@ def cmd_compress(args) -> dict:
     from . import preflight
 
     config = _compression_config(args)  # the settings alone (one line each)
-    # every input checked before any work (one line each, nothing created): flows/preflight.py
-    out = preflight.check_compress(args, config).paths.out
+    if args.in_memory:
+        out = preflight.check_compress(args, config).paths.out
+        _configure_lock(args)
+        return _compress_in_memory(args, config, out)
+    from .local_server import launched_early
+
+    with launched_early():  # the local Prefect server starts while the inputs are checked
+        # every input checked before any work (one line each, nothing created): flows/preflight.py
+        out = preflight.check_compress(args, config).paths.out
+        _configure_lock(args)
+        return _compress_pipeline(args, config, out)
+
+
+def _configure_lock(args) -> None:
     from . import runlock
 
     runlock.configure(wait=not args.no_wait)
-    if args.in_memory:
-        return _compress_in_memory(args, config, out)
-    return _compress_pipeline(args, config, out)
 
 
 def _signing_key(args) -> str | None:

@@ -171,3 +171,43 @@ def test_serve_stops_on_the_first_ctrl_c(tmp_path):
     assert "Traceback" not in "\n".join(lines)
     assert seconds < EXIT_WITHIN, seconds
     assert survivors == [], survivors
+
+
+def _with_environ(name: str, value: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(name) == value and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def test_the_server_launched_during_the_input_checks_is_stopped_by_a_bad_input(tmp_path):
+    """With a Prefect database in place, compress launches its local server before checking its inputs (so that
+    its start-up overlaps them); an input the checks refuse is still one line, and the server does not outlive
+    the command."""
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    env = _env(tmp_path / "dotresize-home", PREFECT_HOME=str(home))
+    subprocess.run([sys.executable, "-c", "from flows.local_server import LocalPrefectServer as S; s = S(); "
+                    "s.start(); s.stop()"], env=env, cwd=ROOT, check=True, timeout=120)
+    assert (home / "prefect.db").is_file()
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    (bad / "model.safetensors").write_bytes(b"")
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "-v", "compress", "--model", str(bad),
+                             "--ratio", "0.2", "--run-dir", str(tmp_path / "run")], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    time.sleep(1.0)
+    left = _alive(_with_environ("PREFECT_HOME", str(home)))
+    for process in _with_environ("PREFECT_HOME", str(home)):
+        process.kill()
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "while the inputs are checked" in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("dotresize: error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert not left, left
+    assert not (tmp_path / "run").exists()
