@@ -71,8 +71,9 @@ class UserErrorFilter(logging.Filter):
             if any(name in message for name in _error_names()) or _ERRNO_TEXT.search(message):
                 return self._drop()
             if UserErrorFilter.seen_user_error and ("did not reach a 'COMPLETED' state" in message
+                                                    or "cancelled by the task runner" in message
                                                     or record.name.startswith("distributed.")):
-                return False  # tasks waiting on the failed one, and Dask cancelling them
+                return False  # tasks waiting on the failed one, the thread pool or Dask cancelling them
         return True
 
     @staticmethod

@@ -151,3 +151,27 @@ def test_the_run_log_waits_for_the_run_directory_and_follows_each_announced_run(
         "dotresize[capture-0]: computing capture[0]"]
     assert (second / CONSOLE_LOG).read_text().splitlines()[-1].endswith("dotresize[solve-0]: computing solve[0]")
     assert fs.cat_file(f"/console-test/run/{CONSOLE_LOG}").decode().endswith("dotresize[x]: remote\n")
+
+
+def test_after_a_user_error_the_tasks_cancelled_because_of_it_say_nothing(monkeypatch):
+    """A stage's user error (one line) stops the run; the task runner then cancels the tasks waiting on it, and
+    Prefect reports each as crashed: those records must not reach the console (the timing decides whether any
+    task was waiting, so the CLI test of a NaN model could not show this reliably)."""
+    from dotresize.errors import NonFiniteActivationError
+    from flows.logs import UserErrorFilter
+
+    monkeypatch.setattr(UserErrorFilter, "seen_user_error", False)
+    log_filter = UserErrorFilter()
+
+    def record(message: str, level: int = logging.ERROR, exc=None) -> logging.LogRecord:
+        return logging.LogRecord("prefect.task_runs", level, __file__, 1, message, None,
+                                 (type(exc), exc, None) if exc else None)
+
+    crash = ("Crash detected! Execution was interrupted by an unexpected exception: CancelledError: Task run "
+             "cancelled by the task runner")
+    assert log_filter.filter(record(crash)), "before any user error a crash is news"
+    assert not log_filter.filter(record("Task run failed", exc=NonFiniteActivationError("NaN at point 4")))
+    assert not log_filter.filter(record(crash))
+    assert not log_filter.filter(record("Finished in state Crashed('Execution was interrupted by an unexpected "
+                                        "exception: CancelledError: Task run cancelled by the task runner')"))
+    assert log_filter.filter(record("a different error"))
