@@ -7,6 +7,7 @@ directory behind. Heavy libraries are imported only once the arguments are known
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -445,23 +446,15 @@ def cmd_compress(args) -> dict:
     from . import preflight
 
     config = _compression_config(args)  # the settings alone (one line each)
-    if args.in_memory:
-        out = preflight.check_compress(args, config).paths.out
-        _configure_lock(args)
-        return _compress_in_memory(args, config, out)
+    from . import runlock
     from .local_server import launched_early
 
-    with launched_early():  # the local Prefect server starts while the inputs are checked
+    # the pipeline's local Prefect server starts while the inputs are checked
+    with contextlib.nullcontext() if args.in_memory else launched_early():
         # every input checked before any work (one line each, nothing created): flows/preflight.py
         out = preflight.check_compress(args, config).paths.out
-        _configure_lock(args)
-        return _compress_pipeline(args, config, out)
-
-
-def _configure_lock(args) -> None:
-    from . import runlock
-
-    runlock.configure(wait=not args.no_wait)
+        runlock.configure(wait=not args.no_wait)
+        return (_compress_in_memory if args.in_memory else _compress_pipeline)(args, config, out)
 
 
 def _signing_key(args) -> str | None:

@@ -158,10 +158,20 @@ _early: LocalPrefectServer | None = None
 
 
 @contextlib.contextmanager
+def _owned(server: LocalPrefectServer) -> Iterator[LocalPrefectServer]:
+    """``server`` stopped when the block ends (an error included) or on an interrupt."""
+    with interrupts.cleanup(server.stop, "stop the local Prefect server"):
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@contextlib.contextmanager
 def launched_early() -> Iterator[None]:
     """Launch the command's local Prefect server now, without waiting for it (when ``PREFECT_API_URL`` names
-    none and its database exists): its ~3 s of start-up then overlap the command's input checks and imports. :func:`prefect_api` inside
-    the block uses it; it is stopped when the block ends (an error included) or on an interrupt."""
+    none and its database exists): its ~3 s of start-up then overlap the command's input checks and imports.
+    :func:`prefect_api` inside the block uses it; it is stopped when the block ends or on an interrupt."""
     global _early
     if _early is not None or not _prefect_home().is_dir():  # loading Prefect's settings would create it
         yield
@@ -171,15 +181,13 @@ def launched_early() -> Iterator[None]:
     if PREFECT_API_URL.value() or not _database_exists():
         yield
         return
-    server = LocalPrefectServer()
-    with interrupts.cleanup(server.stop, "stop the local Prefect server"):
+    with _owned(LocalPrefectServer()) as server:
+        log.debug("local Prefect server starting at %s while the inputs are checked", server.launch())
+        _early = server
         try:
-            log.debug("local Prefect server starting at %s while the inputs are checked", server.launch())
-            _early = server
             yield
         finally:
             _early = None
-            server.stop()
 
 
 def _drain_prefect_services(timeout: float = 5.0) -> None:
@@ -205,24 +213,12 @@ def prefect_api() -> Iterator[str]:
     if configured:
         yield configured
         return
-    if _early is not None:
-        with temporary_settings({PREFECT_API_URL: _early.wait_ready()}):
+    with contextlib.nullcontext(_early) if _early is not None else _owned(LocalPrefectServer()) as server:
+        with temporary_settings({PREFECT_API_URL: server.wait_ready()}):
             try:
-                yield _early.api_url
+                yield server.api_url
             finally:
                 _drain_prefect_services()
-        return
-    server = LocalPrefectServer()
-    with interrupts.cleanup(server.stop, "stop the local Prefect server"):
-        try:
-            url = server.start()
-            with temporary_settings({PREFECT_API_URL: url}):
-                try:
-                    yield url
-                finally:
-                    _drain_prefect_services()
-        finally:
-            server.stop()
 
 
 __all__ = ["LocalPrefectServer", "prefect_api", "launched_early", "ServerStartError"]

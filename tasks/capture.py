@@ -4,8 +4,8 @@
 layer 0, else point 2l as the previous task stored it), reads layer l from the source, fuses and runs it, and
 stores points 2l+1 and 2l+2 (and point 0 for l = 0). The hidden states go through the store from task to task,
 so a killed capture resumes at the first layer whose points are not complete, and (on a Dask scheduler) solves
-of earlier points run beside the capture of later layers. ``sequential_capture_task`` (sequential mode) recomputes one point through
-the already compressed layers.
+of earlier points run beside the capture of later layers. ``sequential_capture_task`` (sequential mode)
+recomputes one point through the already compressed layers.
 
 What is stored per point is what a later stage reads, in the smaller form: the signal of every layer input
 (even points: the next layer's input, or a sequential point's), and a point's statistics (Gram matrix, sums,
